@@ -1,0 +1,9 @@
+//! Legacy PC devices on the port-I/O bus.
+
+mod debug_ports;
+mod i8042;
+mod serial;
+
+pub use debug_ports::{BootTimer, IsaDebugExit, TestExit};
+pub use i8042::I8042;
+pub use serial::{SerialDevice, SerialOutput};

@@ -1,0 +1,162 @@
+//! Loads what the user asked to boot (ELF vmlinux, bzImage or the built-in guest), its command line
+//! and initramfs into guest memory, and writes the boot tables.
+
+use std::fs::File;
+use std::io::{Cursor, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::elf::Elf;
+use linux_loader::loader::{load_cmdline, KernelLoader, KernelLoaderResult};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::params::{write_boot_params, BootParamsInput};
+use super::{mptable, regs};
+use crate::config::KernelImage;
+use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, INITRAMFS_MAX_END, MMIO_GAP_START};
+use crate::memory::GuestMemory;
+
+/// The built-in test guest, built by build.rs from `guest-tests/guest`.
+pub static BUILTIN_GUEST: &[u8] = include_bytes!(env!("TERN_GUEST_ELF"));
+
+#[derive(Debug, Error)]
+pub enum BootError {
+    #[error("cannot open kernel {path}: {source}")]
+    OpenKernel { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a kernel tern can boot (expected an ELF64 vmlinux or a bzImage)")]
+    NotAKernel { path: PathBuf },
+    #[error("cannot load kernel {path}: {source}")]
+    LoadKernel {
+        path: PathBuf,
+        source: linux_loader::loader::Error,
+    },
+    #[error("cannot read initramfs {path}: {source}")]
+    ReadInitramfs { path: PathBuf, source: std::io::Error },
+    #[error("initramfs of {size} bytes does not fit in guest RAM below {limit:#x} after the kernel")]
+    InitramfsTooLarge { size: u64, limit: u64 },
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(#[from] linux_loader::cmdline::Error),
+    #[error("cannot write the command line: {0}")]
+    WriteCmdline(linux_loader::loader::Error),
+    #[error("cannot write boot tables into guest memory: {0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+}
+
+/// Where the guest starts.
+pub struct LoadedGuest {
+    pub entry: u64,
+}
+
+enum Format {
+    Elf,
+    BzImage,
+}
+
+fn detect(image: &mut (impl Read + Seek)) -> std::io::Result<Option<Format>> {
+    let mut head = [0u8; 0x206];
+    image.seek(SeekFrom::Start(0))?;
+    let n = image.read(&mut head)?;
+    image.seek(SeekFrom::Start(0))?;
+    if n >= 4 && head[..4] == *b"\x7fELF" {
+        return Ok(Some(Format::Elf));
+    }
+    if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
+        return Ok(Some(Format::BzImage));
+    }
+    Ok(None)
+}
+
+fn load_kernel(
+    mem: &GuestMemory,
+    kernel: &KernelImage,
+) -> Result<KernelLoaderResult, BootError> {
+    let highmem = Some(GuestAddress(HIMEM_START));
+    match kernel {
+        KernelImage::Builtin => {
+            let mut image = Cursor::new(BUILTIN_GUEST);
+            Elf::load(mem, None, &mut image, highmem).map_err(|source| BootError::LoadKernel {
+                path: "<built-in guest>".into(),
+                source,
+            })
+        }
+        KernelImage::Path(path) => {
+            let open_err = |source| BootError::OpenKernel {
+                path: path.clone(),
+                source,
+            };
+            let mut file = File::open(path).map_err(open_err)?;
+            if file.metadata().map_err(open_err)?.is_dir() {
+                return Err(BootError::NotAKernel { path: path.clone() });
+            }
+            let load_err = |source| BootError::LoadKernel {
+                path: path.clone(),
+                source,
+            };
+            match detect(&mut file).map_err(open_err)? {
+                Some(Format::Elf) => Elf::load(mem, None, &mut file, highmem).map_err(load_err),
+                Some(Format::BzImage) => {
+                    BzImage::load(mem, None, &mut file, highmem).map_err(load_err)
+                }
+                None => Err(BootError::NotAKernel { path: path.clone() }),
+            }
+        }
+    }
+}
+
+fn load_initramfs(
+    mem: &GuestMemory,
+    path: &Path,
+    kernel_end: u64,
+    mem_size: u64,
+) -> Result<(u64, u64), BootError> {
+    let data = std::fs::read(path).map_err(|source| BootError::ReadInitramfs {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let size = data.len() as u64;
+    let limit = INITRAMFS_MAX_END.min(mem_size).min(MMIO_GAP_START);
+    let addr = limit
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|a| *a >= kernel_end)
+        .ok_or(BootError::InitramfsTooLarge { size, limit })?;
+    mem.write_slice(&data, GuestAddress(addr))?;
+    Ok((addr, size))
+}
+
+/// Loads kernel, command line and initramfs, writes boot params, MP table and page tables.
+pub fn load_guest(
+    mem: &GuestMemory,
+    kernel: &KernelImage,
+    cmdline: &str,
+    initramfs: Option<&Path>,
+    mem_size: u64,
+    vcpus: u8,
+) -> Result<LoadedGuest, BootError> {
+    let loaded = load_kernel(mem, kernel)?;
+    // bzImage: the 64-bit entry point sits 0x200 bytes into the protected-mode kernel.
+    let entry = match loaded.setup_header {
+        Some(_) => loaded.kernel_load.0 + 0x200,
+        None => loaded.kernel_load.0,
+    };
+    let mut cl = Cmdline::new(CMDLINE_MAX_SIZE)?;
+    cl.insert_str(cmdline)?;
+    load_cmdline(mem, GuestAddress(CMDLINE_START), &cl).map_err(BootError::WriteCmdline)?;
+    let initramfs = initramfs
+        .map(|p| load_initramfs(mem, p, loaded.kernel_end, mem_size))
+        .transpose()?;
+    write_boot_params(
+        mem,
+        &BootParamsInput {
+            setup_header: loaded.setup_header,
+            cmdline_len: cmdline.len() + 1,
+            initramfs,
+            mem_size,
+        },
+    )?;
+    mptable::write(mem, vcpus)?;
+    regs::write_boot_tables(mem)?;
+    Ok(LoadedGuest { entry })
+}

@@ -1,0 +1,8 @@
+//! Getting a guest ready to run: kernel loading, boot parameters, MP table and the boot vCPU state.
+
+pub mod loader;
+pub mod mptable;
+pub mod params;
+pub mod regs;
+
+pub use loader::{load_guest, BootError};

@@ -1,0 +1,83 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{self, KernelImage, MemoryConfig, VmConfig};
+
+/// The command line Linux guests get when none is given: what this machine's nested KVM needs
+/// (see README.md, "Linux guests").
+pub const LINUX_DEFAULT_CMDLINE: &str = "console=ttyS0 noxsave \
+clearcpuid=308,59,534,288,151,590,298,145,141,154,297,580 mitigations=off nokaslr tsc=reliable \
+no_timer_check reboot=k panic=-1 rdinit=/init";
+
+/// The built-in guest's default suite.
+pub const BUILTIN_DEFAULT_CMDLINE: &str = "suite=hello";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "tern: a small KVM virtual machine monitor with live migration",
+    long_about = "tern boots a guest on KVM. Without --kernel it boots its built-in test guest, \
+whose suite is chosen with --cmdline \"suite=NAME\" (hello, memtest)."
+)]
+pub struct Cli {
+    /// Guest RAM: size=SIZE[,mergeable=on|off][,prefault=on|off]. Guest RAM is always private
+    /// anonymous memory, which is what KSM can merge: mergeable=on marks it MADV_MERGEABLE;
+    /// prefault=on populates it before the guest starts.
+    #[arg(long, value_name = "size=SIZE,...", default_value = "size=512M")]
+    pub memory: String,
+
+    /// vCPUs: boot=N, each on its own thread.
+    #[arg(long, value_name = "boot=N", default_value = "boot=1")]
+    pub cpus: String,
+
+    /// ELF vmlinux or bzImage to boot (default: the built-in test guest).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Kernel command line (default: "suite=hello" for the built-in guest, or the Linux options
+    /// this machine needs for a Linux kernel).
+    #[arg(long, value_name = "STRING")]
+    pub cmdline: Option<String>,
+
+    /// Initramfs to load for a Linux kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+
+    /// First serial port (COM1, 0x3f8): tty (tern's stdin/stdout), file=PATH or off.
+    #[arg(long, value_name = "tty|file=PATH|off", default_value = "tty")]
+    pub serial: String,
+
+    /// Log level on stderr: error, warn, info, debug.
+    #[arg(long, value_name = "LEVEL", default_value = "warn")]
+    pub log_level: String,
+}
+
+impl Cli {
+    pub fn vm_config(&self) -> anyhow::Result<VmConfig> {
+        let memory = MemoryConfig::parse(&self.memory)?;
+        if let Some(host) = config::host_memory_bytes() {
+            memory.check_host_fits(host)?;
+        }
+        let kernel = match &self.kernel {
+            Some(p) => KernelImage::Path(p.clone()),
+            None => KernelImage::Builtin,
+        };
+        let cmdline = match (&self.cmdline, &kernel) {
+            (Some(c), _) => c.clone(),
+            (None, KernelImage::Builtin) => BUILTIN_DEFAULT_CMDLINE.into(),
+            (None, KernelImage::Path(_)) => LINUX_DEFAULT_CMDLINE.into(),
+        };
+        Ok(VmConfig {
+            memory,
+            vcpus: config::parse_cpus(&self.cpus)?,
+            kernel,
+            cmdline,
+            initramfs: self.initramfs.clone(),
+            serial: config::parse_serial(&self.serial)?,
+        })
+    }
+}

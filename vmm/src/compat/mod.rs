@@ -1,0 +1,168 @@
+//! Nested-KVM compatibility: on this machine's hypervisor (design.md §1) a few instructions reach
+//! KVM's instruction emulator, which cannot run them, and KVM_RUN returns an emulation failure.
+//! This module completes the ones measured to be safe to complete (int3, fwait, ldmxcsr, stmxcsr)
+//! and turns every other failure into a clear error. On a host with real VMX/SVM nothing here runs.
+
+mod decode;
+
+use kvm_bindings::{kvm_regs, kvm_sregs, KVM_INTERNAL_ERROR_EMULATION};
+use kvm_ioctls::VcpuFd;
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemory;
+pub use decode::{decode, Insn, InsnKind};
+
+/// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: insn_bytes is valid.
+const FLAG_INSN_BYTES: u64 = 1;
+const BP_VECTOR: u8 = 3;
+
+#[derive(Debug, Error)]
+pub enum CompatError {
+    #[error("KVM internal error (suberror {suberror}) at rip={rip:#x} cpl={cpl}")]
+    Internal { suberror: u32, rip: u64, cpl: u8 },
+    #[error(
+        "instruction cannot be emulated on this host: rip={rip:#x} cpl={cpl} bytes=[{}]",
+        hex(.bytes)
+    )]
+    Unsupported { rip: u64, cpl: u8, bytes: Vec<u8> },
+    #[error("emulating {what} at rip={rip:#x}: guest address {gva:#x} is not mapped")]
+    Unmapped { what: &'static str, rip: u64, gva: u64 },
+    #[error("emulating {what} at rip={rip:#x}: {source}")]
+    Kvm {
+        what: &'static str,
+        rip: u64,
+        source: kvm_ioctls::Error,
+    },
+    #[error("emulating {what} at rip={rip:#x}: guest memory: {source}")]
+    Memory {
+        what: &'static str,
+        rip: u64,
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+}
+
+/// What was completed, for the caller's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completed {
+    Int3,
+    Fwait,
+    Ldmxcsr,
+    Stmxcsr,
+}
+
+/// Reads up to 15 instruction bytes at the guest's RIP, preferring what KVM reported.
+fn insn_bytes(fd: &mut VcpuFd, mem: &GuestMemory, rip: u64) -> Vec<u8> {
+    let run = fd.get_kvm_run();
+    // SAFETY: KVM filled `emulation_failure` for this KVM_EXIT_INTERNAL_ERROR exit; it is plain data.
+    let failure = unsafe { run.__bindgen_anon_1.emulation_failure };
+    // SAFETY: the union has a single plain-data member.
+    let insn = unsafe { failure.__bindgen_anon_1.__bindgen_anon_1 };
+    if failure.flags & FLAG_INSN_BYTES != 0 && insn.insn_size > 0 {
+        let n = (insn.insn_size as usize).min(insn.insn_bytes.len());
+        return insn.insn_bytes[..n].to_vec();
+    }
+    let Ok(t) = fd.translate_gva(rip) else {
+        return Vec::new();
+    };
+    if t.valid == 0 {
+        return Vec::new();
+    }
+    let mut buf = [0u8; 15];
+    // Stop at the page end: the next page may not be mapped.
+    let n = (4096 - (t.physical_address & 0xfff) as usize).min(buf.len());
+    match mem.read_slice(&mut buf[..n], GuestAddress(t.physical_address)) {
+        Ok(()) => buf[..n].to_vec(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn cpl(sregs: &kvm_sregs) -> u8 {
+    sregs.cs.selector as u8 & 3
+}
+
+/// Handles a KVM_EXIT_INTERNAL_ERROR. Ok means the vCPU can run again.
+pub fn handle_internal_error(fd: &mut VcpuFd, mem: &GuestMemory) -> Result<Completed, CompatError> {
+    let run = fd.get_kvm_run();
+    // SAFETY: KVM filled `internal` for this KVM_EXIT_INTERNAL_ERROR exit; it is plain data.
+    let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+    let what = "instruction";
+    let regs = fd
+        .get_regs()
+        .map_err(|source| CompatError::Kvm { what, rip: 0, source })?;
+    let sregs = fd.get_sregs().map_err(|source| CompatError::Kvm {
+        what,
+        rip: regs.rip,
+        source,
+    })?;
+    if suberror != KVM_INTERNAL_ERROR_EMULATION {
+        return Err(CompatError::Internal {
+            suberror,
+            rip: regs.rip,
+            cpl: cpl(&sregs),
+        });
+    }
+    let bytes = insn_bytes(fd, mem, regs.rip);
+    let unsupported = || CompatError::Unsupported {
+        rip: regs.rip,
+        cpl: cpl(&sregs),
+        bytes: bytes.clone(),
+    };
+    let insn = decode(&bytes).ok_or_else(unsupported)?;
+    complete(fd, mem, insn, regs, &sregs)
+}
+
+fn complete(
+    fd: &mut VcpuFd,
+    mem: &GuestMemory,
+    insn: Insn,
+    mut regs: kvm_regs,
+    sregs: &kvm_sregs,
+) -> Result<Completed, CompatError> {
+    let rip = regs.rip;
+    let kvm_err = |what: &'static str| move |source| CompatError::Kvm { what, rip, source };
+    let next_rip = rip + insn.len as u64;
+    let done = match insn.kind {
+        InsnKind::Int3 => {
+            // The #BP trap frame points after the int3, as the real instruction's would.
+            regs.rip = next_rip;
+            fd.set_regs(&regs).map_err(kvm_err("int3"))?;
+            let mut events = fd.get_vcpu_events().map_err(kvm_err("int3"))?;
+            events.exception.injected = 1;
+            events.exception.nr = BP_VECTOR;
+            events.exception.has_error_code = 0;
+            fd.set_vcpu_events(&events).map_err(kvm_err("int3"))?;
+            return Ok(Completed::Int3);
+        }
+        InsnKind::Fwait => Completed::Fwait,
+        InsnKind::Ldmxcsr(op) | InsnKind::Stmxcsr(op) => {
+            let (what, load) = match insn.kind {
+                InsnKind::Ldmxcsr(_) => ("ldmxcsr", true),
+                _ => ("stmxcsr", false),
+            };
+            let gva = op.effective_address(&regs, sregs, next_rip);
+            let t = fd.translate_gva(gva).map_err(kvm_err(what))?;
+            if t.valid == 0 {
+                return Err(CompatError::Unmapped { what, rip, gva });
+            }
+            let gpa = GuestAddress(t.physical_address);
+            let mem_err = |source| CompatError::Memory { what, rip, source };
+            let mut fpu = fd.get_fpu().map_err(kvm_err(what))?;
+            if load {
+                fpu.mxcsr = mem.read_obj::<u32>(gpa).map_err(mem_err)?;
+                fd.set_fpu(&fpu).map_err(kvm_err(what))?;
+                Completed::Ldmxcsr
+            } else {
+                mem.write_obj(fpu.mxcsr, gpa).map_err(mem_err)?;
+                Completed::Stmxcsr
+            }
+        }
+    };
+    regs.rip = next_rip;
+    fd.set_regs(&regs).map_err(kvm_err("advancing rip"))?;
+    Ok(done)
+}

@@ -1,0 +1,258 @@
+//! The VM configuration and the parsers for tern's `key=value,...` option syntax.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--{option}: unknown key `{key}` (expected one of: {expected})")]
+    UnknownKey {
+        option: &'static str,
+        key: String,
+        expected: &'static str,
+    },
+    #[error("--{option}: `{item}` is not of the form key=value")]
+    NotKeyValue { option: &'static str, item: String },
+    #[error("--{option}: {key}=`{value}` is not a valid {what}")]
+    BadValue {
+        option: &'static str,
+        key: &'static str,
+        value: String,
+        what: &'static str,
+    },
+    #[error("--memory: size must be at least 2 MiB (got {0} bytes)")]
+    MemoryTooSmall(u64),
+    #[error("--memory: size {size} bytes is larger than this host can back ({host} bytes of RAM + swap)")]
+    MemoryTooLarge { size: u64, host: u64 },
+    #[error("--cpus: boot must be between 1 and {max} (got {got})")]
+    BadCpuCount { got: u64, max: u8 },
+}
+
+/// Guest memory options (`--memory size=512M,mergeable=on,prefault=on`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryConfig {
+    pub size: u64,
+    /// madvise(MADV_MERGEABLE) on guest RAM so KSM can merge identical pages.
+    pub mergeable: bool,
+    /// Populate guest RAM up front (MADV_POPULATE_WRITE): slower start, no first-touch faults.
+    pub prefault: bool,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            size: 512 << 20,
+            mergeable: false,
+            prefault: false,
+        }
+    }
+}
+
+/// Where the first serial port's output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialConfig {
+    Tty,
+    File(PathBuf),
+    Off,
+}
+
+/// What to boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelImage {
+    /// The built-in test guest embedded in tern.
+    Builtin,
+    /// An ELF vmlinux or bzImage on disk.
+    Path(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub memory: MemoryConfig,
+    pub vcpus: u8,
+    pub kernel: KernelImage,
+    pub cmdline: String,
+    pub initramfs: Option<PathBuf>,
+    pub serial: SerialConfig,
+}
+
+/// Most vCPUs tern starts (the MP table and the built-in guest's per-CPU tables are sized for it).
+pub const MAX_VCPUS: u8 = 64;
+
+fn pairs<'a>(
+    option: &'static str,
+    text: &'a str,
+) -> impl Iterator<Item = Result<(&'a str, &'a str), ConfigError>> {
+    text.split(',').filter(|s| !s.is_empty()).map(move |item| {
+        item.split_once('=').ok_or_else(|| ConfigError::NotKeyValue {
+            option,
+            item: item.to_string(),
+        })
+    })
+}
+
+fn parse_switch(option: &'static str, key: &'static str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(ConfigError::BadValue {
+            option,
+            key,
+            value: v.to_string(),
+            what: "switch (on/off)",
+        }),
+    }
+}
+
+/// Parses a size such as `512M`, `2G`, `4096K` or a plain byte count.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let (digits, shift) = match t.char_indices().last()? {
+        (i, 'K' | 'k') => (&t[..i], 10),
+        (i, 'M' | 'm') => (&t[..i], 20),
+        (i, 'G' | 'g') => (&t[..i], 30),
+        (i, 'T' | 't') => (&t[..i], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = digits.parse().ok()?;
+    n.checked_mul(1u64 << shift)
+}
+
+impl MemoryConfig {
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let mut cfg = MemoryConfig::default();
+        for kv in pairs("memory", text) {
+            let (k, v) = kv?;
+            match k {
+                "size" => {
+                    cfg.size = parse_size(v).ok_or_else(|| ConfigError::BadValue {
+                        option: "memory",
+                        key: "size",
+                        value: v.to_string(),
+                        what: "size (e.g. 512M, 2G)",
+                    })?
+                }
+                "mergeable" => cfg.mergeable = parse_switch("memory", "mergeable", v)?,
+                "prefault" => cfg.prefault = parse_switch("memory", "prefault", v)?,
+                _ => {
+                    return Err(ConfigError::UnknownKey {
+                        option: "memory",
+                        key: k.to_string(),
+                        expected: "size, mergeable, prefault",
+                    })
+                }
+            }
+        }
+        if cfg.size < (2 << 20) {
+            return Err(ConfigError::MemoryTooSmall(cfg.size));
+        }
+        Ok(cfg)
+    }
+
+    /// Refuses sizes the host cannot back: guest RAM is mapped NORESERVE, so the kernel would accept
+    /// almost any size and the guest would be OOM-killed later instead of failing now.
+    pub fn check_host_fits(&self, host_bytes: u64) -> Result<(), ConfigError> {
+        if self.size > host_bytes {
+            return Err(ConfigError::MemoryTooLarge {
+                size: self.size,
+                host: host_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+pub fn parse_cpus(text: &str) -> Result<u8, ConfigError> {
+    let mut boot = 1u64;
+    for kv in pairs("cpus", text) {
+        let (k, v) = kv?;
+        match k {
+            "boot" => {
+                boot = v.parse().map_err(|_| ConfigError::BadValue {
+                    option: "cpus",
+                    key: "boot",
+                    value: v.to_string(),
+                    what: "number",
+                })?
+            }
+            _ => {
+                return Err(ConfigError::UnknownKey {
+                    option: "cpus",
+                    key: k.to_string(),
+                    expected: "boot",
+                })
+            }
+        }
+    }
+    match u8::try_from(boot) {
+        Ok(n) if (1..=MAX_VCPUS).contains(&n) => Ok(n),
+        _ => Err(ConfigError::BadCpuCount {
+            got: boot,
+            max: MAX_VCPUS,
+        }),
+    }
+}
+
+pub fn parse_serial(text: &str) -> Result<SerialConfig, ConfigError> {
+    match text {
+        "tty" => Ok(SerialConfig::Tty),
+        "off" => Ok(SerialConfig::Off),
+        _ => match text.split_once('=') {
+            Some(("file", path)) if !path.is_empty() => Ok(SerialConfig::File(path.into())),
+            _ => Err(ConfigError::BadValue {
+                option: "serial",
+                key: "mode",
+                value: text.to_string(),
+                what: "serial backend (tty, off, file=PATH)",
+            }),
+        },
+    }
+}
+
+/// Host RAM plus swap, from /proc/meminfo.
+pub fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = info.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    };
+    Some(field("MemTotal:")? + field("SwapTotal:").unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_options() {
+        let m = MemoryConfig::parse("size=1G,mergeable=on,prefault=off").unwrap();
+        assert_eq!((m.size, m.mergeable, m.prefault), (1 << 30, true, false));
+        assert_eq!(
+            MemoryConfig::parse("size=0"),
+            Err(ConfigError::MemoryTooSmall(0))
+        );
+        assert!(matches!(
+            MemoryConfig::parse("size=12Q"),
+            Err(ConfigError::BadValue { .. })
+        ));
+        assert!(matches!(
+            MemoryConfig::parse("colour=blue"),
+            Err(ConfigError::UnknownKey { .. })
+        ));
+        assert!(matches!(
+            MemoryConfig::parse("size"),
+            Err(ConfigError::NotKeyValue { .. })
+        ));
+        assert_eq!(parse_size("99999999999T"), None);
+    }
+
+    #[test]
+    fn cpu_and_serial_options() {
+        assert_eq!(parse_cpus("boot=2"), Ok(2));
+        assert!(matches!(parse_cpus("boot=0"), Err(ConfigError::BadCpuCount { .. })));
+        assert!(matches!(parse_cpus("boot=300"), Err(ConfigError::BadCpuCount { .. })));
+        assert_eq!(parse_serial("file=/tmp/x"), Ok(SerialConfig::File("/tmp/x".into())));
+        assert!(parse_serial("file=").is_err());
+    }
+}

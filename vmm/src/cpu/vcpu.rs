@@ -1,0 +1,181 @@
+//! One vCPU: its KVM state set-up and the run loop its thread executes.
+
+use std::sync::Arc;
+
+use devices::{ExitRequest, PioBus, VmExitReason};
+use kvm_bindings::CpuId;
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use thiserror::Error;
+
+use super::{cpuid, lapic, msrs};
+use crate::boot::regs;
+use crate::compat;
+use crate::memory::GuestMemory;
+
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    #[error("vcpu {id}: {what}: {source}")]
+    Kvm {
+        id: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vcpu {id}: building the MSR list failed")]
+    MsrList { id: u8 },
+    #[error("vcpu {id}: KVM accepted only {set} of {total} boot MSRs")]
+    MsrsRejected { id: u8, set: usize, total: usize },
+}
+
+/// What every vCPU thread shares: the devices, the exit request and guest memory.
+pub struct VcpuContext {
+    pub pio: PioBus,
+    pub exit: Arc<ExitRequest>,
+    pub mem: GuestMemory,
+}
+
+pub struct Vcpu {
+    pub id: u8,
+    fd: VcpuFd,
+    ctx: Arc<VcpuContext>,
+}
+
+impl Vcpu {
+    pub fn new(vm: &VmFd, id: u8, ctx: Arc<VcpuContext>) -> Result<Self, VcpuError> {
+        let fd = vm.create_vcpu(u64::from(id)).map_err(|source| VcpuError::Kvm {
+            id,
+            what: "KVM_CREATE_VCPU",
+            source,
+        })?;
+        Ok(Vcpu { id, fd, ctx })
+    }
+
+    fn kvm_err(&self, what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
+        let id = self.id;
+        move |source| VcpuError::Kvm { id, what, source }
+    }
+
+    /// CPUID, MSRs and LAPIC for every vCPU; the boot vCPU also gets the 64-bit entry state.
+    /// Application processors stay in KVM's wait-for-SIPI state until the guest starts them.
+    pub fn configure(
+        &self,
+        cpuid_template: &CpuId,
+        vcpus: u8,
+        boot_entry: Option<u64>,
+    ) -> Result<(), VcpuError> {
+        let tsc_khz = self.fd.get_tsc_khz().map_err(self.kvm_err("KVM_GET_TSC_KHZ"))?;
+        let cpuid = cpuid::for_vcpu(cpuid_template, self.id, vcpus, tsc_khz);
+        self.fd.set_cpuid2(&cpuid).map_err(self.kvm_err("KVM_SET_CPUID2"))?;
+        let boot_msrs = msrs::boot_msrs().map_err(|_| VcpuError::MsrList { id: self.id })?;
+        let set = self.fd.set_msrs(&boot_msrs).map_err(self.kvm_err("KVM_SET_MSRS"))?;
+        if set != boot_msrs.as_slice().len() {
+            return Err(VcpuError::MsrsRejected {
+                id: self.id,
+                set,
+                total: boot_msrs.as_slice().len(),
+            });
+        }
+        let mut lapic_state = self.fd.get_lapic().map_err(self.kvm_err("KVM_GET_LAPIC"))?;
+        lapic::configure_lint(&mut lapic_state);
+        self.fd.set_lapic(&lapic_state).map_err(self.kvm_err("KVM_SET_LAPIC"))?;
+        if let Some(entry) = boot_entry {
+            let sregs = self.fd.get_sregs().map_err(self.kvm_err("KVM_GET_SREGS"))?;
+            self.fd
+                .set_sregs(&regs::boot_sregs(sregs))
+                .map_err(self.kvm_err("KVM_SET_SREGS"))?;
+            self.fd
+                .set_regs(&regs::boot_regs(entry))
+                .map_err(self.kvm_err("KVM_SET_REGS"))?;
+            self.fd
+                .set_fpu(&regs::boot_fpu())
+                .map_err(self.kvm_err("KVM_SET_FPU"))?;
+        }
+        Ok(())
+    }
+
+    fn crash(&self, msg: String) {
+        self.ctx.exit.request(VmExitReason::Crash(msg));
+    }
+
+    /// Describes where the guest is, for error messages.
+    fn where_(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} cpl={} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                r.rip,
+                r.rsp,
+                s.cs.selector & 3,
+                s.cr0,
+                s.cr3,
+                s.cr4,
+                s.efer
+            ),
+            _ => "registers unavailable".into(),
+        }
+    }
+
+    /// Runs the guest until the VM is asked to exit.
+    pub fn run(mut self) {
+        while !self.ctx.exit.is_requested() {
+            match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    if !self.ctx.pio.write(port, data) {
+                        log::debug!("vcpu {}: write to unclaimed port {port:#x}", self.id);
+                    }
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    self.ctx.pio.read(port, data);
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    log::debug!("vcpu {}: read from unclaimed MMIO {addr:#x}", self.id);
+                    data.fill(0xff);
+                }
+                Ok(VcpuExit::MmioWrite(addr, _)) => {
+                    log::debug!("vcpu {}: write to unclaimed MMIO {addr:#x}", self.id);
+                }
+                Ok(VcpuExit::Hlt) => {}
+                Ok(VcpuExit::Shutdown) => {
+                    let msg = format!("vcpu {}: guest triple fault ({})", self.id, self.where_());
+                    self.crash(msg);
+                }
+                Ok(VcpuExit::SystemEvent(kind, _)) => self.system_event(kind),
+                Ok(VcpuExit::InternalError) => {
+                    match compat::handle_internal_error(&mut self.fd, &self.ctx.mem) {
+                        Ok(done) => log::debug!("vcpu {}: completed {done:?}", self.id),
+                        Err(e) => {
+                            let msg = format!("vcpu {}: {e}", self.id);
+                            self.crash(msg);
+                        }
+                    }
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    let msg = format!(
+                        "vcpu {}: KVM entry failed (hardware reason {reason:#x}, cpu {cpu}) ({})",
+                        self.id,
+                        self.where_()
+                    );
+                    self.crash(msg);
+                }
+                Ok(VcpuExit::Intr) => {}
+                Ok(other) => {
+                    let exit = format!("{other:?}");
+                    let msg = format!("vcpu {}: unhandled exit {exit} ({})", self.id, self.where_());
+                    self.crash(msg);
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => {
+                    let msg = format!("vcpu {}: KVM_RUN failed: {e} ({})", self.id, self.where_());
+                    self.crash(msg);
+                }
+            }
+        }
+    }
+
+    fn system_event(&self, kind: u32) {
+        match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN | kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                self.ctx.exit.request(VmExitReason::Reset)
+            }
+            other => self.crash(format!("vcpu {}: guest system event {other}", self.id)),
+        }
+    }
+}
