@@ -17,8 +17,21 @@ use std::time::Instant;
 use clap::Parser;
 use devices::VmExitReason;
 
+/// Parses the command line; usage errors become one line, as every other tern error.
+fn parse_cli() -> anyhow::Result<cli::Cli> {
+    cli::Cli::try_parse().map_err(|e| {
+        use clap::error::ErrorKind;
+        if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+            e.exit();
+        }
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or("invalid arguments");
+        anyhow::anyhow!("{} (see tern --help)", first.trim_start_matches("error: "))
+    })
+}
+
 fn run(start: Instant) -> anyhow::Result<VmExitReason> {
-    let cli = cli::Cli::parse();
+    let cli = parse_cli()?;
     logger::init(&cli.log_level)?;
     let cfg = cli.vm_config()?;
     let vm = vm::Vm::create(&cfg, start)?;
@@ -42,8 +55,8 @@ fn main() -> ExitCode {
             ExitCode::from(code.clamp(0, 255) as u8)
         }
         Err(e) => {
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("tern: error: {}", chain.join(": "));
+            // tern's error types carry their causes in their messages.
+            eprintln!("tern: error: {e}");
             ExitCode::from(1)
         }
     }

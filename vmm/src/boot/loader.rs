@@ -135,14 +135,15 @@ pub fn load_guest(
     mem_size: u64,
     vcpus: u8,
 ) -> Result<LoadedGuest, BootError> {
+    // The command line is checked first: it is the cheapest input to get wrong.
+    let mut cl = Cmdline::new(CMDLINE_MAX_SIZE)?;
+    cl.insert_str(cmdline)?;
     let loaded = load_kernel(mem, kernel)?;
     // bzImage: the 64-bit entry point sits 0x200 bytes into the protected-mode kernel.
     let entry = match loaded.setup_header {
         Some(_) => loaded.kernel_load.0 + 0x200,
         None => loaded.kernel_load.0,
     };
-    let mut cl = Cmdline::new(CMDLINE_MAX_SIZE)?;
-    cl.insert_str(cmdline)?;
     load_cmdline(mem, GuestAddress(CMDLINE_START), &cl).map_err(BootError::WriteCmdline)?;
     let initramfs = initramfs
         .map(|p| load_initramfs(mem, p, loaded.kernel_end, mem_size))
