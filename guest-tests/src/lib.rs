@@ -1,1 +1,48 @@
-//! Host-side harness for tern guest suites.
+//! Host-side harness for tern guest suites: finding the tern binary, small statistics.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+/// The `tern` binary built alongside this crate's binaries (same target directory and profile).
+pub fn tern_binary() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("TERN_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("locating this program")?;
+    let dir = exe.parent().context("program has no directory")?;
+    // Test binaries live one level deeper (target/<profile>/deps).
+    for candidate in [dir.join("tern"), dir.join("../tern")] {
+        if candidate.exists() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "cannot find the tern binary next to {}: run `cargo build --release` first or set TERN_BIN",
+        exe.display()
+    )
+}
+
+/// The median of `values` (sorted in place); NaN for none.
+pub fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(super::median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(super::median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(super::median(&mut []).is_nan());
+    }
+}
