@@ -12,9 +12,17 @@ fn main() {
         println!("cargo:rustc-env=TERN_GUEST_ELF={path}");
         return;
     }
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let guest_dir = manifest.join("../guest-tests/guest");
-    for item in ["src", "Cargo.toml", "Cargo.lock", "build.rs", "linker.ld", ".cargo"] {
+    for item in [
+        "src",
+        "Cargo.toml",
+        "Cargo.lock",
+        "build.rs",
+        "linker.ld",
+        ".cargo",
+    ] {
         println!("cargo:rerun-if-changed={}", guest_dir.join(item).display());
     }
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -33,7 +41,10 @@ fn main() {
         .env_remove("CARGO_TARGET_DIR")
         .status()
         .expect("failed to run cargo for the built-in guest");
-    assert!(status.success(), "building the built-in guest (guest-tests/guest) failed");
+    assert!(
+        status.success(),
+        "building the built-in guest (guest-tests/guest) failed"
+    );
     let elf = target_dir.join("release/tern-guest");
     println!("cargo:rustc-env=TERN_GUEST_ELF={}", elf.display());
 }

@@ -104,7 +104,10 @@ mod tests {
         bus.insert(0x3f8, 8, Arc::new(Mutex::new(Echo(1)))).unwrap();
         assert_eq!(
             bus.insert(0x3fc, 8, Arc::new(Mutex::new(Echo(2)))),
-            Err(BusError::Overlap { base: 0x3fc, len: 8 })
+            Err(BusError::Overlap {
+                base: 0x3fc,
+                len: 8
+            })
         );
         assert!(bus.insert(0x400, 1, Arc::new(Mutex::new(Echo(2)))).is_ok());
         let mut b = [0u8; 1];

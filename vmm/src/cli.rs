@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::{self, KernelImage, MemoryConfig, VmConfig};
 
@@ -21,9 +21,55 @@ pub const BUILTIN_DEFAULT_CMDLINE: &str = "suite=hello";
     version,
     about = "tern: a small KVM virtual machine monitor with live migration",
     long_about = "tern boots a guest on KVM. Without --kernel it boots its built-in test guest, \
-whose suite is chosen with --cmdline \"suite=NAME\" (hello, memtest)."
+whose suite is chosen with --cmdline \"suite=NAME\" (hello, memtest, dirty, idle). \
+`tern remote` drives a running tern through its --api-socket.",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Send a command to a running tern's API socket.
+    Remote(RemoteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RemoteArgs {
+    /// The running tern's --api-socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    #[command(subcommand)]
+    pub command: RemoteCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RemoteCommand {
+    /// VM state, vCPUs, memory, uptime.
+    Status,
+    /// Pause all vCPUs.
+    Pause,
+    /// Resume all vCPUs.
+    Resume,
+    /// Migrate the guest to unix:PATH, tcp:HOST:PORT or file:PATH (a snapshot); waits for the end.
+    Migrate {
+        uri: String,
+        /// Return at once; follow with migrate-status.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// The current or last migration's figures, as JSON.
+    MigrateStatus,
+    /// Stop the VM and tern.
+    Quit,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
     /// Guest RAM: size=SIZE[,mergeable=on|off][,prefault=on|off]. Guest RAM is always private
     /// anonymous memory, which is what KSM can merge: mergeable=on marks it MADV_MERGEABLE;
     /// prefault=on populates it before the guest starts.
@@ -54,9 +100,31 @@ pub struct Cli {
     /// Log level on stderr: error, warn, info, debug.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: String,
+
+    /// Control API: a Unix socket (created 0600) speaking newline-delimited JSON (docs/api.md).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
+    /// Receive a migrated guest from unix:PATH, tcp:HOST:PORT or file:PATH (a snapshot) instead
+    /// of booting one; the stream carries the VM's configuration.
+    #[arg(long, value_name = "URI", conflicts_with_all = ["kernel", "initramfs", "cmdline", "memory", "cpus"])]
+    pub incoming: Option<String>,
+
+    /// Outgoing migrations: stop the guest once the rest fits this downtime at the measured
+    /// bandwidth.
+    #[arg(long, value_name = "MS", default_value_t = 300)]
+    pub downtime_ms: u64,
+
+    /// Outgoing migrations: stop the guest after this many dirty-page iterations at the latest.
+    #[arg(long, value_name = "N", default_value_t = 30)]
+    pub max_iterations: u32,
+
+    /// Outgoing migrations: stop the guest after this many seconds of precopy at the latest.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    pub timeout: u64,
 }
 
-impl Cli {
+impl RunArgs {
     pub fn vm_config(&self) -> anyhow::Result<VmConfig> {
         let memory = MemoryConfig::parse(&self.memory)?;
         if let Some(host) = config::host_memory_bytes() {

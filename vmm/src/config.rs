@@ -84,10 +84,11 @@ fn pairs<'a>(
     text: &'a str,
 ) -> impl Iterator<Item = Result<(&'a str, &'a str), ConfigError>> {
     text.split(',').filter(|s| !s.is_empty()).map(move |item| {
-        item.split_once('=').ok_or_else(|| ConfigError::NotKeyValue {
-            option,
-            item: item.to_string(),
-        })
+        item.split_once('=')
+            .ok_or_else(|| ConfigError::NotKeyValue {
+                option,
+                item: item.to_string(),
+            })
     })
 }
 
@@ -250,9 +251,18 @@ mod tests {
     #[test]
     fn cpu_and_serial_options() {
         assert_eq!(parse_cpus("boot=2"), Ok(2));
-        assert!(matches!(parse_cpus("boot=0"), Err(ConfigError::BadCpuCount { .. })));
-        assert!(matches!(parse_cpus("boot=300"), Err(ConfigError::BadCpuCount { .. })));
-        assert_eq!(parse_serial("file=/tmp/x"), Ok(SerialConfig::File("/tmp/x".into())));
+        assert!(matches!(
+            parse_cpus("boot=0"),
+            Err(ConfigError::BadCpuCount { .. })
+        ));
+        assert!(matches!(
+            parse_cpus("boot=300"),
+            Err(ConfigError::BadCpuCount { .. })
+        ));
+        assert_eq!(
+            parse_serial("file=/tmp/x"),
+            Ok(SerialConfig::File("/tmp/x".into()))
+        );
         assert!(parse_serial("file=").is_err());
     }
 }

@@ -37,7 +37,8 @@ impl SignalWatcher {
         SIGNAL_EVENTFD.store(evt.as_raw_fd(), Ordering::SeqCst);
         for sig in [libc::SIGINT, libc::SIGTERM] {
             // SAFETY: installs a handler that only touches atomics and write(2).
-            let prev = unsafe { libc::signal(sig, on_terminate as *const () as libc::sighandler_t) };
+            let prev =
+                unsafe { libc::signal(sig, on_terminate as *const () as libc::sighandler_t) };
             if prev == libc::SIG_ERR {
                 return Err(std::io::Error::last_os_error());
             }

@@ -10,7 +10,11 @@ impl Log for StderrLogger {
     }
     fn log(&self, record: &Record) {
         if self.enabled(record.metadata()) {
-            eprintln!("tern: {}: {}", record.level().as_str().to_lowercase(), record.args());
+            eprintln!(
+                "tern: {}: {}",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            );
         }
     }
     fn flush(&self) {}
@@ -19,9 +23,9 @@ impl Log for StderrLogger {
 static LOGGER: StderrLogger = StderrLogger;
 
 pub fn init(level: &str) -> anyhow::Result<()> {
-    let filter: LevelFilter = level
-        .parse()
-        .map_err(|_| anyhow::anyhow!("--log-level: `{level}` is not one of error, warn, info, debug"))?;
+    let filter: LevelFilter = level.parse().map_err(|_| {
+        anyhow::anyhow!("--log-level: `{level}` is not one of error, warn, info, debug")
+    })?;
     log::set_logger(&LOGGER).map_err(|e| anyhow::anyhow!("logger: {e}"))?;
     log::set_max_level(filter);
     Ok(())

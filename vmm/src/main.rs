@@ -1,5 +1,6 @@
 //! tern: a small KVM virtual machine monitor.
 
+mod api;
 mod boot;
 mod cli;
 mod compat;
@@ -9,6 +10,8 @@ mod event_loop;
 mod layout;
 mod logger;
 mod memory;
+mod migrate;
+mod remote;
 mod vm;
 
 use std::process::ExitCode;
@@ -30,19 +33,45 @@ fn parse_cli() -> anyhow::Result<cli::Cli> {
     })
 }
 
-fn run(start: Instant) -> anyhow::Result<VmExitReason> {
+enum Outcome {
+    Vm(VmExitReason),
+    Remote,
+}
+
+fn run(start: Instant) -> anyhow::Result<Outcome> {
     let cli = parse_cli()?;
-    logger::init(&cli.log_level)?;
-    let cfg = cli.vm_config()?;
-    let vm = vm::Vm::create(&cfg, start)?;
-    log::info!("guest PV features offered: {:#x}", vm.pv_features.0);
-    Ok(vm.run()?)
+    if let Some(cli::Command::Remote(r)) = &cli.command {
+        remote::run(&r.api_socket, &r.command)?;
+        return Ok(Outcome::Remote);
+    }
+    let args = cli.run;
+    logger::init(&args.log_level)?;
+    let vm = match &args.incoming {
+        Some(uri) => {
+            let ep: migration::transport::Endpoint = uri.parse()?;
+            migrate::flows::receive(&ep, config::parse_serial(&args.serial)?, start)?
+        }
+        None => vm::Vm::create(&args.vm_config()?, vm::Origin::Boot, start)?,
+    };
+    log::info!(
+        "guest PV features offered: {:#x}",
+        vm.inner.record.pv_features
+    );
+    let mut subscribers: Vec<event_loop::Subscriber> = Vec::new();
+    if let Some(path) = &args.api_socket {
+        let params = migrate::flows::params(args.downtime_ms, args.max_iterations, args.timeout);
+        let server = api::ApiServer::bind(path, vm.inner.clone(), params, start)
+            .map_err(|e| anyhow::anyhow!("--api-socket {}: {e}", path.display()))?;
+        subscribers.push(std::sync::Arc::new(std::sync::Mutex::new(server)));
+    }
+    Ok(Outcome::Vm(vm.run(subscribers)?))
 }
 
 fn main() -> ExitCode {
     let start = Instant::now();
     match run(start) {
-        Ok(reason) => {
+        Ok(Outcome::Remote) => ExitCode::SUCCESS,
+        Ok(Outcome::Vm(reason)) => {
             let ms = start.elapsed().as_secs_f64() * 1e3;
             let code = reason.exit_code();
             match &reason {

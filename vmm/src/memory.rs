@@ -1,6 +1,7 @@
 //! Guest RAM: private anonymous mappings laid out around the MMIO hole (see `layout`).
 
 use thiserror::Error;
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
     MmapRegion,
@@ -28,7 +29,9 @@ pub enum MemoryError {
     TooLarge(u64),
 }
 
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// Guest RAM with a dirty bitmap of the writes tern itself makes (merged with KVM's dirty log when
+/// migrating).
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 
 /// The guest-physical RAM ranges for `size` bytes: below the MMIO hole, then above 4 GiB.
 pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
@@ -49,7 +52,7 @@ pub fn create(cfg: &MemoryConfig) -> Result<GuestMemory, MemoryError> {
     let mut regions = Vec::new();
     for (start, size) in ram_ranges(cfg.size) {
         let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(cfg.size))?;
-        let mapping = MmapRegion::new(len).map_err(|source| MemoryError::Map {
+        let mapping = MmapRegion::<AtomicBitmap>::new(len).map_err(|source| MemoryError::Map {
             start: start.0,
             size,
             source,
@@ -71,7 +74,12 @@ pub fn create(cfg: &MemoryConfig) -> Result<GuestMemory, MemoryError> {
     Ok(mem)
 }
 
-fn madvise(ptr: *mut u8, len: usize, advice: libc::c_int, what: &'static str) -> Result<(), MemoryError> {
+fn madvise(
+    ptr: *mut u8,
+    len: usize,
+    advice: libc::c_int,
+    what: &'static str,
+) -> Result<(), MemoryError> {
     // SAFETY: ptr/len describe a mapping owned by the guest memory object; these advices change
     // neither the mapping's validity nor its contents.
     let rc = unsafe { libc::madvise(ptr.cast(), len, advice) };

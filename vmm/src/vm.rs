@@ -1,22 +1,29 @@
 //! The VM: KVM VM, guest memory, interrupt controllers, devices and vCPU threads.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::legacy::{BootTimer, I8042, IsaDebugExit, SerialDevice, SerialOutput, TestExit};
+use devices::legacy::{BootTimer, IsaDebugExit, SerialDevice, SerialOutput, TestExit, I8042};
 use devices::{BusError, ExitRequest, IrqLine, PioBus, VmExitReason};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use migration::progress::StatusCell;
+use migration::state::CpuidEntry;
+use migration::VmConfigRecord;
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::boot::{self, BootError};
 use crate::config::{SerialConfig, VmConfig};
+use crate::cpu::state::{readable_msrs, StatePolicy};
 use crate::cpu::vcpu::VcpuError;
-use crate::cpu::{cpuid, PvFeatures, Vcpu, VcpuContext};
+use crate::cpu::{cpuid, PvFeatures, Vcpu, VcpuContext, VcpuHandle};
 use crate::event_loop::{self, ConsoleInput, SignalWatcher, Subscriber};
 use crate::layout::{irqs, ports};
 use crate::memory::{self, GuestMemory, MemoryError};
@@ -45,9 +52,11 @@ pub enum VmError {
     },
     #[error("event loop: {0:?}")]
     EventLoop(event_manager::Error),
+    #[error("the incoming VM cannot be built here: {0}")]
+    Incompatible(String),
 }
 
-fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+pub(crate) fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
@@ -59,18 +68,35 @@ fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> VmError {
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
+/// How the VM gets its initial state.
+pub enum Origin<'a> {
+    /// Load a kernel and boot it.
+    Boot,
+    /// Build the VM a migration stream describes; its state arrives later.
+    Incoming(&'a VmConfigRecord),
+}
+
+/// The parts of a VM that the vCPU controller, the migration and the control API share.
+pub struct VmInner {
+    pub vm_fd: VmFd,
+    pub mem: GuestMemory,
+    pub exit: Arc<ExitRequest>,
+    pub com1: Arc<Mutex<SerialDevice>>,
+    pub record: VmConfigRecord,
+    pub vcpus: Vec<VcpuHandle>,
+    pub boot_timer: Arc<Mutex<Option<Duration>>>,
+    pub migration: StatusCell,
+    pub dirty_logging: AtomicBool,
+    pub paused: AtomicBool,
+}
+
 pub struct Vm {
-    vm_fd: VmFd,
-    mem: GuestMemory,
-    vcpus: Vec<Vcpu>,
-    exit: Arc<ExitRequest>,
-    console: Option<Arc<Mutex<SerialDevice>>>,
-    boot_timer: Arc<Mutex<Option<Duration>>>,
-    pub pv_features: PvFeatures,
+    pub inner: Arc<VmInner>,
+    console_input: bool,
 }
 
 impl Vm {
-    pub fn create(cfg: &VmConfig, start: Instant) -> Result<Self, VmError> {
+    pub fn create(cfg: &VmConfig, origin: Origin, start: Instant) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm_fd
@@ -79,7 +105,9 @@ impl Vm {
         vm_fd
             .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm_fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -87,100 +115,184 @@ impl Vm {
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let mem = memory::create(&cfg.memory)?;
-        register_memory(&vm_fd, &mem)?;
+        register_memory(&vm_fd, &mem, false)?;
 
         let exit = ExitRequest::new().map_err(io_err("exit eventfd"))?;
         let mut pio = PioBus::new();
-        let console = add_legacy_devices(&vm_fd, &mut pio, &exit, &cfg.serial)?;
+        let com1 = add_legacy_devices(&vm_fd, &mut pio, &exit, &cfg.serial)?;
         let timer = BootTimer::new(start, ports::BOOT_TIMER_MAGIC);
         let boot_timer = timer.recorded();
         pio.insert(ports::BOOT_TIMER, 1, Arc::new(Mutex::new(timer)))?;
 
-        let loaded = boot::load_guest(
-            &mem,
-            &cfg.kernel,
-            &cfg.cmdline,
-            cfg.initramfs.as_deref(),
-            cfg.memory.size,
-            cfg.vcpus,
-        )?;
+        let (template, pv) = match origin {
+            Origin::Boot => cpuid::template(&kvm, PvFeatures::default_set())
+                .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?,
+            Origin::Incoming(rec) => incoming_cpuid(&kvm, rec)?,
+        };
+        let entry = match origin {
+            Origin::Boot => Some(
+                boot::load_guest(
+                    &mem,
+                    &cfg.kernel,
+                    &cfg.cmdline,
+                    cfg.initramfs.as_deref(),
+                    cfg.memory.size,
+                    cfg.vcpus,
+                )?
+                .entry,
+            ),
+            Origin::Incoming(_) => None,
+        };
 
-        let (template, pv_features) =
-            cpuid::template(&kvm, PvFeatures::default_set()).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut fds = Vec::new();
+        for id in 0..cfg.vcpus {
+            fds.push(Vcpu::create_fd(&vm_fd, id)?);
+        }
+        let policy = StatePolicy {
+            msrs: kvm
+                .get_msr_index_list()
+                .map(|l| readable_msrs(&fds[0], l.as_slice()))
+                .unwrap_or_default(),
+            use_xsave: xsave_fits(&vm_fd),
+        };
+        log::debug!(
+            "vCPU state: {} MSRs, xsave {}",
+            policy.msrs.len(),
+            policy.use_xsave
+        );
         let ctx = Arc::new(VcpuContext {
             pio,
             exit: exit.clone(),
             mem: mem.clone(),
+            state_policy: policy,
         });
         let mut vcpus = Vec::new();
-        for id in 0..cfg.vcpus {
-            let vcpu = Vcpu::new(&vm_fd, id, ctx.clone())?;
-            vcpu.configure(&template, cfg.vcpus, (id == 0).then_some(loaded.entry))?;
+        for (id, fd) in (0..cfg.vcpus).zip(fds) {
+            let vcpu = Vcpu::new(id, fd, ctx.clone());
+            vcpu.configure(&template, cfg.vcpus, if id == 0 { entry } else { None })?;
             vcpus.push(vcpu);
         }
+        register_kick_signal()?;
+        let paused = matches!(origin, Origin::Incoming(_));
+        let mut handles = Vec::new();
+        for vcpu in vcpus {
+            handles
+                .push(VcpuHandle::spawn(vcpu, paused).map_err(io_err("starting a vCPU thread"))?);
+        }
+        let record = VmConfigRecord {
+            ram: memory::ram_ranges(cfg.memory.size)
+                .into_iter()
+                .map(|(a, l)| (a.0, l))
+                .collect(),
+            memory_size: cfg.memory.size,
+            mergeable: cfg.memory.mergeable,
+            vcpus: cfg.vcpus,
+            pv_features: pv.0,
+            cpuid: template
+                .as_slice()
+                .iter()
+                .map(|e| CpuidEntry {
+                    function: e.function,
+                    index: e.index,
+                    flags: e.flags,
+                    eax: e.eax,
+                    ebx: e.ebx,
+                    ecx: e.ecx,
+                    edx: e.edx,
+                })
+                .collect(),
+        };
         Ok(Vm {
-            vm_fd,
-            mem,
-            vcpus,
-            exit,
-            console,
-            boot_timer,
-            pv_features,
+            inner: Arc::new(VmInner {
+                vm_fd,
+                mem,
+                exit,
+                com1,
+                record,
+                vcpus: handles,
+                boot_timer,
+                migration: StatusCell::default(),
+                dirty_logging: AtomicBool::new(false),
+                paused: AtomicBool::new(paused),
+            }),
+            console_input: matches!(cfg.serial, SerialConfig::Tty),
         })
     }
 
-    /// When the guest wrote the boot-timer port, relative to tern's start.
-    pub fn boot_timer(&self) -> Arc<Mutex<Option<Duration>>> {
-        self.boot_timer.clone()
-    }
-
-    pub fn memory(&self) -> &GuestMemory {
-        &self.mem
-    }
-
-    pub fn vm_fd(&self) -> &VmFd {
-        &self.vm_fd
-    }
-
-    /// Runs the guest until it (or the host) ends the VM; returns why it ended.
-    pub fn run(self) -> Result<VmExitReason, VmError> {
-        register_kick_signal()?;
-        let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        for vcpu in self.vcpus {
-            let name = format!("vcpu{}", vcpu.id);
-            let handle = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || vcpu.run())
-                .map_err(io_err("spawning a vCPU thread"))?;
-            threads.push(handle);
+    /// Runs the event loop until the guest (or the host) ends the VM; returns why it ended.
+    pub fn run(self, mut extra: Vec<Subscriber>) -> Result<VmExitReason, VmError> {
+        let inner = self.inner;
+        extra.push(Arc::new(Mutex::new(
+            SignalWatcher::install(inner.exit.clone()).map_err(io_err("signal handlers"))?,
+        )));
+        if self.console_input {
+            extra.push(Arc::new(Mutex::new(ConsoleInput::new(inner.com1.clone()))));
         }
-        let mut subscribers: Vec<Subscriber> = vec![Arc::new(Mutex::new(
-            SignalWatcher::install(self.exit.clone()).map_err(io_err("signal handlers"))?,
-        ))];
-        if let Some(serial) = &self.console {
-            subscribers.push(Arc::new(Mutex::new(ConsoleInput::new(serial.clone()))));
-        }
-        let result = event_loop::run(self.exit.clone(), subscribers);
+        let result = event_loop::run(inner.exit.clone(), extra);
         if result.is_err() {
-            self.exit
+            inner
+                .exit
                 .request(VmExitReason::Crash("event loop failed".into()));
         }
-        stop_vcpus(threads);
+        for v in &inner.vcpus {
+            v.stop();
+        }
         result.map_err(VmError::EventLoop)
     }
 }
 
-fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
+/// Whether this host's XSAVE state fits the 4 KiB `kvm_xsave` (KVM_CAP_XSAVE2 reports the size
+/// when it is larger; 0 when the capability is absent).
+fn xsave_fits(vm_fd: &VmFd) -> bool {
+    vm_fd.check_extension(Cap::Xsave) && vm_fd.check_extension_int(Cap::Xsave2) <= 4096
+}
+
+/// The CPUID template of an incoming VM: the source's, if this host's KVM can honour it.
+fn incoming_cpuid(kvm: &Kvm, rec: &VmConfigRecord) -> Result<(CpuId, PvFeatures), VmError> {
+    let (_, here) =
+        cpuid::template(kvm, PvFeatures(u32::MAX)).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let missing = rec.pv_features & !here.0;
+    if missing != 0 {
+        return Err(VmError::Incompatible(format!(
+            "the guest uses KVM PV features {missing:#x} this host's KVM does not offer"
+        )));
+    }
+    let entries: Vec<kvm_cpuid_entry2> = rec
+        .cpuid
+        .iter()
+        .map(|e| kvm_cpuid_entry2 {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+            ..Default::default()
+        })
+        .collect();
+    let cpuid = CpuId::from_entries(&entries).map_err(|_| {
+        VmError::Incompatible(format!("{} CPUID entries are too many", entries.len()))
+    })?;
+    Ok((cpuid, PvFeatures(rec.pv_features)))
+}
+
+/// Registers (or re-registers, to switch dirty logging) every RAM region with KVM.
+pub fn register_memory(vm_fd: &VmFd, mem: &GuestMemory, log_dirty: bool) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
-            flags: 0,
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
         };
-        // SAFETY: the host range is a live mapping owned by `mem`, which outlives the VM fd's use
-        // of it (the Vm holds both and drops the VM fd first... or together at process exit).
+        // SAFETY: the host range is a live mapping owned by `mem`; the VM and its memory live in
+        // the same VmInner and go away together.
         unsafe { vm_fd.set_user_memory_region(region_desc) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
@@ -192,7 +304,7 @@ fn add_legacy_devices(
     pio: &mut PioBus,
     exit: &Arc<ExitRequest>,
     serial: &SerialConfig,
-) -> Result<Option<Arc<Mutex<SerialDevice>>>, VmError> {
+) -> Result<Arc<Mutex<SerialDevice>>, VmError> {
     let output = match serial {
         SerialConfig::Tty => SerialOutput::Stdout,
         SerialConfig::Off => SerialOutput::Off,
@@ -204,16 +316,26 @@ fn add_legacy_devices(
     vm_fd
         .register_irqfd(&irq, irqs::COM1)
         .map_err(kvm_err("KVM_IRQFD (COM1)"))?;
-    let com1 = Arc::new(Mutex::new(SerialDevice::new("com1", IrqLine::new(irq), output)));
+    let com1 = Arc::new(Mutex::new(
+        SerialDevice::new("com1", IrqLine::new(irq), output).map_err(io_err("serial device"))?,
+    ));
     pio.insert(ports::COM1, 8, com1.clone())?;
-    pio.insert(ports::I8042_DATA, 5, Arc::new(Mutex::new(I8042::new(exit.clone()))))?;
-    pio.insert(ports::TEST_EXIT, 4, Arc::new(Mutex::new(TestExit::new(exit.clone()))))?;
+    pio.insert(
+        ports::I8042_DATA,
+        5,
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+    )?;
+    pio.insert(
+        ports::TEST_EXIT,
+        4,
+        Arc::new(Mutex::new(TestExit::new(exit.clone()))),
+    )?;
     pio.insert(
         ports::ISA_DEBUG_EXIT,
         4,
         Arc::new(Mutex::new(IsaDebugExit::new(exit.clone()))),
     )?;
-    Ok(matches!(serial, SerialConfig::Tty).then_some(com1))
+    Ok(com1)
 }
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -224,23 +346,4 @@ fn register_kick_signal() -> Result<(), VmError> {
         what: "registering the vCPU kick signal",
         source: std::io::Error::from_raw_os_error(e.errno()),
     })
-}
-
-/// Kicks every vCPU thread until it leaves KVM_RUN and sees the exit request, then joins it.
-fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
-    for t in &threads {
-        // Repeated: a kick that lands just before KVM_RUN is entered is lost.
-        for _ in 0..500 {
-            if t.is_finished() {
-                break;
-            }
-            let _ = t.kill(0);
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-    for t in threads {
-        if t.join().is_err() {
-            log::error!("a vCPU thread panicked");
-        }
-    }
 }

@@ -8,11 +8,24 @@ use common::run_tern;
 
 fn assert_clean_error(args: &[&str], expect: &str) {
     let o = run_tern(args, Duration::from_secs(30));
-    assert!(matches!(o.code, Some(c) if c != 0), "{args:?}: {}", o.describe());
+    assert!(
+        matches!(o.code, Some(c) if c != 0),
+        "{args:?}: {}",
+        o.describe()
+    );
     let lines: Vec<&str> = o.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line\n{}", o.describe());
+    assert_eq!(
+        lines.len(),
+        1,
+        "{args:?}: expected one line\n{}",
+        o.describe()
+    );
     assert!(lines[0].starts_with("tern: error: "), "{}", o.describe());
-    assert!(lines[0].contains(expect), "{args:?}: wanted `{expect}`\n{}", o.describe());
+    assert!(
+        lines[0].contains(expect),
+        "{args:?}: wanted `{expect}`\n{}",
+        o.describe()
+    );
     assert!(!o.stderr.contains("panicked"), "{}", o.describe());
 }
 
@@ -62,5 +75,8 @@ fn zero_vcpus() {
 
 #[test]
 fn malformed_command_line() {
-    assert_clean_error(&["--cmdline", "suite=hello\tx"], "invalid kernel command line");
+    assert_clean_error(
+        &["--cmdline", "suite=hello\tx"],
+        "invalid kernel command line",
+    );
 }

@@ -6,7 +6,10 @@ use common::{run_tern, GUEST_TIMEOUT};
 
 #[test]
 fn hello_with_one_vcpu_reports_count_and_memory() {
-    let o = run_tern(&["--memory", "size=256M", "--cmdline", "suite=hello"], GUEST_TIMEOUT);
+    let o = run_tern(
+        &["--memory", "size=256M", "--cmdline", "suite=hello"],
+        GUEST_TIMEOUT,
+    );
     assert_eq!(o.code, Some(0), "{}", o.describe());
     let lines = o.guest_lines();
     assert!(lines.contains(&"vcpus=1"), "{}", o.describe());
@@ -17,7 +20,14 @@ fn hello_with_one_vcpu_reports_count_and_memory() {
 #[test]
 fn hello_with_two_vcpus_brings_up_the_second() {
     let o = run_tern(
-        &["--cpus", "boot=2", "--memory", "size=512M", "--cmdline", "suite=hello"],
+        &[
+            "--cpus",
+            "boot=2",
+            "--memory",
+            "size=512M",
+            "--cmdline",
+            "suite=hello",
+        ],
         GUEST_TIMEOUT,
     );
     assert_eq!(o.code, Some(0), "{}", o.describe());
@@ -32,13 +42,22 @@ fn default_run_boots_hello_and_logs_the_boot_timer() {
     let o = run_tern(&[], GUEST_TIMEOUT);
     assert_eq!(o.code, Some(0), "{}", o.describe());
     assert_eq!(o.last_guest_line(), "hello PASS", "{}", o.describe());
-    assert!(o.stderr.contains("tern: boot-timer: guest ready"), "{}", o.describe());
+    assert!(
+        o.stderr.contains("tern: boot-timer: guest ready"),
+        "{}",
+        o.describe()
+    );
 }
 
 #[test]
 fn memtest_over_256_mib_passes() {
     let o = run_tern(
-        &["--memory", "size=512M", "--cmdline", "suite=memtest mib=256"],
+        &[
+            "--memory",
+            "size=512M",
+            "--cmdline",
+            "suite=memtest mib=256",
+        ],
         GUEST_TIMEOUT,
     );
     assert_eq!(o.code, Some(0), "{}", o.describe());
@@ -60,12 +79,20 @@ fn memtest_larger_than_ram_fails_with_nonzero_exit() {
         GUEST_TIMEOUT,
     );
     assert_eq!(o.code, Some(1), "{}", o.describe());
-    assert!(o.last_guest_line().starts_with("memtest FAIL"), "{}", o.describe());
+    assert!(
+        o.last_guest_line().starts_with("memtest FAIL"),
+        "{}",
+        o.describe()
+    );
 }
 
 #[test]
 fn unknown_suite_is_a_guest_failure() {
     let o = run_tern(&["--cmdline", "suite=no-such-suite"], GUEST_TIMEOUT);
     assert_eq!(o.code, Some(1), "{}", o.describe());
-    assert!(o.last_guest_line().starts_with("no-such-suite FAIL"), "{}", o.describe());
+    assert!(
+        o.last_guest_line().starts_with("no-such-suite FAIL"),
+        "{}",
+        o.describe()
+    );
 }

@@ -7,3 +7,4 @@ mod serial;
 pub use debug_ports::{BootTimer, IsaDebugExit, TestExit};
 pub use i8042::I8042;
 pub use serial::{SerialDevice, SerialOutput};
+pub use vm_superio::serial::SerialState;

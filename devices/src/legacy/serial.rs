@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 
 use crate::bus::PioDevice;
@@ -47,21 +47,51 @@ impl Write for OutputWriter {
 
 /// One 16550 on an 8-port range.
 pub struct SerialDevice {
-    uart: Serial<IrqLine, NoEvents, OutputWriter>,
+    uart: Option<Serial<IrqLine, NoEvents, OutputWriter>>,
+    irq: IrqLine,
     name: &'static str,
 }
 
 impl SerialDevice {
-    pub fn new(name: &'static str, irq: IrqLine, output: SerialOutput) -> Self {
-        SerialDevice {
-            uart: Serial::new(irq, OutputWriter(output)),
+    pub fn new(name: &'static str, irq: IrqLine, output: SerialOutput) -> std::io::Result<Self> {
+        let uart_irq = IrqLine::new(irq.eventfd().try_clone()?);
+        Ok(SerialDevice {
+            uart: Some(Serial::new(uart_irq, OutputWriter(output))),
+            irq,
             name,
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn uart(&mut self) -> &mut Serial<IrqLine, NoEvents, OutputWriter> {
+        // Only `restore` takes the UART out, and it always puts one back.
+        self.uart.as_mut().expect("serial UART present")
+    }
+
+    /// The registers and pending input, for migration.
+    pub fn state(&self) -> Option<SerialState> {
+        self.uart.as_ref().map(|u| u.state())
+    }
+
+    /// Replaces the registers and pending input; the output backend stays.
+    pub fn restore(&mut self, state: &SerialState) -> std::io::Result<()> {
+        let irq = IrqLine::new(self.irq.eventfd().try_clone()?);
+        if let Some(old) = self.uart.take() {
+            let out = old.into_writer();
+            self.uart = Some(
+                Serial::from_state(state, irq, NoEvents, out)
+                    .map_err(|e| std::io::Error::other(format!("{e:?}")))?,
+            );
         }
+        Ok(())
     }
 
     /// Queues bytes for the guest to read; returns how many fit in the receive FIFO.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
-        match self.uart.enqueue_raw_bytes(bytes) {
+        match self.uart().enqueue_raw_bytes(bytes) {
             Ok(n) => n,
             Err(e) => {
                 log::warn!("{}: input dropped: {e:?}", self.name);
@@ -72,7 +102,7 @@ impl SerialDevice {
 
     /// Free space in the receive FIFO.
     pub fn input_room(&self) -> usize {
-        self.uart.fifo_capacity()
+        self.uart.as_ref().map(|u| u.fifo_capacity()).unwrap_or(0)
     }
 }
 
@@ -84,7 +114,7 @@ impl PioDevice for SerialDevice {
         };
         data.fill(0);
         if let Some(first) = data.first_mut() {
-            *first = self.uart.read(off);
+            *first = self.uart().read(off);
         }
     }
 
@@ -92,7 +122,7 @@ impl PioDevice for SerialDevice {
         let (Ok(off), Some(&value)) = (u8::try_from(offset), data.first()) else {
             return;
         };
-        if let Err(e) = self.uart.write(off, value) {
+        if let Err(e) = self.uart().write(off, value) {
             // The output backend failed (closed file, broken pipe): the guest must not notice.
             log::debug!("{}: output error: {e:?}", self.name);
         }

@@ -15,7 +15,9 @@ use vm_memory::{Bytes, GuestAddress};
 use super::params::{write_boot_params, BootParamsInput};
 use super::{mptable, regs};
 use crate::config::KernelImage;
-use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, INITRAMFS_MAX_END, MMIO_GAP_START};
+use crate::layout::{
+    CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, INITRAMFS_MAX_END, MMIO_GAP_START,
+};
 use crate::memory::GuestMemory;
 
 /// The built-in test guest, built by build.rs from `guest-tests/guest`.
@@ -24,7 +26,10 @@ pub static BUILTIN_GUEST: &[u8] = include_bytes!(env!("TERN_GUEST_ELF"));
 #[derive(Debug, Error)]
 pub enum BootError {
     #[error("cannot open kernel {path}: {source}")]
-    OpenKernel { path: PathBuf, source: std::io::Error },
+    OpenKernel {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a kernel tern can boot (expected an ELF64 vmlinux or a bzImage)")]
     NotAKernel { path: PathBuf },
     #[error("cannot load kernel {path}: {source}")]
@@ -33,8 +38,13 @@ pub enum BootError {
         source: linux_loader::loader::Error,
     },
     #[error("cannot read initramfs {path}: {source}")]
-    ReadInitramfs { path: PathBuf, source: std::io::Error },
-    #[error("initramfs of {size} bytes does not fit in guest RAM below {limit:#x} after the kernel")]
+    ReadInitramfs {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "initramfs of {size} bytes does not fit in guest RAM below {limit:#x} after the kernel"
+    )]
     InitramfsTooLarge { size: u64, limit: u64 },
     #[error("invalid kernel command line: {0}")]
     Cmdline(#[from] linux_loader::cmdline::Error),
@@ -68,10 +78,7 @@ fn detect(image: &mut (impl Read + Seek)) -> std::io::Result<Option<Format>> {
     Ok(None)
 }
 
-fn load_kernel(
-    mem: &GuestMemory,
-    kernel: &KernelImage,
-) -> Result<KernelLoaderResult, BootError> {
+fn load_kernel(mem: &GuestMemory, kernel: &KernelImage) -> Result<KernelLoaderResult, BootError> {
     let highmem = Some(GuestAddress(HIMEM_START));
     match kernel {
         KernelImage::Builtin => {

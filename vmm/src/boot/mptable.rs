@@ -50,7 +50,16 @@ pub fn build(base: u64, vcpus: u8) -> Vec<u8> {
     for pin in 0..IOAPIC_PINS {
         // IRQ n arrives on IOAPIC pin n (KVM's default GSI routing); pins above the ISA range
         // serve virtio-mmio devices.
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, 0, pin, ioapic_id, pin]);
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            0,
+            pin,
+            ioapic_id,
+            pin,
+        ]);
         count += 1;
     }
     // LINT0 is the PIC's ExtINT, LINT1 the NMI line, on every local APIC (0xff).

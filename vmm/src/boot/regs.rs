@@ -4,7 +4,7 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{
-    BOOT_GDT_START, BOOT_IDT_START, BOOT_PD_COUNT, BOOT_STACK_POINTER, PD_START, PDPT_START,
+    BOOT_GDT_START, BOOT_IDT_START, BOOT_PD_COUNT, BOOT_STACK_POINTER, PDPT_START, PD_START,
     PML4_START, ZERO_PAGE_START,
 };
 use crate::memory::GuestMemory;

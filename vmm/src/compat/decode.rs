@@ -187,7 +187,10 @@ mod tests {
 
     #[test]
     fn single_byte_instructions() {
-        assert_eq!(decode(&[0xcc, 0x90]).map(|i| (i.kind, i.len)), Some((InsnKind::Int3, 1)));
+        assert_eq!(
+            decode(&[0xcc, 0x90]).map(|i| (i.kind, i.len)),
+            Some((InsnKind::Int3, 1))
+        );
         assert_eq!(decode(&[0x9b]).map(|i| i.len), Some(1));
         assert_eq!(decode(&[0x0f, 0x01, 0xca]), None); // clac: not ours
         assert_eq!(decode(&[]), None);
@@ -198,19 +201,27 @@ mod tests {
         let s = kvm_sregs::default();
         // ldmxcsr (%rax)
         let i = decode(&[0x0f, 0xae, 0x10]).unwrap();
-        let InsnKind::Ldmxcsr(op) = i.kind else { panic!("{i:?}") };
+        let InsnKind::Ldmxcsr(op) = i.kind else {
+            panic!("{i:?}")
+        };
         assert_eq!((i.len, op.effective_address(&regs(), &s, 0)), (3, 0x1000));
         // stmxcsr -0x4(%rsp): SIB with base rsp, disp8
         let i = decode(&[0x0f, 0xae, 0x5c, 0x24, 0xfc]).unwrap();
-        let InsnKind::Stmxcsr(op) = i.kind else { panic!("{i:?}") };
+        let InsnKind::Stmxcsr(op) = i.kind else {
+            panic!("{i:?}")
+        };
         assert_eq!((i.len, op.effective_address(&regs(), &s, 0)), (5, 0x7ffc));
         // ldmxcsr 0x10(%r12,%rbx,2): REX.B, SIB, disp8
         let i = decode(&[0x41, 0x0f, 0xae, 0x54, 0x5c, 0x10]).unwrap();
-        let InsnKind::Ldmxcsr(op) = i.kind else { panic!("{i:?}") };
+        let InsnKind::Ldmxcsr(op) = i.kind else {
+            panic!("{i:?}")
+        };
         assert_eq!(op.effective_address(&regs(), &s, 0), 0x3000 + 0x40 + 0x10);
         // stmxcsr 0x100(%rip)
         let i = decode(&[0x0f, 0xae, 0x1d, 0x00, 0x01, 0x00, 0x00]).unwrap();
-        let InsnKind::Stmxcsr(op) = i.kind else { panic!("{i:?}") };
+        let InsnKind::Stmxcsr(op) = i.kind else {
+            panic!("{i:?}")
+        };
         assert_eq!(op.effective_address(&regs(), &s, 0x5007), 0x5107);
         // fxsave (/0) and register forms are not completed
         assert_eq!(decode(&[0x0f, 0xae, 0x00]), None);

@@ -27,7 +27,11 @@ pub enum CompatError {
     )]
     Unsupported { rip: u64, cpl: u8, bytes: Vec<u8> },
     #[error("emulating {what} at rip={rip:#x}: guest address {gva:#x} is not mapped")]
-    Unmapped { what: &'static str, rip: u64, gva: u64 },
+    Unmapped {
+        what: &'static str,
+        rip: u64,
+        gva: u64,
+    },
     #[error("emulating {what} at rip={rip:#x}: {source}")]
     Kvm {
         what: &'static str,
@@ -43,7 +47,11 @@ pub enum CompatError {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// What was completed, for the caller's counters.
@@ -91,9 +99,11 @@ pub fn handle_internal_error(fd: &mut VcpuFd, mem: &GuestMemory) -> Result<Compl
     // SAFETY: KVM filled `internal` for this KVM_EXIT_INTERNAL_ERROR exit; it is plain data.
     let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
     let what = "instruction";
-    let regs = fd
-        .get_regs()
-        .map_err(|source| CompatError::Kvm { what, rip: 0, source })?;
+    let regs = fd.get_regs().map_err(|source| CompatError::Kvm {
+        what,
+        rip: 0,
+        source,
+    })?;
     let sregs = fd.get_sregs().map_err(|source| CompatError::Kvm {
         what,
         rip: regs.rip,

@@ -1,9 +1,13 @@
-//! vCPUs: CPUID and MSR policy, LAPIC setup, and the run loop each vCPU thread executes.
+//! vCPUs: CPUID and MSR policy, LAPIC setup, the run loop each vCPU thread executes and the
+//! controller's handle on it.
 
 pub mod cpuid;
+pub mod handle;
 pub mod lapic;
 pub mod msrs;
+pub mod state;
 pub mod vcpu;
 
 pub use cpuid::PvFeatures;
+pub use handle::VcpuHandle;
 pub use vcpu::{Vcpu, VcpuContext};

@@ -1,5 +1,7 @@
 //! One vCPU: its KVM state set-up and the run loop its thread executes.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
 use devices::{ExitRequest, PioBus, VmExitReason};
@@ -7,10 +9,12 @@ use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use thiserror::Error;
 
+use super::state::{self, StatePolicy};
 use super::{cpuid, lapic, msrs};
 use crate::boot::regs;
 use crate::compat;
 use crate::memory::GuestMemory;
+use migration::state::VcpuState;
 
 #[derive(Debug, Error)]
 pub enum VcpuError {
@@ -31,6 +35,29 @@ pub struct VcpuContext {
     pub pio: PioBus,
     pub exit: Arc<ExitRequest>,
     pub mem: GuestMemory,
+    pub state_policy: StatePolicy,
+}
+
+/// Requests a paused vCPU thread serves (it owns its VcpuFd, so it does the KVM calls itself).
+pub enum Request {
+    SaveState,
+    Restore(Box<VcpuState>),
+    Resume,
+    Exit,
+}
+
+pub enum Response {
+    Paused,
+    State(Result<Box<VcpuState>, String>),
+    Restored(Result<(), String>),
+    Resumed,
+}
+
+/// The vCPU thread's ends of its control channel.
+pub struct ControlPort {
+    pub pause: Arc<AtomicBool>,
+    pub requests: Receiver<Request>,
+    pub responses: Sender<Response>,
 }
 
 pub struct Vcpu {
@@ -40,13 +67,17 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    pub fn new(vm: &VmFd, id: u8, ctx: Arc<VcpuContext>) -> Result<Self, VcpuError> {
-        let fd = vm.create_vcpu(u64::from(id)).map_err(|source| VcpuError::Kvm {
-            id,
-            what: "KVM_CREATE_VCPU",
-            source,
-        })?;
-        Ok(Vcpu { id, fd, ctx })
+    pub fn create_fd(vm: &VmFd, id: u8) -> Result<VcpuFd, VcpuError> {
+        vm.create_vcpu(u64::from(id))
+            .map_err(|source| VcpuError::Kvm {
+                id,
+                what: "KVM_CREATE_VCPU",
+                source,
+            })
+    }
+
+    pub fn new(id: u8, fd: VcpuFd, ctx: Arc<VcpuContext>) -> Self {
+        Vcpu { id, fd, ctx }
     }
 
     fn kvm_err(&self, what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
@@ -62,11 +93,19 @@ impl Vcpu {
         vcpus: u8,
         boot_entry: Option<u64>,
     ) -> Result<(), VcpuError> {
-        let tsc_khz = self.fd.get_tsc_khz().map_err(self.kvm_err("KVM_GET_TSC_KHZ"))?;
+        let tsc_khz = self
+            .fd
+            .get_tsc_khz()
+            .map_err(self.kvm_err("KVM_GET_TSC_KHZ"))?;
         let cpuid = cpuid::for_vcpu(cpuid_template, self.id, vcpus, tsc_khz);
-        self.fd.set_cpuid2(&cpuid).map_err(self.kvm_err("KVM_SET_CPUID2"))?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.kvm_err("KVM_SET_CPUID2"))?;
         let boot_msrs = msrs::boot_msrs().map_err(|_| VcpuError::MsrList { id: self.id })?;
-        let set = self.fd.set_msrs(&boot_msrs).map_err(self.kvm_err("KVM_SET_MSRS"))?;
+        let set = self
+            .fd
+            .set_msrs(&boot_msrs)
+            .map_err(self.kvm_err("KVM_SET_MSRS"))?;
         if set != boot_msrs.as_slice().len() {
             return Err(VcpuError::MsrsRejected {
                 id: self.id,
@@ -76,7 +115,9 @@ impl Vcpu {
         }
         let mut lapic_state = self.fd.get_lapic().map_err(self.kvm_err("KVM_GET_LAPIC"))?;
         lapic::configure_lint(&mut lapic_state);
-        self.fd.set_lapic(&lapic_state).map_err(self.kvm_err("KVM_SET_LAPIC"))?;
+        self.fd
+            .set_lapic(&lapic_state)
+            .map_err(self.kvm_err("KVM_SET_LAPIC"))?;
         if let Some(entry) = boot_entry {
             let sregs = self.fd.get_sregs().map_err(self.kvm_err("KVM_GET_SREGS"))?;
             self.fd
@@ -113,9 +154,42 @@ impl Vcpu {
         }
     }
 
-    /// Runs the guest until the VM is asked to exit.
-    pub fn run(mut self) {
+    /// Serves requests while paused; returns false when the thread should end.
+    fn paused(&mut self, port: &ControlPort) -> bool {
+        if port.responses.send(Response::Paused).is_err() {
+            return false;
+        }
+        loop {
+            let reply = match port.requests.recv() {
+                Ok(Request::SaveState) => Response::State(
+                    state::save(&self.fd, self.id, &self.ctx.state_policy)
+                        .map(Box::new)
+                        .map_err(|e| e.to_string()),
+                ),
+                Ok(Request::Restore(s)) => Response::Restored(
+                    state::restore(&self.fd, &s, &self.ctx.state_policy).map_err(|e| e.to_string()),
+                ),
+                Ok(Request::Resume) => {
+                    port.pause.store(false, Ordering::SeqCst);
+                    return port.responses.send(Response::Resumed).is_ok();
+                }
+                Ok(Request::Exit) | Err(_) => return false,
+            };
+            if port.responses.send(reply).is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Runs the guest until the VM is asked to exit, pausing when the controller asks.
+    pub fn run(mut self, port: ControlPort) {
         while !self.ctx.exit.is_requested() {
+            if port.pause.load(Ordering::SeqCst) {
+                if !self.paused(&port) {
+                    return;
+                }
+                continue;
+            }
             match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     if !self.ctx.pio.write(port, data) {
@@ -158,7 +232,11 @@ impl Vcpu {
                 Ok(VcpuExit::Intr) => {}
                 Ok(other) => {
                     let exit = format!("{other:?}");
-                    let msg = format!("vcpu {}: unhandled exit {exit} ({})", self.id, self.where_());
+                    let msg = format!(
+                        "vcpu {}: unhandled exit {exit} ({})",
+                        self.id,
+                        self.where_()
+                    );
                     self.crash(msg);
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}

@@ -1,0 +1,58 @@
+//! tern's live migration. The VMM implements [`MigratableVm`]; this crate drives precopy over a
+//! [`transport`] with the versioned, framed, checksummed stream in [`stream`]. Snapshots are the same
+//! stream written to a file.
+
+pub mod bitmap;
+pub mod incoming;
+pub mod outgoing;
+pub mod progress;
+pub mod state;
+pub mod stream;
+pub mod transport;
+
+pub use bitmap::DirtyBitmap;
+pub use state::{VmConfigRecord, VmState};
+
+/// Guest pages are 4 KiB everywhere in tern.
+pub const PAGE_SIZE: usize = 4096;
+
+/// A guest RAM region as the migration sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamRegion {
+    pub gpa: u64,
+    pub len: u64,
+}
+
+impl RamRegion {
+    pub fn pages(&self) -> usize {
+        (self.len / PAGE_SIZE as u64) as usize
+    }
+}
+
+/// An error from the VMM side of the seam, as text: the migration only reports it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct VmSideError(pub String);
+
+pub type VmResult<T> = Result<T, VmSideError>;
+
+/// What the migration needs from a VM. Implemented by the VMM; nothing here knows KVM.
+pub trait MigratableVm: Send + Sync {
+    /// The configuration the destination needs to build an identical VM.
+    fn config(&self) -> VmConfigRecord;
+    fn ram_regions(&self) -> Vec<RamRegion>;
+    /// Copies guest RAM at `gpa` into `buf` (within one region).
+    fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> VmResult<()>;
+    /// Writes guest RAM at `gpa` (destination side).
+    fn write_ram(&self, gpa: u64, data: &[u8]) -> VmResult<()>;
+    /// Which pages of `region` have ever been populated; the rest are zero and need not be read.
+    fn populated_pages(&self, region: &RamRegion) -> VmResult<DirtyBitmap>;
+    fn start_dirty_log(&self) -> VmResult<()>;
+    fn stop_dirty_log(&self) -> VmResult<()>;
+    /// Pages written since the last call (by the guest or by the VMM itself), per region, cleared.
+    fn fetch_dirty(&self) -> VmResult<Vec<DirtyBitmap>>;
+    fn pause(&self) -> VmResult<()>;
+    fn resume(&self) -> VmResult<()>;
+    fn save_state(&self) -> VmResult<VmState>;
+    fn restore_state(&self, state: VmState) -> VmResult<()>;
+}

@@ -1,0 +1,300 @@
+//! The source side of a migration: precopy with dirty logging, then stop-and-copy.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::progress::{mb, ProgressLine, StatusCell};
+use crate::state::{EndRecord, VmState};
+use crate::stream::{RamBatch, Section, StreamError, StreamReader, StreamWriter};
+use crate::transport::{self, Endpoint};
+use crate::{DirtyBitmap, MigratableVm, RamRegion, VmSideError, PAGE_SIZE};
+
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// Stop the guest when the rest can be sent within this budget at the measured bandwidth.
+    pub downtime: Duration,
+    /// Stop the guest after this many dirty-page iterations at the latest.
+    pub max_iterations: u32,
+    /// Stop the guest when precopy has run this long.
+    pub timeout: Duration,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            downtime: Duration::from_millis(300),
+            max_iterations: 30,
+            timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum MigrationError {
+    #[error("cannot reach {endpoint}: {source}")]
+    Connect {
+        endpoint: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("VM: {0}")]
+    Vm(#[from] VmSideError),
+    #[error("the destination refused the migration: {0}")]
+    Rejected(String),
+    #[error("no answer from the destination: {0}")]
+    NoAnswer(String),
+}
+
+/// Writes pages into RAM sections, batching and counting.
+struct PageSender<W: Write> {
+    w: StreamWriter<W>,
+    batch: RamBatch,
+    page: Vec<u8>,
+}
+
+impl<W: Write> PageSender<W> {
+    /// Sends the set pages of `region`. In the first pass the destination's RAM is still zero, so
+    /// zero pages are only counted.
+    fn send(
+        &mut self,
+        vm: &dyn MigratableVm,
+        region: &RamRegion,
+        pages: &DirtyBitmap,
+        first_pass: bool,
+    ) -> Result<(), MigrationError> {
+        for p in pages.iter() {
+            let gpa = region.gpa + (p * PAGE_SIZE) as u64;
+            vm.read_ram(gpa, &mut self.page)?;
+            if self.page.iter().all(|b| *b == 0) {
+                if first_pass {
+                    self.batch.zero += 1;
+                } else {
+                    self.batch.push_zero(gpa);
+                }
+            } else {
+                self.batch.push_full(gpa, &self.page);
+            }
+            if self.batch.len() >= RamBatch::PAGES {
+                self.flush_batch()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_batch(&mut self) -> Result<(), MigrationError> {
+        // Counters stay in the batch; only the payload is taken.
+        if !self.batch.is_empty() {
+            let payload = self.batch.take();
+            self.w.section(Section::Ram, &payload)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a whole outgoing migration. On error the guest is left running (resumed if it was paused)
+/// and the error says what happened; on success the guest is paused for good (it lives on at the
+/// destination).
+pub fn migrate(
+    vm: &dyn MigratableVm,
+    endpoint: &Endpoint,
+    params: &Params,
+    status: &StatusCell,
+) -> Result<(), MigrationError> {
+    let start = Instant::now();
+    status.update(|s| {
+        *s = Default::default();
+        s.state = "active".into();
+        s.role = "source".into();
+        s.endpoint = endpoint.to_string();
+    });
+    let mut paused = false;
+    let result = run(vm, endpoint, params, status, start, &mut paused);
+    if let Err(e) = &result {
+        let _ = vm.stop_dirty_log();
+        if paused {
+            if let Err(re) = vm.resume() {
+                log::error!("cannot resume the guest after a failed migration: {re}");
+            }
+        }
+        status.update(|s| {
+            s.state = "failed".into();
+            s.error = Some(e.to_string());
+            s.total_ms = start.elapsed().as_secs_f64() * 1e3;
+        });
+    }
+    result
+}
+
+fn run(
+    vm: &dyn MigratableVm,
+    endpoint: &Endpoint,
+    params: &Params,
+    status: &StatusCell,
+    start: Instant,
+    paused: &mut bool,
+) -> Result<(), MigrationError> {
+    let mut channel = transport::connect(endpoint).map_err(|source| MigrationError::Connect {
+        endpoint: endpoint.to_string(),
+        source,
+    })?;
+    let writer = channel
+        .writer
+        .take()
+        .ok_or_else(|| MigrationError::NoAnswer("endpoint cannot be written".into()))?;
+    let mut tx = PageSender {
+        w: StreamWriter::new(writer),
+        batch: RamBatch::default(),
+        page: vec![0u8; PAGE_SIZE],
+    };
+    tx.w.header()?;
+    tx.w.record(Section::Config, &vm.config())?;
+    let regions = vm.ram_regions();
+    vm.start_dirty_log()?;
+
+    let mut progress = ProgressLine::default();
+    let publish = |tx: &PageSender<_>, iteration: u32, bw: f64, dirty_rate: f64, remaining: u64| {
+        status.update(|s| {
+            s.iteration = iteration;
+            s.bytes = tx.w.bytes;
+            s.pages_full = tx.batch.full;
+            s.pages_zero = tx.batch.zero;
+            s.throughput_mbps = bw / 1e6;
+            s.dirty_rate_mbps = dirty_rate / 1e6;
+            s.remaining_bytes = remaining;
+            s.total_ms = start.elapsed().as_secs_f64() * 1e3;
+        });
+    };
+
+    // Pass 0: everything that was ever populated.
+    let pass_start = Instant::now();
+    for r in &regions {
+        let populated = vm.populated_pages(r)?;
+        let untouched = (r.pages() - populated.count()) as u64;
+        tx.batch.zero += untouched;
+        tx.send(vm, r, &populated, true)?;
+    }
+    tx.flush_batch()?;
+    tx.w.flush()?;
+    let mut bandwidth = tx.w.bytes as f64 / pass_start.elapsed().as_secs_f64().max(1e-6);
+    let mut iteration = 0u32;
+    let mut dirty_rate;
+    loop {
+        let iter_start = Instant::now();
+        let dirty = vm.fetch_dirty()?;
+        let remaining: usize = dirty.iter().map(|d| d.count()).sum();
+        let remaining_bytes = (remaining * PAGE_SIZE) as u64;
+        dirty_rate = remaining_bytes as f64 / pass_start.elapsed().as_secs_f64().max(1e-6);
+        publish(&tx, iteration, bandwidth, dirty_rate, remaining_bytes);
+        progress.show(&status.get(), true);
+        let expected = Duration::from_secs_f64(remaining_bytes as f64 / bandwidth.max(1.0));
+        let converged = expected <= params.downtime;
+        if converged || iteration >= params.max_iterations || start.elapsed() >= params.timeout {
+            if !converged {
+                log::info!(
+                    "precopy did not converge ({:.1} MB left after {iteration} iterations); stopping the guest",
+                    mb(remaining_bytes)
+                );
+            }
+            // The pages found dirty here are sent during the downtime, with the final set.
+            return stop_and_copy(
+                vm,
+                tx,
+                &regions,
+                dirty,
+                channel.reader.take(),
+                status,
+                start,
+                paused,
+                &mut progress,
+            );
+        }
+        iteration += 1;
+        let before = tx.w.bytes;
+        for (r, d) in regions.iter().zip(&dirty) {
+            tx.send(vm, r, d, false)?;
+        }
+        tx.flush_batch()?;
+        tx.w.record(Section::IterationDone, &iteration)?;
+        tx.w.flush()?;
+        bandwidth = (tx.w.bytes - before) as f64 / iter_start.elapsed().as_secs_f64().max(1e-6);
+        publish(&tx, iteration, bandwidth, dirty_rate, 0);
+        progress.show(&status.get(), false);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stop_and_copy<W: Write>(
+    vm: &dyn MigratableVm,
+    mut tx: PageSender<W>,
+    regions: &[RamRegion],
+    mut pending: Vec<DirtyBitmap>,
+    reader: Option<Box<dyn std::io::Read + Send>>,
+    status: &StatusCell,
+    start: Instant,
+    paused: &mut bool,
+    progress: &mut ProgressLine,
+) -> Result<(), MigrationError> {
+    let paused_at = Instant::now();
+    let paused_at_unix_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    vm.pause()?;
+    *paused = true;
+    for (p, d) in pending.iter_mut().zip(vm.fetch_dirty()?) {
+        p.merge(&d);
+    }
+    for (r, d) in regions.iter().zip(&pending) {
+        tx.send(vm, r, d, false)?;
+    }
+    tx.flush_batch()?;
+    vm.stop_dirty_log()?;
+    let state: VmState = vm.save_state()?;
+    tx.w.record(Section::Vcpus, &state.vcpus)?;
+    tx.w.record(Section::Clock, &state.clock)?;
+    tx.w.record(
+        Section::Irqchip,
+        &(&state.pic_master, &state.pic_slave, &state.ioapic),
+    )?;
+    tx.w.record(Section::Pit, &state.pit)?;
+    tx.w.record(Section::Devices, &state.devices)?;
+    tx.w.record(Section::End, &EndRecord { paused_at_unix_ns })?;
+    tx.w.flush()?;
+    if let Some(reader) = reader {
+        let mut rx = StreamReader::new(reader);
+        let answer = rx
+            .next()
+            .map_err(|e| MigrationError::NoAnswer(e.to_string()))?;
+        match answer.kind {
+            Section::Resumed => {}
+            Section::Abort => {
+                let why: String = answer.decode().unwrap_or_else(|e| e.to_string());
+                return Err(MigrationError::Rejected(why));
+            }
+            other => {
+                return Err(MigrationError::NoAnswer(format!(
+                    "unexpected {} section",
+                    other.name()
+                )))
+            }
+        }
+    }
+    let total = start.elapsed().as_secs_f64();
+    let downtime = paused_at.elapsed().as_secs_f64();
+    status.update(|s| {
+        s.state = "completed".into();
+        s.bytes = tx.w.bytes;
+        s.pages_full = tx.batch.full;
+        s.pages_zero = tx.batch.zero;
+        s.remaining_bytes = 0;
+        s.total_ms = total * 1e3;
+        s.downtime_ms = downtime * 1e3;
+        s.throughput_mbps = tx.w.bytes as f64 / total / 1e6;
+    });
+    progress.show(&status.get(), true);
+    progress.finish();
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! Migration figures: live status for `migrate-status`, a progress line, and the final summary.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+
+/// A snapshot of a migration's progress, as `migrate-status` returns it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct MigrationStatus {
+    /// none, active, completed, failed.
+    pub state: String,
+    pub role: String,
+    pub endpoint: String,
+    pub iteration: u32,
+    pub bytes: u64,
+    pub pages_full: u64,
+    pub pages_zero: u64,
+    pub throughput_mbps: f64,
+    pub dirty_rate_mbps: f64,
+    pub remaining_bytes: u64,
+    pub total_ms: f64,
+    pub downtime_ms: f64,
+    pub error: Option<String>,
+}
+
+/// Shared between the migration thread and the control API.
+#[derive(Clone, Default)]
+pub struct StatusCell(Arc<Mutex<MigrationStatus>>);
+
+impl StatusCell {
+    pub fn get(&self) -> MigrationStatus {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    pub fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+    pub fn is_active(&self) -> bool {
+        self.get().state == "active"
+    }
+}
+
+pub fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
+}
+
+/// Rewrites one progress line on stderr when it is a terminal, else prints a line per call.
+pub struct ProgressLine {
+    tty: bool,
+    last: Instant,
+}
+
+impl Default for ProgressLine {
+    fn default() -> Self {
+        // SAFETY: isatty only inspects the descriptor.
+        let tty = unsafe { libc::isatty(2) } == 1;
+        ProgressLine {
+            tty,
+            last: Instant::now(),
+        }
+    }
+}
+
+impl ProgressLine {
+    pub fn show(&mut self, s: &MigrationStatus, force: bool) {
+        if !force && self.last.elapsed().as_millis() < 200 {
+            return;
+        }
+        self.last = Instant::now();
+        let line = format!(
+            "migrate: iteration {} | {:.1} MB sent | {:.0} MB/s | dirty {:.1} MB/s | remaining {:.1} MB",
+            s.iteration,
+            mb(s.bytes),
+            s.throughput_mbps,
+            s.dirty_rate_mbps,
+            mb(s.remaining_bytes)
+        );
+        let mut err = std::io::stderr().lock();
+        let _ = if self.tty {
+            write!(err, "\r\x1b[K{line}")
+        } else {
+            writeln!(err, "{line}")
+        };
+    }
+
+    pub fn finish(&self) {
+        if self.tty {
+            let _ = writeln!(std::io::stderr());
+        }
+    }
+}
+
+/// The closing summary both sides print.
+pub fn summary(s: &MigrationStatus) -> String {
+    format!(
+        "migration {} ({}): total {:.1} ms, downtime {:.1} ms, {:.1} MB in {} iterations, \
+pages {} full + {} zero, {:.0} MB/s",
+        s.state,
+        s.role,
+        s.total_ms,
+        s.downtime_ms,
+        mb(s.bytes),
+        s.iteration,
+        s.pages_full,
+        s.pages_zero,
+        s.throughput_mbps
+    )
+}

@@ -1,0 +1,416 @@
+//! The migration stream: a versioned header, then framed sections, each with a CRC32.
+//!
+//! ```text
+//! header  : "TERNMIG\0" | version u32 LE | flags u32 LE
+//! section : kind u8 | length u32 LE | payload | crc32(kind | length | payload) u32 LE
+//! ```
+//! Records are serde JSON; RAM batches are binary: (gpa u64 LE | kind u8 | 4096 bytes if kind = 1)*.
+
+use std::io::{self, Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::PAGE_SIZE;
+
+pub const MAGIC: &[u8; 8] = b"TERNMIG\0";
+pub const VERSION: u32 = 1;
+/// Largest section payload tern writes or accepts.
+pub const MAX_SECTION: usize = 8 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    Config = 1,
+    Ram = 2,
+    IterationDone = 3,
+    Vcpus = 4,
+    Clock = 5,
+    Irqchip = 6,
+    Pit = 7,
+    Devices = 8,
+    End = 9,
+    /// Return path: the destination resumed the guest.
+    Resumed = 0x40,
+    /// Return path: the destination gave up; the payload says why.
+    Abort = 0x41,
+}
+
+impl Section {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        use Section::*;
+        [
+            Config,
+            Ram,
+            IterationDone,
+            Vcpus,
+            Clock,
+            Irqchip,
+            Pit,
+            Devices,
+            End,
+            Resumed,
+            Abort,
+        ]
+        .into_iter()
+        .find(|s| *s as u8 == v)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Section::Config => "configuration",
+            Section::Ram => "RAM",
+            Section::IterationDone => "iteration marker",
+            Section::Vcpus => "vCPU state",
+            Section::Clock => "kvmclock",
+            Section::Irqchip => "irqchip",
+            Section::Pit => "PIT",
+            Section::Devices => "device state",
+            Section::End => "end",
+            Section::Resumed => "resumed",
+            Section::Abort => "abort",
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum StreamError {
+    #[error("write failed: {0}")]
+    Write(io::Error),
+    #[error("read failed in {section}: {source}")]
+    Read { section: String, source: io::Error },
+    #[error("not a tern migration stream (bad magic)")]
+    BadMagic,
+    #[error("unsupported stream version {0} (this tern reads version {VERSION})")]
+    Version(u32),
+    #[error("stream truncated in {0}")]
+    Truncated(String),
+    #[error("checksum mismatch in {0} section: the stream is corrupted")]
+    Checksum(&'static str),
+    #[error("unknown section kind {0:#x}: the stream is corrupted")]
+    UnknownSection(u8),
+    #[error("{section} section of {len} bytes is larger than the {MAX_SECTION}-byte limit")]
+    TooLarge { section: &'static str, len: usize },
+    #[error("cannot decode {section} section: {msg}")]
+    Decode { section: &'static str, msg: String },
+    #[error("unexpected {got} section where {expected} was expected")]
+    Unexpected {
+        got: &'static str,
+        expected: &'static str,
+    },
+}
+
+/// Writes sections, counting bytes.
+pub struct StreamWriter<W: Write> {
+    w: W,
+    pub bytes: u64,
+}
+
+impl<W: Write> StreamWriter<W> {
+    pub fn new(w: W) -> Self {
+        StreamWriter { w, bytes: 0 }
+    }
+
+    pub fn header(&mut self) -> Result<(), StreamError> {
+        let mut h = Vec::with_capacity(16);
+        h.extend_from_slice(MAGIC);
+        h.extend_from_slice(&VERSION.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        self.raw(&h)
+    }
+
+    fn raw(&mut self, b: &[u8]) -> Result<(), StreamError> {
+        self.w.write_all(b).map_err(StreamError::Write)?;
+        self.bytes += b.len() as u64;
+        Ok(())
+    }
+
+    pub fn section(&mut self, kind: Section, payload: &[u8]) -> Result<(), StreamError> {
+        if payload.len() > MAX_SECTION {
+            return Err(StreamError::TooLarge {
+                section: kind.name(),
+                len: payload.len(),
+            });
+        }
+        let mut head = [0u8; 5];
+        head[0] = kind as u8;
+        head[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head);
+        crc.update(payload);
+        self.raw(&head)?;
+        self.raw(payload)?;
+        self.raw(&crc.finalize().to_le_bytes())
+    }
+
+    pub fn record<T: Serialize>(&mut self, kind: Section, value: &T) -> Result<(), StreamError> {
+        let payload = serde_json::to_vec(value).map_err(|e| StreamError::Decode {
+            section: kind.name(),
+            msg: e.to_string(),
+        })?;
+        self.section(kind, &payload)
+    }
+
+    pub fn flush(&mut self) -> Result<(), StreamError> {
+        self.w.flush().map_err(StreamError::Write)
+    }
+
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.w
+    }
+}
+
+/// A section as read: kind and payload, checksum verified.
+pub struct Frame {
+    pub kind: Section,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, StreamError> {
+        serde_json::from_slice(&self.payload).map_err(|e| StreamError::Decode {
+            section: self.kind.name(),
+            msg: e.to_string(),
+        })
+    }
+
+    pub fn expect(self, kind: Section) -> Result<Self, StreamError> {
+        if self.kind != kind {
+            return Err(StreamError::Unexpected {
+                got: self.kind.name(),
+                expected: kind.name(),
+            });
+        }
+        Ok(self)
+    }
+}
+
+pub struct StreamReader<R: Read> {
+    r: R,
+    pub bytes: u64,
+}
+
+fn read_exact_in<R: Read>(r: &mut R, buf: &mut [u8], section: &str) -> Result<(), StreamError> {
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => StreamError::Truncated(section.to_string()),
+        _ => StreamError::Read {
+            section: section.to_string(),
+            source: e,
+        },
+    })
+}
+
+impl<R: Read> StreamReader<R> {
+    pub fn new(r: R) -> Self {
+        StreamReader { r, bytes: 0 }
+    }
+
+    pub fn header(&mut self) -> Result<(), StreamError> {
+        let mut h = [0u8; 16];
+        read_exact_in(&mut self.r, &mut h, "stream header")?;
+        self.bytes += 16;
+        if &h[..8] != MAGIC {
+            return Err(StreamError::BadMagic);
+        }
+        let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+        if version != VERSION {
+            return Err(StreamError::Version(version));
+        }
+        Ok(())
+    }
+
+    /// Reads one section. `after` names what came before, for the error when the stream ends here.
+    pub fn next(&mut self) -> Result<Frame, StreamError> {
+        let mut head = [0u8; 5];
+        read_exact_in(
+            &mut self.r,
+            &mut head,
+            "section header (stream ended before its end section)",
+        )?;
+        let kind = Section::from_u8(head[0]).ok_or(StreamError::UnknownSection(head[0]))?;
+        let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if len > MAX_SECTION {
+            return Err(StreamError::TooLarge {
+                section: kind.name(),
+                len,
+            });
+        }
+        let mut payload = vec![0u8; len];
+        read_exact_in(
+            &mut self.r,
+            &mut payload,
+            &format!("{} section", kind.name()),
+        )?;
+        let mut crc_bytes = [0u8; 4];
+        read_exact_in(
+            &mut self.r,
+            &mut crc_bytes,
+            &format!("{} section", kind.name()),
+        )?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head);
+        crc.update(&payload);
+        if crc.finalize() != u32::from_le_bytes(crc_bytes) {
+            return Err(StreamError::Checksum(kind.name()));
+        }
+        self.bytes += (len + 9) as u64;
+        Ok(Frame { kind, payload })
+    }
+}
+
+/// One page in a RAM batch.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PageRecord<'a> {
+    Zero(u64),
+    Full(u64, &'a [u8]),
+}
+
+const PAGE_ZERO: u8 = 0;
+const PAGE_FULL: u8 = 1;
+
+/// Builds RAM batch payloads.
+#[derive(Default)]
+pub struct RamBatch {
+    buf: Vec<u8>,
+    pending: usize,
+    pub full: u64,
+    pub zero: u64,
+}
+
+impl RamBatch {
+    /// Pages per batch: about 1 MiB of payload.
+    pub const PAGES: usize = 256;
+
+    pub fn push_zero(&mut self, gpa: u64) {
+        self.buf.extend_from_slice(&gpa.to_le_bytes());
+        self.buf.push(PAGE_ZERO);
+        self.zero += 1;
+        self.pending += 1;
+    }
+
+    pub fn push_full(&mut self, gpa: u64, page: &[u8]) {
+        self.buf.extend_from_slice(&gpa.to_le_bytes());
+        self.buf.push(PAGE_FULL);
+        self.buf.extend_from_slice(page);
+        self.full += 1;
+        self.pending += 1;
+    }
+
+    /// Pages in the current (not yet taken) payload.
+    pub fn len(&self) -> usize {
+        self.pending
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// The payload so far; the batch is emptied (counters keep counting).
+    pub fn take(&mut self) -> Vec<u8> {
+        self.pending = 0;
+        std::mem::take(&mut self.buf)
+    }
+}
+
+/// Iterates the pages of a RAM batch payload.
+pub fn parse_ram(payload: &[u8]) -> impl Iterator<Item = Result<PageRecord<'_>, StreamError>> {
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        if pos >= payload.len() {
+            return None;
+        }
+        let bad = |msg: &str| {
+            Some(Err(StreamError::Decode {
+                section: Section::Ram.name(),
+                msg: msg.to_string(),
+            }))
+        };
+        let Some(head) = payload.get(pos..pos + 9) else {
+            pos = payload.len();
+            return bad("page record cut short");
+        };
+        let gpa = u64::from_le_bytes(head[..8].try_into().unwrap_or([0; 8]));
+        pos += 9;
+        match head[8] {
+            PAGE_ZERO => Some(Ok(PageRecord::Zero(gpa))),
+            PAGE_FULL => match payload.get(pos..pos + PAGE_SIZE) {
+                Some(page) => {
+                    pos += PAGE_SIZE;
+                    Some(Ok(PageRecord::Full(gpa, page)))
+                }
+                None => {
+                    pos = payload.len();
+                    bad("page data cut short")
+                }
+            },
+            _ => {
+                pos = payload.len();
+                bad("unknown page kind")
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        let mut w = StreamWriter::new(Vec::new());
+        w.header().unwrap();
+        w.record(Section::Config, &vec![1u32, 2, 3]).unwrap();
+        let mut batch = RamBatch::default();
+        batch.push_zero(0x1000);
+        batch.push_full(0x2000, &[7u8; PAGE_SIZE]);
+        w.section(Section::Ram, &batch.take()).unwrap();
+        w.section(Section::End, &[]).unwrap();
+        w.get_mut().clone()
+    }
+
+    #[test]
+    fn round_trip() {
+        let bytes = sample();
+        let mut r = StreamReader::new(&bytes[..]);
+        r.header().unwrap();
+        let cfg: Vec<u32> = r
+            .next()
+            .unwrap()
+            .expect(Section::Config)
+            .unwrap()
+            .decode()
+            .unwrap();
+        assert_eq!(cfg, vec![1, 2, 3]);
+        let ram = r.next().unwrap().expect(Section::Ram).unwrap();
+        let pages: Vec<_> = parse_ram(&ram.payload).collect::<Result<_, _>>().unwrap();
+        assert_eq!(pages[0], PageRecord::Zero(0x1000));
+        assert!(matches!(pages[1], PageRecord::Full(0x2000, p) if p[0] == 7));
+        assert_eq!(r.next().unwrap().kind, Section::End);
+    }
+
+    #[test]
+    fn flipped_byte_is_a_checksum_error_naming_the_section() {
+        let mut bytes = sample();
+        let n = bytes.len();
+        bytes[n / 2] ^= 0x40; // inside the RAM page data
+        let mut r = StreamReader::new(&bytes[..]);
+        r.header().unwrap();
+        r.next().unwrap();
+        let err = r.next().err().unwrap();
+        assert!(matches!(err, StreamError::Checksum("RAM")), "{err}");
+    }
+
+    #[test]
+    fn truncation_names_the_section() {
+        let bytes = sample();
+        let cut = &bytes[..bytes.len() - 20];
+        let mut r = StreamReader::new(cut);
+        r.header().unwrap();
+        r.next().unwrap();
+        let err = r.next().err().unwrap();
+        assert_eq!(err.to_string(), "stream truncated in RAM section");
+        let mut r = StreamReader::new(&bytes[..5]);
+        assert!(matches!(r.header(), Err(StreamError::Truncated(_))));
+        let mut r = StreamReader::new(&b"NOTTERN!\x01\0\0\0\0\0\0\0"[..]);
+        assert!(matches!(r.header(), Err(StreamError::BadMagic)));
+    }
+}

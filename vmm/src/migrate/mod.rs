@@ -1,0 +1,269 @@
+//! tern's side of the migration seam: `VmInner` as a [`MigratableVm`], and the control flows that
+//! start outgoing and incoming migrations.
+
+pub mod convert;
+pub mod flows;
+
+use std::sync::atomic::Ordering;
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+};
+use migration::state::{ClockState, DeviceStates, SerialState as SerialRecord, VmState};
+use migration::{
+    DirtyBitmap, MigratableVm, RamRegion, VmConfigRecord, VmResult, VmSideError, PAGE_SIZE,
+};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+use crate::vm::{register_memory, VmInner};
+use convert::*;
+
+fn side<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> VmSideError + '_ {
+    move |e| VmSideError(format!("{what}: {e}"))
+}
+
+fn serial_to(s: &devices::legacy::SerialState) -> SerialRecord {
+    SerialRecord {
+        baud_divisor_low: s.baud_divisor_low,
+        baud_divisor_high: s.baud_divisor_high,
+        interrupt_enable: s.interrupt_enable,
+        interrupt_identification: s.interrupt_identification,
+        line_control: s.line_control,
+        line_status: s.line_status,
+        modem_control: s.modem_control,
+        modem_status: s.modem_status,
+        scratch: s.scratch,
+        in_buffer: s.in_buffer.clone(),
+    }
+}
+
+fn serial_from(s: &SerialRecord) -> devices::legacy::SerialState {
+    devices::legacy::SerialState {
+        baud_divisor_low: s.baud_divisor_low,
+        baud_divisor_high: s.baud_divisor_high,
+        interrupt_enable: s.interrupt_enable,
+        interrupt_identification: s.interrupt_identification,
+        line_control: s.line_control,
+        line_status: s.line_status,
+        modem_control: s.modem_control,
+        modem_status: s.modem_status,
+        scratch: s.scratch,
+        in_buffer: s.in_buffer.clone(),
+    }
+}
+
+/// The bitmap of writes tern made through vm-memory to this region.
+fn host_bitmap(r: &GuestRegionMmap<AtomicBitmap>) -> &AtomicBitmap {
+    let mapping: &vm_memory::MmapRegion<AtomicBitmap> = r;
+    mapping.bitmap()
+}
+
+impl VmInner {
+    fn irqchip(&self, chip_id: u32) -> VmResult<kvm_irqchip> {
+        let mut chip = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        self.vm_fd
+            .get_irqchip(&mut chip)
+            .map_err(side("KVM_GET_IRQCHIP"))?;
+        Ok(chip)
+    }
+}
+
+impl MigratableVm for VmInner {
+    fn config(&self) -> VmConfigRecord {
+        self.record.clone()
+    }
+
+    fn ram_regions(&self) -> Vec<RamRegion> {
+        self.mem
+            .iter()
+            .map(|r| RamRegion {
+                gpa: r.start_addr().0,
+                len: r.len(),
+            })
+            .collect()
+    }
+
+    fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> VmResult<()> {
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(side("reading guest RAM"))
+    }
+
+    fn write_ram(&self, gpa: u64, data: &[u8]) -> VmResult<()> {
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(side("writing guest RAM"))
+    }
+
+    fn populated_pages(&self, region: &RamRegion) -> VmResult<DirtyBitmap> {
+        let r = self
+            .mem
+            .find_region(GuestAddress(region.gpa))
+            .ok_or_else(|| VmSideError(format!("no RAM region at {:#x}", region.gpa)))?;
+        let pages = region.pages();
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the range is one live mapping owned by guest memory; mincore only reads page
+        // residency into `vec`, which has one byte per page.
+        let rc = unsafe { libc::mincore(r.as_ptr().cast(), pages * PAGE_SIZE, vec.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(VmSideError(format!(
+                "mincore on guest RAM: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let mut map = DirtyBitmap::new(pages);
+        for (p, v) in vec.iter().enumerate() {
+            if v & 1 != 0 {
+                map.set(p);
+            }
+        }
+        Ok(map)
+    }
+
+    fn start_dirty_log(&self) -> VmResult<()> {
+        register_memory(&self.vm_fd, &self.mem, true).map_err(side("starting dirty logging"))?;
+        for r in self.mem.iter() {
+            host_bitmap(r).reset();
+        }
+        self.dirty_logging.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn stop_dirty_log(&self) -> VmResult<()> {
+        if self.dirty_logging.swap(false, Ordering::SeqCst) {
+            register_memory(&self.vm_fd, &self.mem, false)
+                .map_err(side("stopping dirty logging"))?;
+        }
+        Ok(())
+    }
+
+    fn fetch_dirty(&self) -> VmResult<Vec<DirtyBitmap>> {
+        let mut out = Vec::new();
+        for (slot, r) in self.mem.iter().enumerate() {
+            let pages = (r.len() as usize) / PAGE_SIZE;
+            let kvm = self
+                .vm_fd
+                .get_dirty_log(slot as u32, r.len() as usize)
+                .map_err(side("KVM_GET_DIRTY_LOG"))?;
+            let mut map = DirtyBitmap::from_words(kvm, pages);
+            // Pages tern itself wrote (devices, the compat module) are not in KVM's log.
+            map.merge(&DirtyBitmap::from_words(
+                host_bitmap(r).get_and_reset(),
+                pages,
+            ));
+            out.push(map);
+        }
+        Ok(out)
+    }
+
+    fn pause(&self) -> VmResult<()> {
+        if self.paused.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        for v in &self.vcpus {
+            v.pause().map_err(side("pausing"))?;
+        }
+        self.paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn resume(&self) -> VmResult<()> {
+        if !self.paused.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        for v in &self.vcpus {
+            v.resume().map_err(side("resuming"))?;
+        }
+        self.paused.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn save_state(&self) -> VmResult<VmState> {
+        let mut vcpus = Vec::new();
+        for v in &self.vcpus {
+            vcpus.push(v.save().map_err(VmSideError)?);
+        }
+        let clock = self.vm_fd.get_clock().map_err(side("KVM_GET_CLOCK"))?;
+        let master = self.irqchip(KVM_IRQCHIP_PIC_MASTER)?;
+        let slave = self.irqchip(KVM_IRQCHIP_PIC_SLAVE)?;
+        let ioapic = self.irqchip(KVM_IRQCHIP_IOAPIC)?;
+        let pit = self.vm_fd.get_pit2().map_err(side("KVM_GET_PIT2"))?;
+        let serial = devices::bus::lock(&self.com1);
+        // SAFETY (all three): each union member read matches the chip_id KVM filled in.
+        let (pic_master, pic_slave, ioapic) = unsafe {
+            (
+                pic_to(&master.chip.pic),
+                pic_to(&slave.chip.pic),
+                ioapic_to(&ioapic.chip.ioapic),
+            )
+        };
+        Ok(VmState {
+            vcpus,
+            clock: ClockState {
+                clock_ns: clock.clock,
+                flags: clock.flags,
+            },
+            pic_master,
+            pic_slave,
+            ioapic,
+            pit: pit_to(&pit),
+            devices: DeviceStates {
+                serial: serial
+                    .state()
+                    .map(|s| vec![(serial.name().to_string(), serial_to(&s))])
+                    .unwrap_or_default(),
+            },
+        })
+    }
+
+    fn restore_state(&self, state: VmState) -> VmResult<()> {
+        if state.vcpus.len() != self.vcpus.len() {
+            return Err(VmSideError(format!(
+                "the stream has {} vCPU states for {} vCPUs",
+                state.vcpus.len(),
+                self.vcpus.len()
+            )));
+        }
+        let clock = kvm_clock_data {
+            clock: state.clock.clock_ns,
+            ..Default::default()
+        };
+        self.vm_fd
+            .set_clock(&clock)
+            .map_err(side("KVM_SET_CLOCK"))?;
+        let mut chip = self.irqchip(KVM_IRQCHIP_PIC_MASTER)?;
+        chip.chip.pic = pic_from(&state.pic_master);
+        self.vm_fd
+            .set_irqchip(&chip)
+            .map_err(side("KVM_SET_IRQCHIP"))?;
+        let mut chip = self.irqchip(KVM_IRQCHIP_PIC_SLAVE)?;
+        chip.chip.pic = pic_from(&state.pic_slave);
+        self.vm_fd
+            .set_irqchip(&chip)
+            .map_err(side("KVM_SET_IRQCHIP"))?;
+        let mut chip = self.irqchip(KVM_IRQCHIP_IOAPIC)?;
+        chip.chip.ioapic = ioapic_from(&state.ioapic);
+        self.vm_fd
+            .set_irqchip(&chip)
+            .map_err(side("KVM_SET_IRQCHIP"))?;
+        self.vm_fd
+            .set_pit2(&pit_from(&state.pit))
+            .map_err(side("KVM_SET_PIT2"))?;
+        for (v, s) in self.vcpus.iter().zip(state.vcpus) {
+            v.restore(s).map_err(VmSideError)?;
+        }
+        let mut serial = devices::bus::lock(&self.com1);
+        for (name, s) in &state.devices.serial {
+            if name == serial.name() {
+                serial
+                    .restore(&serial_from(s))
+                    .map_err(side("restoring the serial port"))?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,35 @@
+//! `tern remote`: drives a running tern through its API socket.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use serde_json::{json, Value};
+
+use crate::api::call;
+use crate::cli::RemoteCommand;
+
+fn result_of(reply: Value) -> Result<Value> {
+    if reply["ok"].as_bool() == Some(true) {
+        Ok(reply["result"].clone())
+    } else {
+        bail!("{}", reply["error"].as_str().unwrap_or("request failed"))
+    }
+}
+
+/// Runs one remote command and prints its result as JSON. `migrate` waits for the migration to
+/// end (unless detached) and fails when it failed.
+pub fn run(socket: &Path, cmd: &RemoteCommand) -> Result<()> {
+    let request = match cmd {
+        RemoteCommand::Status => json!({"command": "status"}),
+        RemoteCommand::Pause => json!({"command": "pause"}),
+        RemoteCommand::Resume => json!({"command": "resume"}),
+        RemoteCommand::MigrateStatus => json!({"command": "migrate-status"}),
+        RemoteCommand::Quit => json!({"command": "quit"}),
+        RemoteCommand::Migrate { uri, detach } => {
+            json!({"command": "migrate", "uri": uri, "detach": detach})
+        }
+    };
+    let result = result_of(call(socket, &request)?)?;
+    println!("{result}");
+    Ok(())
+}
