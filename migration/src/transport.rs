@@ -67,12 +67,16 @@ pub fn connect(ep: &Endpoint) -> io::Result<Channel> {
     match ep {
         Endpoint::Unix(p) => {
             let s = UnixStream::connect(p)?;
+            s.set_write_timeout(Some(STALL_TIMEOUT))?;
+            s.set_read_timeout(Some(ACK_TIMEOUT))?;
             let r = s.try_clone()?;
             Ok(split(r, s))
         }
         Endpoint::Tcp(a) => {
             let s = TcpStream::connect(a)?;
             s.set_nodelay(true)?;
+            s.set_write_timeout(Some(STALL_TIMEOUT))?;
+            s.set_read_timeout(Some(ACK_TIMEOUT))?;
             let r = s.try_clone()?;
             Ok(split(r, s))
         }
@@ -113,6 +117,8 @@ pub fn accept(ep: &Endpoint) -> io::Result<Channel> {
 
 /// How long the source waits for the destination's answer after the end section.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// A destination that takes no data for this long has stalled: the migration fails.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {

@@ -79,3 +79,129 @@ pub fn run_tern(args: &[&str], timeout: Duration) -> Outcome {
 
 /// Generous: guest kernel code is emulated on the CI machine (design.md §1).
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A tern process whose output lines are collected as they arrive.
+pub struct Running {
+    pub child: std::process::Child,
+    pub stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    pub stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+fn collect(
+    r: impl Read + Send + 'static,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = lines.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(r).lines().map_while(Result::ok) {
+            l.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+impl Running {
+    pub fn spawn(args: &[&str]) -> Running {
+        let mut child = Command::new(tern_path())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tern");
+        let stdout = collect(child.stdout.take().expect("stdout"));
+        let stderr = collect(child.stderr.take().expect("stderr"));
+        Running {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "--- stdout\n{}\n--- stderr\n{}",
+            self.stdout_lines().join("\n"),
+            self.stderr_text()
+        )
+    }
+
+    /// Waits until some stdout line satisfies `pred`; returns it.
+    pub fn wait_stdout(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(l) = self.stdout_lines().into_iter().find(|l| pred(l)) {
+                return Some(l);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn wait_stderr(&self, timeout: Duration, needle: &str) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.stderr_text().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Waits for the process to end; None on timeout (then it is killed).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `tern remote --api-socket SOCK args...`.
+pub fn remote(sock: &str, args: &[&str]) -> Outcome {
+    let mut all = vec!["remote", "--api-socket", sock];
+    all.extend_from_slice(args);
+    run_tern(&all, Duration::from_secs(180))
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("tern-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+/// The round number of a `tern-guest: dirty round=N ...` line.
+pub fn dirty_round(line: &str) -> Option<u64> {
+    line.strip_prefix("tern-guest: dirty round=")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
