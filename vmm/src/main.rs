@@ -84,8 +84,16 @@ fn main() -> ExitCode {
             ExitCode::from(code.clamp(0, 255) as u8)
         }
         Err(e) => {
-            // tern's error types carry their causes in their messages.
-            eprintln!("tern: error: {e}");
+            // Most of tern's error types already carry their cause in their message: print a
+            // cause only when the text so far does not contain it.
+            let mut text = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !text.contains(&c) {
+                    text = format!("{text}: {c}");
+                }
+            }
+            eprintln!("tern: error: {text}");
             ExitCode::from(1)
         }
     }

@@ -168,7 +168,7 @@ fn second_concurrent_migrate_is_refused() {
     let dir = scratch("twice");
     let sock = dir.join("api.sock").to_string_lossy().into_owned();
     let mig = format!("unix:{}", dir.join("mig.sock").display());
-    let _src = Running::spawn(&[
+    let src = Running::spawn(&[
         "--memory",
         "size=128M",
         "--cmdline",
@@ -176,6 +176,7 @@ fn second_concurrent_migrate_is_refused() {
         "--api-socket",
         &sock,
     ]);
+    wait_progress(&src, 0);
     // Nobody listens at `mig` yet, so a unix connect fails at once; use a destination that
     // accepts and then stalls: a plain listener that never reads.
     let path = dir.join("mig.sock");

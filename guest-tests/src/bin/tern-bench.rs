@@ -43,9 +43,18 @@ fn boot() -> Result<()> {
     }
     println!("| built-in guest, 128 MiB, 1 vCPU (median of {RUNS}) | ms |");
     println!("|---|---|");
-    println!("| tern start -> boot-timer write | {:.2} |", median(&mut ready));
-    println!("| tern start -> guest exit (hello PASS) | {:.2} |", median(&mut exit));
-    println!("| process spawn -> process exit (wall) | {:.2} |", median(&mut wall));
+    println!(
+        "| tern start -> boot-timer write | {:.2} |",
+        median(&mut ready)
+    );
+    println!(
+        "| tern start -> guest exit (hello PASS) | {:.2} |",
+        median(&mut exit)
+    );
+    println!(
+        "| process spawn -> process exit (wall) | {:.2} |",
+        median(&mut wall)
+    );
     Ok(())
 }
 
@@ -54,7 +63,12 @@ fn rss() -> Result<()> {
     let tern = tern_binary()?;
     let guest_kib = 128 * 1024;
     let mut child = Command::new(&tern)
-        .args(["--memory", "size=128M,prefault=on", "--cmdline", "suite=idle"])
+        .args([
+            "--memory",
+            "size=128M,prefault=on",
+            "--cmdline",
+            "suite=idle",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use migration::state::VcpuState;
-use vmm_sys_util::signal::Killable;
+use vmm_sys_util::signal::{Killable, SIGRTMIN};
 
 use super::vcpu::{ControlPort, Request, Response, Vcpu};
 
@@ -51,7 +51,7 @@ impl VcpuHandle {
 
     fn kick(&self) {
         if let Some(t) = devices::bus::lock(&self.thread).as_ref() {
-            let _ = t.kill(0);
+            let _ = t.kill(SIGRTMIN());
         }
     }
 
@@ -122,7 +122,7 @@ impl VcpuHandle {
             if thread.is_finished() {
                 break;
             }
-            let _ = thread.kill(0);
+            let _ = thread.kill(SIGRTMIN());
             std::thread::sleep(Duration::from_millis(2));
         }
         if thread.join().is_err() {
