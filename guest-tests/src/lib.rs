@@ -1,6 +1,9 @@
-//! Host-side harness for tern guest suites: finding the tern binary, small statistics.
+//! Host-side harness for tern guest suites: finding the tern binary, small statistics, and the
+//! KSM stress test ([`ksm`]).
 
 use std::path::PathBuf;
+
+pub mod ksm;
 
 use anyhow::{bail, Context, Result};
 

@@ -11,6 +11,21 @@ use crate::state::{
 use crate::stream::{parse_ram, PageRecord, Section, StreamError, StreamReader, StreamWriter};
 use crate::{MigratableVm, VmConfigRecord, VmState, PAGE_SIZE};
 
+/// Populates the span a RAM batch covers when the batch fills most of it.
+fn prepare_dense_range(vm: &dyn MigratableVm, payload: &[u8]) {
+    let (mut lo, mut hi, mut n) = (u64::MAX, 0u64, 0u64);
+    for rec in parse_ram(payload).flatten() {
+        if let PageRecord::Full(gpa, _) = rec {
+            lo = lo.min(gpa);
+            hi = hi.max(gpa + PAGE_SIZE as u64);
+            n += 1;
+        }
+    }
+    if n > 0 && n * PAGE_SIZE as u64 * 2 >= hi - lo {
+        vm.prepare_ram(lo, hi - lo);
+    }
+}
+
 /// Reads the header and the configuration section.
 pub fn read_config<R: Read>(r: &mut StreamReader<R>) -> Result<VmConfigRecord, StreamError> {
     r.header()?;
@@ -38,6 +53,7 @@ pub fn receive<R: Read>(
         let frame = r.next()?;
         match frame.kind {
             Section::Ram => {
+                prepare_dense_range(vm, &frame.payload);
                 for rec in parse_ram(&frame.payload) {
                     match rec? {
                         PageRecord::Full(gpa, data) => {
@@ -50,6 +66,7 @@ pub fn receive<R: Read>(
                         }
                     }
                 }
+                r.recycle(frame.payload);
             }
             Section::IterationDone => iteration = frame.decode()?,
             Section::Vcpus => vcpus = Some(frame.decode::<Vec<VcpuState>>()?),

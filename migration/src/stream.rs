@@ -188,6 +188,8 @@ impl Frame {
 pub struct StreamReader<R: Read> {
     r: R,
     pub bytes: u64,
+    /// A payload buffer handed back with [`StreamReader::recycle`], reused for the next section.
+    spare: Vec<u8>,
 }
 
 fn read_exact_in<R: Read>(r: &mut R, buf: &mut [u8], section: &str) -> Result<(), StreamError> {
@@ -202,7 +204,11 @@ fn read_exact_in<R: Read>(r: &mut R, buf: &mut [u8], section: &str) -> Result<()
 
 impl<R: Read> StreamReader<R> {
     pub fn new(r: R) -> Self {
-        StreamReader { r, bytes: 0 }
+        StreamReader {
+            r,
+            bytes: 0,
+            spare: Vec::new(),
+        }
     }
 
     pub fn header(&mut self) -> Result<(), StreamError> {
@@ -219,7 +225,13 @@ impl<R: Read> StreamReader<R> {
         Ok(())
     }
 
-    /// Reads one section. `after` names what came before, for the error when the stream ends here.
+    /// Gives a payload buffer back for reuse.
+    pub fn recycle(&mut self, mut payload: Vec<u8>) {
+        payload.clear();
+        self.spare = payload;
+    }
+
+    /// Reads one section.
     pub fn next(&mut self) -> Result<Frame, StreamError> {
         let mut head = [0u8; 5];
         read_exact_in(
@@ -235,7 +247,8 @@ impl<R: Read> StreamReader<R> {
                 len,
             });
         }
-        let mut payload = vec![0u8; len];
+        let mut payload = std::mem::take(&mut self.spare);
+        payload.resize(len, 0);
         read_exact_in(
             &mut self.r,
             &mut payload,
@@ -303,6 +316,18 @@ impl RamBatch {
 
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
+    }
+
+    /// The payload so far.
+    pub fn payload(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Empties the payload, keeping its allocation (fresh buffers cost a page fault per page on
+    /// this machine) and the counters.
+    pub fn clear(&mut self) {
+        self.pending = 0;
+        self.buf.clear();
     }
 
     /// The payload so far; the batch is emptied (counters keep counting).

@@ -70,9 +70,10 @@ pub enum RemoteCommand {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Guest RAM: size=SIZE[,mergeable=on|off][,prefault=on|off]. Guest RAM is always private
-    /// anonymous memory, which is what KSM can merge: mergeable=on marks it MADV_MERGEABLE;
-    /// prefault=on populates it before the guest starts.
+    /// Guest RAM: size=SIZE[,mergeable=on|off][,prefault=on|off][,lazy-from=FILE[,lazy-delay-us=N]].
+    /// Guest RAM is always private anonymous memory, which is what KSM can merge: mergeable=on
+    /// marks it MADV_MERGEABLE; prefault=on populates it before the guest starts; lazy-from=FILE
+    /// fills each page from FILE (offset = guest physical address) on first touch (userfaultfd).
     #[arg(long, value_name = "size=SIZE,...", default_value = "size=512M")]
     pub memory: String,
 
@@ -96,6 +97,17 @@ pub struct RunArgs {
     /// First serial port (COM1, 0x3f8): tty (tern's stdin/stdout), file=PATH or off.
     #[arg(long, value_name = "tty|file=PATH|off", default_value = "tty")]
     pub serial: String,
+
+    /// Second serial port (COM2, 0x2f8, IRQ 3), the host control channel: socket=PATH (tern
+    /// listens on a Unix socket, created 0600, and connects one client at a time: its bytes go to
+    /// the guest, the guest's output to it; output is dropped while no client is connected) or off.
+    #[arg(long, value_name = "socket=PATH|off", default_value = "off")]
+    pub serial2: String,
+
+    /// Paravirtual async page faults: kvm (KVM owns the protocol), tern (tern owns the MSRs and
+    /// the PAGE_NOT_PRESENT / PAGE_READY injection), off (not offered to the guest).
+    #[arg(long, value_name = "kvm|tern|off", default_value = "kvm")]
+    pub async_pf: String,
 
     /// Log level on stderr: error, warn, info, debug.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
@@ -146,6 +158,8 @@ impl RunArgs {
             cmdline,
             initramfs: self.initramfs.clone(),
             serial: config::parse_serial(&self.serial)?,
+            serial2: config::parse_serial2(&self.serial2)?,
+            async_pf: self.async_pf.parse().map_err(anyhow::Error::msg)?,
         })
     }
 }

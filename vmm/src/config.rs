@@ -25,6 +25,8 @@ pub enum ConfigError {
     MemoryTooSmall(u64),
     #[error("--memory: size {size} bytes is larger than this host can back ({host} bytes of RAM + swap)")]
     MemoryTooLarge { size: u64, host: u64 },
+    #[error("--memory: {0}")]
+    Conflict(&'static str),
     #[error("--cpus: boot must be between 1 and {max} (got {got})")]
     BadCpuCount { got: u64, max: u8 },
 }
@@ -37,6 +39,10 @@ pub struct MemoryConfig {
     pub mergeable: bool,
     /// Populate guest RAM up front (MADV_POPULATE_WRITE): slower start, no first-touch faults.
     pub prefault: bool,
+    /// Lazy RAM: pages come from this file (offset = guest physical address) on first touch.
+    pub lazy_from: Option<PathBuf>,
+    /// Injected delay per lazy page, in microseconds (tests, benchmarks).
+    pub lazy_delay_us: u64,
 }
 
 impl Default for MemoryConfig {
@@ -45,6 +51,8 @@ impl Default for MemoryConfig {
             size: 512 << 20,
             mergeable: false,
             prefault: false,
+            lazy_from: None,
+            lazy_delay_us: 0,
         }
     }
 }
@@ -54,6 +62,15 @@ impl Default for MemoryConfig {
 pub enum SerialConfig {
     Tty,
     File(PathBuf),
+    Off,
+}
+
+/// The second serial port (COM2, 0x2f8, IRQ 3): the host control channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Serial2Config {
+    /// tern listens on a Unix socket at this path (created 0600) and connects one client at a
+    /// time to the port.
+    Socket(PathBuf),
     Off,
 }
 
@@ -74,6 +91,8 @@ pub struct VmConfig {
     pub cmdline: String,
     pub initramfs: Option<PathBuf>,
     pub serial: SerialConfig,
+    pub serial2: Serial2Config,
+    pub async_pf: crate::apf::AsyncPfMode,
 }
 
 /// Most vCPUs tern starts (the MP table and the built-in guest's per-CPU tables are sized for it).
@@ -135,17 +154,31 @@ impl MemoryConfig {
                 }
                 "mergeable" => cfg.mergeable = parse_switch("memory", "mergeable", v)?,
                 "prefault" => cfg.prefault = parse_switch("memory", "prefault", v)?,
+                "lazy-from" if !v.is_empty() => cfg.lazy_from = Some(v.into()),
+                "lazy-delay-us" => {
+                    cfg.lazy_delay_us = v.parse().map_err(|_| ConfigError::BadValue {
+                        option: "memory",
+                        key: "lazy-delay-us",
+                        value: v.to_string(),
+                        what: "number of microseconds",
+                    })?
+                }
                 _ => {
                     return Err(ConfigError::UnknownKey {
                         option: "memory",
                         key: k.to_string(),
-                        expected: "size, mergeable, prefault",
+                        expected: "size, mergeable, prefault, lazy-from, lazy-delay-us",
                     })
                 }
             }
         }
         if cfg.size < (2 << 20) {
             return Err(ConfigError::MemoryTooSmall(cfg.size));
+        }
+        if cfg.lazy_from.is_some() && cfg.prefault {
+            return Err(ConfigError::Conflict(
+                "prefault=on and lazy-from populate RAM in opposite ways",
+            ));
         }
         Ok(cfg)
     }
@@ -210,6 +243,19 @@ pub fn parse_serial(text: &str) -> Result<SerialConfig, ConfigError> {
     }
 }
 
+pub fn parse_serial2(text: &str) -> Result<Serial2Config, ConfigError> {
+    match text.split_once('=') {
+        None if text == "off" => Ok(Serial2Config::Off),
+        Some(("socket", path)) if !path.is_empty() => Ok(Serial2Config::Socket(path.into())),
+        _ => Err(ConfigError::BadValue {
+            option: "serial2",
+            key: "mode",
+            value: text.to_string(),
+            what: "serial2 backend (socket=PATH, off)",
+        }),
+    }
+}
+
 /// Host RAM plus swap, from /proc/meminfo.
 pub fn host_memory_bytes() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -264,5 +310,21 @@ mod tests {
             Ok(SerialConfig::File("/tmp/x".into()))
         );
         assert!(parse_serial("file=").is_err());
+    }
+
+    #[test]
+    fn serial2_options() {
+        assert_eq!(parse_serial2("off"), Ok(Serial2Config::Off));
+        assert_eq!(
+            parse_serial2("socket=/tmp/com2.sock"),
+            Ok(Serial2Config::Socket("/tmp/com2.sock".into()))
+        );
+        for bad in ["socket=", "socket", "tty", "file=/tmp/x", ""] {
+            let err = parse_serial2(bad).unwrap_err();
+            assert!(
+                err.to_string().contains("--serial2"),
+                "{bad}: {err} names the option"
+            );
+        }
     }
 }

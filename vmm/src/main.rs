@@ -1,5 +1,6 @@
 //! tern: a small KVM virtual machine monitor.
 
+mod apf;
 mod api;
 mod boot;
 mod cli;
@@ -8,10 +9,12 @@ mod config;
 mod cpu;
 mod event_loop;
 mod layout;
+mod lazy;
 mod logger;
 mod memory;
 mod migrate;
 mod remote;
+mod serial_socket;
 mod vm;
 
 use std::process::ExitCode;
@@ -46,7 +49,7 @@ fn run(start: Instant) -> anyhow::Result<Outcome> {
     }
     let args = cli.run;
     logger::init(&args.log_level)?;
-    let vm = match &args.incoming {
+    let mut vm = match &args.incoming {
         Some(uri) => {
             let ep: migration::transport::Endpoint = uri.parse()?;
             migrate::flows::receive(&ep, config::parse_serial(&args.serial)?, start)?
@@ -58,6 +61,9 @@ fn run(start: Instant) -> anyhow::Result<Outcome> {
         vm.inner.record.pv_features
     );
     let mut subscribers: Vec<event_loop::Subscriber> = Vec::new();
+    if let Some(com2) = vm.serial2.take() {
+        subscribers.push(std::sync::Arc::new(std::sync::Mutex::new(com2)));
+    }
     if let Some(path) = &args.api_socket {
         let params = migrate::flows::params(args.downtime_ms, args.max_iterations, args.timeout);
         let server = api::ApiServer::bind(path, vm.inner.clone(), params, start)

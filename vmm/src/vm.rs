@@ -4,7 +4,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::legacy::{BootTimer, IsaDebugExit, SerialDevice, SerialOutput, TestExit, I8042};
+use devices::legacy::{
+    BootTimer, IsaDebugExit, SerialDevice, SerialOutput, SocketClient, TestExit, I8042,
+};
 use devices::{BusError, ExitRequest, IrqLine, PioBus, VmExitReason};
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MEM_LOG_DIRTY_PAGES,
@@ -19,14 +21,17 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::apf::{install_msr_filter, ApfController, AsyncPfMode};
 use crate::boot::{self, BootError};
-use crate::config::{SerialConfig, VmConfig};
+use crate::config::{Serial2Config, SerialConfig, VmConfig};
 use crate::cpu::state::{readable_msrs, StatePolicy};
 use crate::cpu::vcpu::VcpuError;
 use crate::cpu::{cpuid, PvFeatures, Vcpu, VcpuContext, VcpuHandle};
 use crate::event_loop::{self, ConsoleInput, SignalWatcher, Subscriber};
 use crate::layout::{irqs, ports};
+use crate::lazy::{self, FaultObserver, FileSource, LazyMemory};
 use crate::memory::{self, GuestMemory, MemoryError};
+use crate::serial_socket::SerialSocket;
 
 #[derive(Debug, Error)]
 pub enum VmError {
@@ -52,6 +57,8 @@ pub enum VmError {
     },
     #[error("event loop: {0:?}")]
     EventLoop(event_manager::Error),
+    #[error(transparent)]
+    Lazy(#[from] lazy::LazyError),
     #[error("the incoming VM cannot be built here: {0}")]
     Incompatible(String),
 }
@@ -78,7 +85,7 @@ pub enum Origin<'a> {
 
 /// The parts of a VM that the vCPU controller, the migration and the control API share.
 pub struct VmInner {
-    pub vm_fd: VmFd,
+    pub vm_fd: Arc<VmFd>,
     pub mem: GuestMemory,
     pub exit: Arc<ExitRequest>,
     pub com1: Arc<Mutex<SerialDevice>>,
@@ -88,17 +95,21 @@ pub struct VmInner {
     pub migration: StatusCell,
     pub dirty_logging: AtomicBool,
     pub paused: AtomicBool,
+    pub apf: Option<Arc<ApfController>>,
+    pub lazy: Option<LazyMemory>,
 }
 
 pub struct Vm {
     pub inner: Arc<VmInner>,
     console_input: bool,
+    /// COM2's socket side (`--serial2 socket=PATH`), for the caller to add to the event loop.
+    pub serial2: Option<SerialSocket>,
 }
 
 impl Vm {
     pub fn create(cfg: &VmConfig, origin: Origin, start: Instant) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -119,14 +130,20 @@ impl Vm {
 
         let exit = ExitRequest::new().map_err(io_err("exit eventfd"))?;
         let mut pio = PioBus::new();
-        let com1 = add_legacy_devices(&vm_fd, &mut pio, &exit, &cfg.serial)?;
+        let (com1, serial2) =
+            add_legacy_devices(&vm_fd, &mut pio, &exit, &cfg.serial, &cfg.serial2)?;
         let timer = BootTimer::new(start, ports::BOOT_TIMER_MAGIC);
         let boot_timer = timer.recorded();
         pio.insert(ports::BOOT_TIMER, 1, Arc::new(Mutex::new(timer)))?;
 
         let (template, pv) = match origin {
-            Origin::Boot => cpuid::template(&kvm, PvFeatures::default_set())
-                .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?,
+            Origin::Boot => {
+                let mut pv = PvFeatures::default_set();
+                if cfg.async_pf == AsyncPfMode::Off {
+                    pv.0 &= !PvFeatures::ASYNC_PF_ALL;
+                }
+                cpuid::template(&kvm, pv).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?
+            }
             Origin::Incoming(rec) => incoming_cpuid(&kvm, rec)?,
         };
         let entry = match origin {
@@ -142,6 +159,31 @@ impl Vm {
                 .entry,
             ),
             Origin::Incoming(_) => None,
+        };
+        let apf = match cfg.async_pf {
+            AsyncPfMode::Tern => {
+                install_msr_filter(&vm_fd)
+                    .map_err(kvm_err("async-PF MSR filter (KVM_X86_SET_MSR_FILTER)"))?;
+                Some(Arc::new(ApfController::new(
+                    cfg.vcpus,
+                    mem.clone(),
+                    vm_fd.clone(),
+                )))
+            }
+            _ => None,
+        };
+        // Lazy RAM is registered after loading: what tern wrote is present and never faults.
+        let lazy = match &cfg.memory.lazy_from {
+            Some(path) => {
+                let delay = Duration::from_micros(cfg.memory.lazy_delay_us);
+                let source = FileSource::open(path, delay).map_err(|source| VmError::Io {
+                    what: "opening the lazy memory file",
+                    source,
+                })?;
+                let observer = apf.clone().map(|a| a as Arc<dyn FaultObserver>);
+                Some(lazy::start(&mem, Box::new(source), observer)?)
+            }
+            None => None,
         };
 
         let mut fds = Vec::new();
@@ -165,6 +207,7 @@ impl Vm {
             exit: exit.clone(),
             mem: mem.clone(),
             state_policy: policy,
+            apf: apf.clone(),
         });
         let mut vcpus = Vec::new();
         for (id, fd) in (0..cfg.vcpus).zip(fds) {
@@ -214,8 +257,11 @@ impl Vm {
                 migration: StatusCell::default(),
                 dirty_logging: AtomicBool::new(false),
                 paused: AtomicBool::new(paused),
+                apf,
+                lazy,
             }),
             console_input: matches!(cfg.serial, SerialConfig::Tty),
+            serial2,
         })
     }
 
@@ -304,7 +350,8 @@ fn add_legacy_devices(
     pio: &mut PioBus,
     exit: &Arc<ExitRequest>,
     serial: &SerialConfig,
-) -> Result<Arc<Mutex<SerialDevice>>, VmError> {
+    serial2: &Serial2Config,
+) -> Result<(Arc<Mutex<SerialDevice>>, Option<SerialSocket>), VmError> {
     let output = match serial {
         SerialConfig::Tty => SerialOutput::Stdout,
         SerialConfig::Off => SerialOutput::Off,
@@ -320,6 +367,25 @@ fn add_legacy_devices(
         SerialDevice::new("com1", IrqLine::new(irq), output).map_err(io_err("serial device"))?,
     ));
     pio.insert(ports::COM1, 8, com1.clone())?;
+    let com2 = match serial2 {
+        Serial2Config::Off => None,
+        Serial2Config::Socket(path) => {
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("COM2 irq eventfd"))?;
+            vm_fd
+                .register_irqfd(&irq, irqs::COM2)
+                .map_err(kvm_err("KVM_IRQFD (COM2)"))?;
+            let client = SocketClient::new();
+            let output = SerialOutput::Writer(Box::new(client.output()));
+            let dev = SerialDevice::new("com2", IrqLine::new(irq), output)
+                .map_err(io_err("COM2 device"))?;
+            let dev = Arc::new(Mutex::new(dev));
+            pio.insert(ports::COM2, 8, dev.clone())?;
+            Some(
+                SerialSocket::bind(path, client, dev)
+                    .map_err(io_err("--serial2: binding the socket"))?,
+            )
+        }
+    };
     pio.insert(
         ports::I8042_DATA,
         5,
@@ -335,7 +401,7 @@ fn add_legacy_devices(
         4,
         Arc::new(Mutex::new(IsaDebugExit::new(exit.clone()))),
     )?;
-    Ok(com1)
+    Ok((com1, com2))
 }
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}

@@ -101,15 +101,23 @@ fn unknown_suite_is_a_guest_failure() {
 fn sigterm_stops_tern_cleanly() {
     let mut p = common::Running::spawn(&["--cmdline", "suite=idle", "--cpus", "boot=2"]);
     assert!(
-        p.wait_stdout(GUEST_TIMEOUT, |l| l.contains("idle: halting")).is_some(),
+        p.wait_stdout(GUEST_TIMEOUT, |l| l.contains("idle: halting"))
+            .is_some(),
         "{}",
         p.describe()
     );
     let pid = p.child.id().to_string();
-    let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
     assert!(status.success());
     assert_eq!(p.wait_exit(GUEST_TIMEOUT), Some(0), "{}", p.describe());
-    assert!(p.stderr_text().contains("stopped by SIGTERM"), "{}", p.describe());
+    assert!(
+        p.stderr_text().contains("stopped by SIGTERM"),
+        "{}",
+        p.describe()
+    );
 }
 
 #[test]
@@ -117,7 +125,9 @@ fn guest_exception_is_reported_and_fails() {
     let o = run_tern(&["--cmdline", "suite=fault"], GUEST_TIMEOUT);
     assert_eq!(o.code, Some(3), "{}", o.describe());
     assert!(
-        o.guest_lines().iter().any(|l| l.starts_with("exception vector=14")),
+        o.guest_lines()
+            .iter()
+            .any(|l| l.starts_with("exception vector=14")),
         "{}",
         o.describe()
     );

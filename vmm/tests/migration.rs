@@ -9,7 +9,11 @@ use common::{dirty_round, remote, scratch, Running};
 const WAIT: Duration = Duration::from_secs(60);
 
 fn last_round(p: &Running) -> u64 {
-    p.stdout_lines().iter().filter_map(|l| dirty_round(l)).max().unwrap_or(0)
+    p.stdout_lines()
+        .iter()
+        .filter_map(|l| dirty_round(l))
+        .max()
+        .unwrap_or(0)
 }
 
 fn assert_no_failure(p: &Running) {
@@ -24,14 +28,22 @@ fn assert_no_failure(p: &Running) {
 /// Waits until the guest in `p` has printed a round above `after`.
 fn wait_progress(p: &Running, after: u64) -> u64 {
     let line = p.wait_stdout(WAIT, |l| dirty_round(l).is_some_and(|r| r > after));
-    assert!(line.is_some(), "guest made no progress past round {after}\n{}", p.describe());
+    assert!(
+        line.is_some(),
+        "guest made no progress past round {after}\n{}",
+        p.describe()
+    );
     last_round(p)
 }
 
 #[test]
 fn dirty_guest_migrates_there_and_back_five_times() {
     let dir = scratch("hops");
-    let sock = |n: usize| dir.join(format!("api{n}.sock")).to_string_lossy().into_owned();
+    let sock = |n: usize| {
+        dir.join(format!("api{n}.sock"))
+            .to_string_lossy()
+            .into_owned()
+    };
     let mig = |n: usize| format!("unix:{}", dir.join(format!("mig{n}.sock")).display());
     let mut current = Running::spawn(&[
         "--memory",
@@ -44,13 +56,32 @@ fn dirty_guest_migrates_there_and_back_five_times() {
     let mut round = wait_progress(&current, 0);
     for hop in 1..=5 {
         let next = Running::spawn(&["--incoming", &mig(hop), "--api-socket", &sock(hop)]);
-        assert!(next.wait_stderr(WAIT, "waiting for an incoming migration"), "{}", next.describe());
+        assert!(
+            next.wait_stderr(WAIT, "waiting for an incoming migration"),
+            "{}",
+            next.describe()
+        );
         let o = remote(&sock(hop - 1), &["migrate", &mig(hop)]);
-        assert_eq!(o.code, Some(0), "hop {hop}: {}\nsource:\n{}", o.describe(), current.describe());
+        assert_eq!(
+            o.code,
+            Some(0),
+            "hop {hop}: {}\nsource:\n{}",
+            o.describe(),
+            current.describe()
+        );
         assert!(o.stdout.contains("\"completed\""), "{}", o.describe());
-        assert_eq!(current.wait_exit(WAIT), Some(0), "source of hop {hop}\n{}", current.describe());
+        assert_eq!(
+            current.wait_exit(WAIT),
+            Some(0),
+            "source of hop {hop}\n{}",
+            current.describe()
+        );
         assert_no_failure(&current);
-        assert!(next.wait_stderr(WAIT, "migration completed (destination)"), "{}", next.describe());
+        assert!(
+            next.wait_stderr(WAIT, "migration completed (destination)"),
+            "{}",
+            next.describe()
+        );
         // The guest continues where it was: rounds go on from the source's last one.
         let r = wait_progress(&next, round);
         assert!(r > round, "hop {hop}: round {r} after {round}");
@@ -118,7 +149,11 @@ fn killed_destination_leaves_the_source_running() {
         if s.stdout.contains("\"failed\"") {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "migration never failed: {}", s.describe());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "migration never failed: {}",
+            s.describe()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let before = last_round(&src);
@@ -154,7 +189,11 @@ fn corrupted_or_truncated_snapshots_are_refused() {
     std::fs::write(&bad, &flipped).unwrap();
     let o = common::run_tern(&["--incoming", &format!("file:{}", bad.display())], WAIT);
     assert_ne!(o.code, Some(0), "{}", o.describe());
-    assert!(o.stderr.contains("checksum mismatch in"), "{}", o.describe());
+    assert!(
+        o.stderr.contains("checksum mismatch in"),
+        "{}",
+        o.describe()
+    );
 
     let cut = dir.join("cut.snap");
     std::fs::write(&cut, &good[..good.len() * 2 / 3]).unwrap();
@@ -185,5 +224,9 @@ fn second_concurrent_migrate_is_refused() {
     assert_eq!(first.code, Some(0), "{}", first.describe());
     let second = remote(&sock, &["migrate", "--detach", &mig]);
     assert_ne!(second.code, Some(0), "{}", second.describe());
-    assert!(second.stderr.contains("already in progress"), "{}", second.describe());
+    assert!(
+        second.stderr.contains("already in progress"),
+        "{}",
+        second.describe()
+    );
 }

@@ -3,8 +3,10 @@
 mod debug_ports;
 mod i8042;
 mod serial;
+mod socket;
 
 pub use debug_ports::{BootTimer, IsaDebugExit, TestExit};
 pub use i8042::I8042;
 pub use serial::{SerialDevice, SerialOutput};
+pub use socket::{SocketClient, SocketOutput};
 pub use vm_superio::serial::SerialState;

@@ -1,5 +1,6 @@
 //! A 16550 UART (vm-superio) with a pluggable output.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
 
@@ -50,7 +51,15 @@ pub struct SerialDevice {
     uart: Option<Serial<IrqLine, NoEvents, OutputWriter>>,
     irq: IrqLine,
     name: &'static str,
+    /// Input that did not fit the 64-byte receive FIFO yet (see [`SerialDevice::queue_input`]).
+    backlog: VecDeque<u8>,
 }
+
+/// Offset of the receive buffer register (with DLAB clear; with DLAB set the read returns the
+/// divisor latch and leaves the FIFO alone, so a refill then finds it as it was).
+const RBR_OFFSET: u16 = 0;
+/// vm-superio's receive FIFO size.
+const FIFO_SIZE: usize = 64;
 
 impl SerialDevice {
     pub fn new(name: &'static str, irq: IrqLine, output: SerialOutput) -> std::io::Result<Self> {
@@ -59,6 +68,7 @@ impl SerialDevice {
             uart: Some(Serial::new(uart_irq, OutputWriter(output))),
             irq,
             name,
+            backlog: VecDeque::new(),
         })
     }
 
@@ -104,6 +114,31 @@ impl SerialDevice {
     pub fn input_room(&self) -> usize {
         self.uart.as_ref().map(|u| u.fifo_capacity()).unwrap_or(0)
     }
+
+    /// Queues bytes for the guest without losing any: what fits goes into the receive FIFO now,
+    /// the rest waits in a backlog that refills the FIFO each time the guest empties it (on its
+    /// read of the receive buffer register). Callers bound the backlog with [`Self::backlog_len`].
+    pub fn queue_input(&mut self, bytes: &[u8]) {
+        self.backlog.extend(bytes);
+        self.refill();
+    }
+
+    /// Bytes waiting for room in the receive FIFO.
+    pub fn backlog_len(&self) -> usize {
+        self.backlog.len()
+    }
+
+    /// Moves backlog bytes into the FIFO once it is empty: one RX interrupt per FIFO load.
+    fn refill(&mut self) {
+        let room = self.input_room();
+        if self.backlog.is_empty() || room == 0 {
+            return;
+        }
+        let n = room.min(self.backlog.len());
+        let chunk: Vec<u8> = self.backlog.iter().take(n).copied().collect();
+        let taken = self.enqueue_input(&chunk);
+        self.backlog.drain(..taken);
+    }
 }
 
 impl PioDevice for SerialDevice {
@@ -116,6 +151,9 @@ impl PioDevice for SerialDevice {
         if let Some(first) = data.first_mut() {
             *first = self.uart().read(off);
         }
+        if offset == RBR_OFFSET && !self.backlog.is_empty() && self.input_room() == FIFO_SIZE {
+            self.refill();
+        }
     }
 
     fn write(&mut self, offset: u16, data: &[u8]) {
@@ -126,5 +164,41 @@ impl PioDevice for SerialDevice {
             // The output backend failed (closed file, broken pipe): the guest must not notice.
             log::debug!("{}: output error: {e:?}", self.name);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EventFd;
+
+    const LSR: u16 = 5;
+    const LSR_DATA_READY: u8 = 1;
+
+    fn device() -> SerialDevice {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        SerialDevice::new("test", IrqLine::new(evt), SerialOutput::Off).unwrap()
+    }
+
+    fn read_reg(dev: &mut SerialDevice, offset: u16) -> u8 {
+        let mut b = [0u8; 1];
+        dev.read(offset, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn long_input_is_not_lost() {
+        let mut dev = device();
+        let line: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        dev.queue_input(&line[..300]);
+        dev.queue_input(&line[300..]);
+        assert_eq!(dev.input_room(), 0);
+        assert_eq!(dev.backlog_len(), 1000 - FIFO_SIZE);
+        let mut got = Vec::new();
+        while read_reg(&mut dev, LSR) & LSR_DATA_READY != 0 {
+            got.push(read_reg(&mut dev, RBR_OFFSET));
+        }
+        assert_eq!(got, line);
+        assert_eq!(dev.backlog_len(), 0);
     }
 }

@@ -1,5 +1,6 @@
-//! tern's benchmarks: `tern-bench [boot|rss|all]` prints a table. Build tern first
-//! (`cargo build --release`); tern-bench runs the `tern` binary next to itself.
+//! tern's benchmarks: `tern-bench [boot|rss|ksm|all]` prints a table. Build tern first
+//! (`cargo build --release`); tern-bench runs the `tern` binary next to itself. `ksm` needs root
+//! (it sets ksmd's scan rate, and restores it) and is not part of `all`.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -119,16 +120,86 @@ fn rss() -> Result<()> {
     Ok(())
 }
 
+/// KSM: merge time of 1 GiB of identical (zero) guest pages at stated ksmd scan rates, and the
+/// split throughput (the guest writing a random series over the merged pages: copy-on-write
+/// breaks), in one guest running the `ksm` suite.
+fn ksm() -> Result<()> {
+    use guest_tests::ksm::guest::{Guest, GuestState};
+    use guest_tests::ksm::host::{self, MIB, PAGE_SIZE};
+    use guest_tests::ksm::plan::GUEST_RESERVE_MIB;
+    use guest_tests::ksm::sysfs::{KsmSettings, ScanRate, KSM_DIR};
+
+    const REGION_MIB: u64 = 1024;
+    let tern = tern_binary()?;
+    host::install_stop_handler()?;
+    let dir = std::env::temp_dir().join(format!("tern-bench-ksm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let timeout = Duration::from_secs(300);
+    let region_pages = REGION_MIB * MIB / PAGE_SIZE;
+    println!("| 1 GiB of zero pages, 1 guest | fill (first touch) MB/s | merge time (s) | merged | split MB/s | split verify MB/s |");
+    println!("|---|---|---|---|---|---|");
+    for (pages_to_scan, sleep_millisecs) in [(1000, 10), (5000, 10), (20000, 10)] {
+        let rate = ScanRate {
+            pages_to_scan,
+            sleep_millisecs,
+        };
+        let mut settings = KsmSettings::apply(std::path::Path::new(KSM_DIR), rate)?;
+        let mut g = Guest::spawn(
+            &tern,
+            &dir,
+            0,
+            REGION_MIB + GUEST_RESERVE_MIB,
+            REGION_MIB,
+            1,
+            1,
+        )?;
+        let mut none = || Ok(());
+        let mbps = |r: &guest_tests::ksm::guest::Reply| {
+            r.field("us")
+                .filter(|&u| u > 0)
+                .map_or(0.0, |us| (REGION_MIB * MIB) as f64 / us as f64)
+        };
+        let fill = g.command("fill 0", timeout, &mut none)?;
+        let t0 = Instant::now();
+        let mut merged = 0;
+        while t0.elapsed() < timeout {
+            host::check_stop()?;
+            merged = g.merged_pages();
+            if merged as f64 >= region_pages as f64 * 0.995 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let merge_s = t0.elapsed().as_secs_f64();
+        g.command("init 7", timeout, &mut none)?;
+        let split = g.command("srandom", timeout, &mut none)?;
+        let verify = g.command("srverify", timeout, &mut none)?;
+        g.stop(GuestState::Stopped("exit".into()));
+        settings.restore()?;
+        println!(
+            "| ksmd {pages_to_scan} pages / {sleep_millisecs} ms ({:.0} pages/s) | {:.0} | {merge_s:.2} | {:.1} % | {:.0} | {:.0} |",
+            rate.pages_per_sec(),
+            mbps(&fill),
+            100.0 * merged as f64 / region_pages as f64,
+            mbps(&split),
+            mbps(&verify)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     match what.as_str() {
         "boot" => boot(),
         "rss" => rss(),
+        "ksm" => ksm(),
         "all" => {
             boot()?;
             println!();
             rss()
         }
-        other => bail!("unknown benchmark `{other}` (boot, rss, all)"),
+        other => bail!("unknown benchmark `{other}` (boot, rss, ksm, all)"),
     }
 }

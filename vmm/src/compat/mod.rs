@@ -4,6 +4,7 @@
 //! and turns every other failure into a clear error. On a host with real VMX/SVM nothing here runs.
 
 mod decode;
+pub mod syscall;
 
 use kvm_bindings::{kvm_regs, kvm_sregs, KVM_INTERNAL_ERROR_EMULATION};
 use kvm_ioctls::VcpuFd;
@@ -12,6 +13,32 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::GuestMemory;
 pub use decode::{decode, Insn, InsnKind};
+use std::sync::OnceLock;
+pub use syscall::{DebugOutcome, SyscallAssist};
+
+/// Whether this host's KVM runs guest kernel mode through its instruction emulator, as this
+/// machine's does (design.md §1): its KVM is `kvm_pvm`, or the CPU has neither VMX nor SVM.
+/// `TERN_COMPAT=on|off` overrides the detection (tests, and hosts this check misjudges).
+/// Workarounds that would cost something on a normal host (the SYSCALL assist, masking the
+/// hypercall-based PV features) are taken only when this is true.
+pub fn host_emulates_kernel_mode() -> bool {
+    static DETECTED: OnceLock<bool> = OnceLock::new();
+    *DETECTED.get_or_init(|| match std::env::var("TERN_COMPAT").as_deref() {
+        Ok("on") => true,
+        Ok("off") => false,
+        _ => {
+            if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+                return true;
+            }
+            let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+            let flags = cpuinfo
+                .lines()
+                .find(|l| l.starts_with("flags"))
+                .unwrap_or_default();
+            !flags.split_whitespace().any(|f| f == "vmx" || f == "svm")
+        }
+    })
+}
 
 /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: insn_bytes is valid.
 const FLAG_INSN_BYTES: u64 = 1;

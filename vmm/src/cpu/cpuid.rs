@@ -25,6 +25,13 @@ impl PvFeatures {
     /// Everything the async page fault protocol needs.
     pub const ASYNC_PF_ALL: u32 = Self::ASYNC_PF | Self::ASYNC_PF_VMEXIT | Self::ASYNC_PF_INT;
 
+    /// Features the guest uses through a hypercall (`vmcall`/`vmmcall` at CPL0): PV IPIs, PV
+    /// yield and PV unhalt (spinlock kick). On this machine's host the emulator "fixes" the
+    /// hypercall instruction and re-executes it forever (measured: an AP sending its first PV
+    /// IPI spins on `vmcall` in `__send_ipi_mask`, and the SMP boot stalls), so they are not
+    /// offered there.
+    pub const HYPERCALL_BASED: u32 = Self::PV_SEND_IPI | Self::PV_SCHED_YIELD | Self::PV_UNHALT;
+
     /// tern's default set; the final set is this intersected with what KVM supports.
     pub fn default_set() -> Self {
         PvFeatures(
@@ -80,7 +87,11 @@ pub fn template(kvm: &Kvm, pv: PvFeatures) -> Result<(CpuId, PvFeatures), kvm_io
                 e.edx = u32::from_le_bytes(*b"M\0\0\0");
             }
             LEAF_KVM_FEATURES => {
-                offered = PvFeatures(e.eax & pv.0);
+                let mut wanted = pv.0;
+                if crate::compat::host_emulates_kernel_mode() {
+                    wanted &= !PvFeatures::HYPERCALL_BASED;
+                }
+                offered = PvFeatures(e.eax & wanted);
                 e.eax = offered.0;
             }
             LEAF_TIMING => has_timing = true,

@@ -11,6 +11,7 @@ use thiserror::Error;
 
 use super::state::{self, StatePolicy};
 use super::{cpuid, lapic, msrs};
+use crate::apf::ApfController;
 use crate::boot::regs;
 use crate::compat;
 use crate::memory::GuestMemory;
@@ -36,6 +37,8 @@ pub struct VcpuContext {
     pub exit: Arc<ExitRequest>,
     pub mem: GuestMemory,
     pub state_policy: StatePolicy,
+    /// tern-owned async page faults (`--async-pf tern`).
+    pub apf: Option<Arc<ApfController>>,
 }
 
 /// Requests a paused vCPU thread serves (it owns its VcpuFd, so it does the KVM calls itself).
@@ -183,6 +186,10 @@ impl Vcpu {
 
     /// Runs the guest until the VM is asked to exit, pausing when the controller asks.
     pub fn run(mut self, port: ControlPort) {
+        if let Some(apf) = &self.ctx.apf {
+            apf.register_thread(self.id);
+        }
+        let mut syscall = compat::SyscallAssist::new();
         while !self.ctx.exit.is_requested() {
             if port.pause.load(Ordering::SeqCst) {
                 if !self.paused(&port) {
@@ -190,6 +197,7 @@ impl Vcpu {
                 }
                 continue;
             }
+            syscall.before_run(&self.fd);
             match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     if !self.ctx.pio.write(port, data) {
@@ -229,7 +237,49 @@ impl Vcpu {
                     );
                     self.crash(msg);
                 }
-                Ok(VcpuExit::Intr) => {}
+                Ok(VcpuExit::Intr) => self.after_kick(),
+                Ok(VcpuExit::Debug(arch)) => match syscall.handle_debug(&self.fd, &arch) {
+                    Ok(compat::DebugOutcome::Completed | compat::DebugOutcome::Resumed) => {}
+                    Ok(compat::DebugOutcome::NotOurs) => {
+                        let msg = format!(
+                            "vcpu {}: unexpected debug exit {arch:?} ({})",
+                            self.id,
+                            self.where_()
+                        );
+                        self.crash(msg);
+                    }
+                    Err(e) => {
+                        let msg = format!("vcpu {}: completing syscall: {e}", self.id);
+                        self.crash(msg);
+                    }
+                },
+                Ok(VcpuExit::X86Rdmsr(exit)) => {
+                    match self
+                        .ctx
+                        .apf
+                        .as_ref()
+                        .and_then(|a| a.rdmsr(self.id, exit.index))
+                    {
+                        Some(v) => *exit.data = v,
+                        None => *exit.error = 1,
+                    }
+                }
+                Ok(VcpuExit::X86Wrmsr(exit)) => {
+                    let ok = self
+                        .ctx
+                        .apf
+                        .as_ref()
+                        .map(|a| a.wrmsr(self.id, exit.index, exit.data));
+                    if !matches!(ok, Some(Ok(()))) {
+                        log::debug!(
+                            "vcpu {}: #GP for wrmsr {:#x} <- {:#x}: {ok:?}",
+                            self.id,
+                            exit.index,
+                            exit.data
+                        );
+                        *exit.error = 1;
+                    }
+                }
                 Ok(other) => {
                     let exit = format!("{other:?}");
                     let msg = format!(
@@ -239,12 +289,21 @@ impl Vcpu {
                     );
                     self.crash(msg);
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.after_kick()
+                }
                 Err(e) => {
                     let msg = format!("vcpu {}: KVM_RUN failed: {e} ({})", self.id, self.where_());
                     self.crash(msg);
                 }
             }
+        }
+    }
+
+    /// A kick can mean an async page fault is waiting for this vCPU's decision.
+    fn after_kick(&self) {
+        if let Some(apf) = &self.ctx.apf {
+            apf.service(self.id, &self.fd);
         }
     }
 

@@ -106,13 +106,15 @@ pub fn receive(
             memory: MemoryConfig {
                 size: record.memory_size,
                 mergeable: record.mergeable,
-                prefault: false,
+                ..Default::default()
             },
             vcpus: record.vcpus,
             kernel: KernelImage::Builtin,
             cmdline: String::new(),
             initramfs: None,
             serial,
+            serial2: crate::config::Serial2Config::Off,
+            async_pf: crate::apf::AsyncPfMode::Kvm,
         };
         if let Some(host) = crate::config::host_memory_bytes() {
             cfg.memory

@@ -19,6 +19,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, Gues
 use crate::vm::{register_memory, VmInner};
 use convert::*;
 
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
 fn side<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> VmSideError + '_ {
     move |e| VmSideError(format!("{what}: {e}"))
 }
@@ -97,6 +99,27 @@ impl MigratableVm for VmInner {
         self.mem
             .write_slice(data, GuestAddress(gpa))
             .map_err(side("writing guest RAM"))
+    }
+
+    fn prepare_ram(&self, gpa: u64, len: u64) {
+        let Some(r) = self.mem.find_region(GuestAddress(gpa)) else {
+            return;
+        };
+        let offset = gpa - r.start_addr().0;
+        if offset + len > r.len() {
+            return;
+        }
+        // SAFETY: the range lies inside one live guest mapping; populating changes no contents.
+        let rc = unsafe {
+            libc::madvise(
+                r.as_ptr().add(offset as usize).cast(),
+                len as usize,
+                MADV_POPULATE_WRITE,
+            )
+        };
+        if rc != 0 {
+            log::debug!("MADV_POPULATE_WRITE: {}", std::io::Error::last_os_error());
+        }
     }
 
     fn populated_pages(&self, region: &RamRegion) -> VmResult<DirtyBitmap> {

@@ -87,9 +87,7 @@ pub struct Running {
     pub stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
-fn collect(
-    r: impl Read + Send + 'static,
-) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+fn collect(r: impl Read + Send + 'static) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
     use std::io::BufRead;
     let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let l = lines.clone();

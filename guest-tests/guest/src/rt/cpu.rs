@@ -10,6 +10,15 @@ pub fn outb(port: u16, value: u8) {
     }
 }
 
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: as outb (the TSS I/O bitmap allows the port); no memory is touched.
+    unsafe {
+        core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
 pub fn outl(port: u16, value: u32) {
     // SAFETY: as outb.
     unsafe {

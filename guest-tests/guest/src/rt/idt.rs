@@ -5,8 +5,10 @@
 //! or, on this machine, as #UD on the `cd 80` bytes (the hypervisor refuses software interrupts
 //! from user mode); both reach `tern_syscall`. IRQs/IPIs are counted and EOId. Other exceptions
 //! are fatal: the CPL0 stub records the frame in `tern_fault_info` and `iretq`s to
-//! `tern_fault_report` at CPL3, which formats and prints it. (A later suite that must survive an exception, e.g. async PF's #PF, adds its case in
-//! `tern_isr_common` before the `jb tern_fault` line.)
+//! `tern_fault_report` at CPL3, which formats and prints it. Async page faults (`apf.rs`) hook in
+//! `tern_isr_common`: every #PF goes to `tern_apf_pf` first (which goes on to `tern_fault` unless
+//! it is a PAGE_NOT_PRESENT), the page-ready vector to `tern_apf_ready`; `sys::APF_RESUME` is
+//! `tern_apf_resume`.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -122,15 +124,22 @@ tern_isr_common:
     addq $2, 136(%rsp)
     jmp tern_syscall
 1:
+    # #PF: an async page fault's PAGE_NOT_PRESENT (apf.rs), which falls back to tern_fault
+    cmpq $14, %rax
+    je tern_apf_pf
     cmpq $32, %rax
     jb tern_fault
     # IRQ or IPI: count it for CPL3 code to see, then EOI (not for the spurious vector).
     leaq tern_irq_count(%rip), %rcx
     lock incq (%rcx,%rax,8)
+    # async page-ready (apf.rs): EOIs itself
+    cmpq ${apf_vector}, %rax
+    je tern_apf_ready
     cmpq ${spurious}, %rax
     je tern_isr_return
     movl ${lapic_eoi}, %ecx
     movl $0, (%rcx)
+    .global tern_isr_return
 tern_isr_return:
     popq %r15
     popq %r14
@@ -169,6 +178,8 @@ tern_syscall:
     je 70f
     cmpq ${sys_cpuid}, %rax
     je 80f
+    cmpq ${sys_apf_resume}, %rax
+    je tern_apf_resume
     movq $-1, %rax
     jmp 90f
 10: # wait: sleep unless *rdi != 0; an IRQ (own IST) wakes the hlt; IF is off again on return
@@ -241,6 +252,7 @@ tern_syscall:
     jmp tern_isr_return
 
 # Exception: record the frame and CR2, then report from CPL3 on the reporter's stack.
+    .global tern_fault
 tern_fault:
     lock btsq $0, tern_fault_claimed(%rip)
     jc 5f
@@ -356,6 +368,8 @@ tern_nested_msg_end:
     sys_invlpg = const sys::INVLPG,
     sys_set_if = const sys::SET_IF,
     sys_cpuid = const sys::CPUID,
+    sys_apf_resume = const sys::APF_RESUME,
+    apf_vector = const APF_VECTOR,
     com1 = const COM1,
     test_exit = const TEST_EXIT,
     exit_exc = const EXIT_EXCEPTION,

@@ -1,7 +1,9 @@
 //! The guest's runtime: a tiny CPL0 part in assembly (entry, GDT/TSS, IDT, syscalls, AP
 //! trampoline) and the CPL3 services the suites use.
 
+pub mod apf;
 pub mod bootinfo;
+pub mod com2;
 pub mod cpu;
 mod entry;
 mod gdt;

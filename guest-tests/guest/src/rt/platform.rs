@@ -33,6 +33,15 @@ pub const LAPIC_ICR_HIGH: usize = 0x310;
 
 /// I/O ports.
 pub const COM1: u16 = 0x3f8;
+/// COM2, the host control channel (IRQ 3).
+pub const COM2: u16 = 0x2f8;
+pub const COM2_IRQ: u32 = 3;
+/// The 8259 PICs' data (mask) ports.
+pub const PIC1_DATA: u16 = 0x21;
+pub const PIC2_DATA: u16 = 0xa1;
+/// I/O APIC (MMIO): register select and window.
+pub const IOAPIC_BASE: usize = 0xfec0_0000;
+pub const IOAPIC_IOWIN: usize = 0x10;
 pub const TEST_EXIT: u16 = 0x4f0;
 pub const BOOT_TIMER: u16 = 0x4f8;
 pub const BOOT_TIMER_MAGIC: u8 = 123;
@@ -80,6 +89,10 @@ pub const IST_IRQ: u8 = 4; // vectors 32..255 except 0x80
 pub const SYSCALL_VECTOR: usize = 0x80;
 /// IPI that wakes a parked AP (its handler only counts and EOIs).
 pub const WAKE_VECTOR: u32 = 0xf0;
+/// COM2's receive interrupt (I/O APIC pin 3).
+pub const COM2_VECTOR: u32 = 0x23;
+/// Async page faults' page-ready interrupt (rt/apf.rs; Linux uses the same vector).
+pub const APF_VECTOR: u32 = 0xf3;
 pub const SPURIOUS_VECTOR: u32 = 0xff;
 
 /// Page tables: page directories for [0, PD_COUNT GiB) (enough for 64 GiB of RAM, which ends at
@@ -108,4 +121,6 @@ pub mod sys {
     /// At CPL3 this machine answers CPUID itself, ignoring tern's KVM_SET_CPUID2 (e.g. no
     /// 0x40000010 leaf); at CPL0 KVM answers with tern's table.
     pub const CPUID: u64 = 7;
+    /// Resumes the saved context (`apf::Frame`) at RDI: `iretq` to it at CPL3 (rt/apf.rs).
+    pub const APF_RESUME: u64 = 8;
 }

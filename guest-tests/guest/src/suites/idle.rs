@@ -1,15 +1,34 @@
-//! `idle`: boots, then halts until the VM is stopped (for host-side measurements such as tern's
-//! memory overhead, and for stopping tern from outside).
+//! `idle [fill=MIB]`: boots, optionally writes a non-zero pattern over MIB of RAM (an idle guest
+//! with that much live memory, for migration benchmarks), then halts until the VM is stopped.
 
 use super::{Env, Suite};
 use crate::rt::{user, Fail};
 
 pub const SUITE: Suite = Suite { name: "idle", run };
 
+const MIB: u64 = 1 << 20;
 static NEVER: u64 = 0;
 
-fn run(_env: &Env) -> Result<(), Fail> {
-    crate::report!("idle: halting until stopped");
+fn run(env: &Env) -> Result<(), Fail> {
+    let fill = env.arg_u64("fill", 0)?;
+    if fill > 0 {
+        let start = env.image_end().next_multiple_of(2 * MIB);
+        let (_, end) = env
+            .boot
+            .ram_regions()
+            .find(|&(s, e)| s <= start && start < e)
+            .ok_or_else(|| crate::fail!("no RAM at {start:#x} above the guest image"))?;
+        if start + fill * MIB > end {
+            return Err(crate::fail!("fill={fill} MiB does not fit below {end:#x}"));
+        }
+        let p = start as *mut u64;
+        for i in 0..(fill * MIB / 8) as usize {
+            // SAFETY: [start, start + fill MiB) is free RAM above the image, identity mapped and
+            // user-writable.
+            unsafe { core::ptr::write_volatile(p.add(i), (i as u64) | 0x5a00_0000_0000_0001) };
+        }
+    }
+    crate::report!("idle: halting until stopped (filled {fill} MiB)");
     loop {
         user::wait(&NEVER);
     }

@@ -6,10 +6,12 @@ use core::fmt;
 use crate::rt::bootinfo::BootInfo;
 use crate::rt::Fail;
 
+mod apf;
 mod dirty;
 mod fault;
 mod hello;
 mod idle;
+mod ksm;
 mod memtest;
 
 /// What a suite gets: boot information and the machine as set up by the runtime.
@@ -52,9 +54,11 @@ pub struct Suite {
 
 static SUITES: &[Suite] = &[
     hello::SUITE,
+    apf::SUITE,
     memtest::SUITE,
     dirty::SUITE,
     idle::SUITE,
+    ksm::SUITE,
     fault::SUITE,
 ];
 

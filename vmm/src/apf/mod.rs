@@ -1,0 +1,296 @@
+//! tern-owned paravirtual async page faults (`--async-pf tern`). Guest accesses to the async-PF
+//! MSRs exit to tern (KVM_X86_SET_MSR_FILTER), which validates them as KVM would and keeps per-vCPU
+//! state. The injection path: a vCPU that faults on a missing lazy page is kicked out of KVM_RUN;
+//! if it is at CPL3 with IF=1 it gets PAGE_NOT_PRESENT (#PF, CR2 = token) and runs on; once the
+//! page is in place it gets PAGE_READY (token in the shared area, the guest's vector through the
+//! in-kernel LAPIC), one outstanding at a time until the guest ACKs.
+
+pub mod msr;
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::kvm_msi;
+use kvm_ioctls::{Cap, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd};
+use serde::Serialize;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::lazy::FaultObserver;
+use crate::memory::GuestMemory;
+use msr::*;
+
+pub const KVM_PV_REASON_PAGE_NOT_PRESENT: u32 = 1;
+/// A PAGE_READY with this token wakes every waiter.
+pub const WAKE_ALL: u32 = !0;
+const PF_VECTOR: u8 = 14;
+const RFLAGS_IF: u64 = 1 << 9;
+const APIC_MSI_BASE: u32 = 0xfee0_0000;
+/// KVM_MSR_EXIT_REASON_FILTER: exit to userspace on MSR accesses the filter denies.
+const MSR_EXIT_REASON_FILTER: u64 = 1 << 2;
+
+/// Who owns the async-PF protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AsyncPfMode {
+    Kvm,
+    Tern,
+    Off,
+}
+
+impl std::str::FromStr for AsyncPfMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kvm" => Ok(AsyncPfMode::Kvm),
+            "tern" => Ok(AsyncPfMode::Tern),
+            "off" => Ok(AsyncPfMode::Off),
+            _ => Err(format!("--async-pf: `{s}` is not one of kvm, tern, off")),
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct ApfStats {
+    pub not_present: AtomicU64,
+    pub ready: AtomicU64,
+    pub acks: AtomicU64,
+    /// Faults where the vCPU could not take an async PF (CPL0, IF=0, not enabled) and waited.
+    pub blocked: AtomicU64,
+}
+
+#[derive(Default)]
+struct VcpuApf {
+    en: u64,
+    vector: u64,
+    tid: u32,
+    thread: Option<libc::pthread_t>,
+    next_token: u32,
+    /// Faults the vCPU thread has not decided on yet: (token, gpa).
+    mailbox: VecDeque<(u32, u64)>,
+    /// PAGE_NOT_PRESENT injected, waiting for the page: (token, gpa).
+    injected: Vec<(u32, u64)>,
+    ready_queue: VecDeque<u32>,
+    outstanding: bool,
+}
+
+impl VcpuApf {
+    fn enabled(&self) -> bool {
+        self.en & (EN_ENABLED | EN_DELIVERY_AS_INT) == EN_ENABLED | EN_DELIVERY_AS_INT
+    }
+    fn area(&self) -> u64 {
+        self.en & AREA_MASK
+    }
+}
+
+pub struct ApfController {
+    vcpus: Vec<Mutex<VcpuApf>>,
+    mem: GuestMemory,
+    vm_fd: Arc<VmFd>,
+    present: Mutex<HashSet<u64>>,
+    pub stats: ApfStats,
+}
+
+/// Makes guest accesses to the async-PF MSRs exit to tern.
+pub fn install_msr_filter(vm_fd: &VmFd) -> Result<(), kvm_ioctls::Error> {
+    let cap = kvm_bindings::kvm_enable_cap {
+        cap: Cap::X86UserSpaceMsr as u32,
+        args: [MSR_EXIT_REASON_FILTER, 0, 0, 0],
+        ..Default::default()
+    };
+    vm_fd.enable_cap(&cap)?;
+    // MSRs 0x4b564d02..=0x4b564d07: bit set = allowed to KVM; EN, INT and ACK are denied.
+    let bitmap = [0b0000_1110u8];
+    let range = MsrFilterRange {
+        flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+        base: MSR_KVM_ASYNC_PF_EN,
+        msr_count: 6,
+        bitmap: &bitmap,
+    };
+    vm_fd.set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range])
+}
+
+impl ApfController {
+    pub fn new(vcpus: u8, mem: GuestMemory, vm_fd: Arc<VmFd>) -> Self {
+        ApfController {
+            vcpus: (0..vcpus).map(|_| Mutex::new(VcpuApf::default())).collect(),
+            mem,
+            vm_fd,
+            present: Mutex::new(HashSet::new()),
+            stats: ApfStats::default(),
+        }
+    }
+
+    fn vcpu(&self, id: u8) -> Option<std::sync::MutexGuard<'_, VcpuApf>> {
+        self.vcpus.get(id as usize).map(|m| devices::bus::lock(m))
+    }
+
+    /// Called by each vCPU thread as it starts, so faults can be traced back to it.
+    pub fn register_thread(&self, id: u8) {
+        if let Some(mut v) = self.vcpu(id) {
+            // SAFETY: gettid and pthread_self have no preconditions.
+            v.tid = unsafe { libc::gettid() } as u32;
+            // SAFETY: as above.
+            v.thread = Some(unsafe { libc::pthread_self() });
+        }
+    }
+
+    pub fn rdmsr(&self, id: u8, index: u32) -> Option<u64> {
+        let v = self.vcpu(id)?;
+        match index {
+            MSR_KVM_ASYNC_PF_EN => Some(v.en),
+            MSR_KVM_ASYNC_PF_INT => Some(v.vector),
+            MSR_KVM_ASYNC_PF_ACK => Some(0),
+            _ => None,
+        }
+    }
+
+    /// Handles a guest MSR write; Err means the guest gets #GP.
+    pub fn wrmsr(&self, id: u8, index: u32, data: u64) -> Result<(), Refused> {
+        let Some(mut v) = self.vcpu(id) else {
+            return Err(Refused::Reserved);
+        };
+        match index {
+            MSR_KVM_ASYNC_PF_INT => {
+                check_vector(data)?;
+                v.vector = data;
+            }
+            MSR_KVM_ASYNC_PF_EN => {
+                let in_ram = |gpa: u64| {
+                    self.mem.address_in_range(GuestAddress(gpa))
+                        && self.mem.address_in_range(GuestAddress(gpa + 63))
+                };
+                check_enable(data, v.vector, in_ram)?;
+                v.en = data;
+                v.mailbox.clear();
+                v.injected.clear();
+                v.ready_queue.clear();
+                v.outstanding = false;
+                if v.enabled() {
+                    // As KVM does on (re-)enable: wake every waiter the guest may still have.
+                    v.ready_queue.push_back(WAKE_ALL);
+                    self.deliver_ready(id, &mut v);
+                }
+            }
+            MSR_KVM_ASYNC_PF_ACK => {
+                if data & 1 != 0 {
+                    self.stats.acks.fetch_add(1, Ordering::Relaxed);
+                    v.outstanding = false;
+                    self.deliver_ready(id, &mut v);
+                }
+            }
+            _ => return Err(Refused::Reserved),
+        }
+        Ok(())
+    }
+
+    /// Sends the next queued PAGE_READY if none is outstanding.
+    fn deliver_ready(&self, id: u8, v: &mut VcpuApf) {
+        if v.outstanding || !v.enabled() {
+            return;
+        }
+        let Some(token) = v.ready_queue.pop_front() else {
+            return;
+        };
+        if let Err(e) = self.mem.write_obj(token, GuestAddress(v.area() + 4)) {
+            log::warn!("vcpu {id}: async PF area write failed: {e}");
+            return;
+        }
+        let msi = kvm_msi {
+            address_lo: APIC_MSI_BASE | (u32::from(id) << 12),
+            data: v.vector as u32,
+            ..Default::default()
+        };
+        match self.vm_fd.signal_msi(msi) {
+            Ok(_) => {
+                v.outstanding = true;
+                self.stats.ready.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => log::warn!("vcpu {id}: PAGE_READY interrupt failed: {e}"),
+        }
+    }
+
+    /// Runs on the vCPU's own thread after it was kicked out of KVM_RUN: turns waiting faults into
+    /// PAGE_NOT_PRESENT where the guest can take one; otherwise the vCPU simply waits.
+    pub fn service(&self, id: u8, fd: &VcpuFd) {
+        let Some(mut v) = self.vcpu(id) else { return };
+        while let Some((token, gpa)) = v.mailbox.pop_front() {
+            if devices::bus::lock(&self.present).contains(&gpa) {
+                continue;
+            }
+            if !v.enabled() || !self.page_not_present(fd, v.area(), token) {
+                self.stats.blocked.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            self.stats.not_present.fetch_add(1, Ordering::Relaxed);
+            v.injected.push((token, gpa));
+        }
+    }
+
+    /// Injects PAGE_NOT_PRESENT if the vCPU is at CPL3 with IF=1 and no event is in flight.
+    fn page_not_present(&self, fd: &VcpuFd, area: u64, token: u32) -> bool {
+        let (Ok(regs), Ok(mut sregs), Ok(mut events)) =
+            (fd.get_regs(), fd.get_sregs(), fd.get_vcpu_events())
+        else {
+            return false;
+        };
+        let busy = events.exception.injected != 0
+            || events.exception.pending != 0
+            || events.interrupt.injected != 0
+            || events.nmi.injected != 0;
+        if sregs.cs.selector & 3 != 3 || regs.rflags & RFLAGS_IF == 0 || busy {
+            return false;
+        }
+        if self
+            .mem
+            .write_obj(KVM_PV_REASON_PAGE_NOT_PRESENT, GuestAddress(area))
+            .is_err()
+        {
+            return false;
+        }
+        sregs.cr2 = u64::from(token);
+        events.exception.injected = 1;
+        events.exception.nr = PF_VECTOR;
+        events.exception.has_error_code = 1;
+        events.exception.error_code = 0;
+        fd.set_sregs(&sregs).is_ok() && fd.set_vcpu_events(&events).is_ok()
+    }
+}
+
+impl FaultObserver for ApfController {
+    fn fault(&self, tid: u32, gpa: u64) {
+        for (id, m) in self.vcpus.iter().enumerate() {
+            let mut v = devices::bus::lock(m);
+            if v.tid != tid || !v.enabled() {
+                continue;
+            }
+            v.next_token = v.next_token.wrapping_add(1);
+            // Like KVM: a per-vCPU counter with the vCPU id in the low bits.
+            let token = (v.next_token << 12) | id as u32;
+            v.mailbox.push_back((token, gpa));
+            if let Some(t) = v.thread {
+                // SAFETY: `t` is the live vCPU thread (it registered itself and runs until the VM
+                // ends); the signal's handler does nothing.
+                unsafe { libc::pthread_kill(t, vmm_sys_util::signal::SIGRTMIN()) };
+            }
+        }
+    }
+
+    fn placed(&self, gpa: u64) {
+        devices::bus::lock(&self.present).insert(gpa);
+        for (id, m) in self.vcpus.iter().enumerate() {
+            let mut v = devices::bus::lock(m);
+            let before = v.injected.len();
+            let tokens: Vec<u32> = v
+                .injected
+                .iter()
+                .filter(|(_, g)| *g == gpa)
+                .map(|(t, _)| *t)
+                .collect();
+            v.injected.retain(|(_, g)| *g != gpa);
+            if v.injected.len() != before {
+                v.ready_queue.extend(tokens);
+                self.deliver_ready(id as u8, &mut v);
+            }
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Lazy guest memory: RAM registered with userfaultfd (MISSING), filled on first touch from a
+//! [`PageSource`] by a fault thread. Async page faults hang off the [`FaultObserver`] hook.
+
+pub mod source;
+pub mod uffd;
+
+use std::collections::HashSet;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+pub use source::{FileSource, PageSource};
+use uffd::{Fault, Userfaultfd, NEEDED_RANGE_IOCTLS, UFFD_FEATURE_THREAD_ID};
+
+use crate::memory::GuestMemory;
+
+pub const PAGE: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    #[error("userfaultfd is not usable here: {0} (lazy memory needs it; as root, or with vm.unprivileged_userfaultfd=1)")]
+    Open(std::io::Error),
+    #[error("userfaultfd lacks a feature tern needs: {0}")]
+    Missing(&'static str),
+    #[error("registering guest RAM with userfaultfd: {0}")]
+    Register(std::io::Error),
+    #[error("starting the fault thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Told about every fault and every placed page (tern's async-PF path).
+pub trait FaultObserver: Send + Sync {
+    /// A thread faulted on guest page `gpa` (tern may start an async page fault here).
+    fn fault(&self, tid: u32, gpa: u64);
+    /// Guest page `gpa` is now present.
+    fn placed(&self, gpa: u64);
+}
+
+#[derive(Debug, Default)]
+pub struct LazyStats {
+    pub faults: AtomicU64,
+    pub pages: AtomicU64,
+    pub fault_to_placed_ns: AtomicU64,
+}
+
+/// (guest physical, host virtual, length) of one RAM region.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    gpa: u64,
+    hva: u64,
+    len: u64,
+}
+
+pub struct LazyMemory {
+    pub stats: Arc<LazyStats>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Registers all of `mem` and starts the fault thread. Pages already present (what tern loaded)
+/// never fault; every other page comes from `source` on first touch.
+pub fn start(
+    mem: &GuestMemory,
+    source: Box<dyn PageSource>,
+    observer: Option<Arc<dyn FaultObserver>>,
+) -> Result<LazyMemory, LazyError> {
+    let uffd = Userfaultfd::new(UFFD_FEATURE_THREAD_ID).map_err(LazyError::Open)?;
+    if uffd.features & UFFD_FEATURE_THREAD_ID == 0 {
+        return Err(LazyError::Missing("UFFD_FEATURE_THREAD_ID"));
+    }
+    let spans: Vec<Span> = mem
+        .iter()
+        .map(|r| Span {
+            gpa: r.start_addr().0,
+            hva: r.as_ptr() as u64,
+            len: r.len(),
+        })
+        .collect();
+    for s in &spans {
+        let ioctls = uffd.register(s.hva, s.len).map_err(LazyError::Register)?;
+        if ioctls & NEEDED_RANGE_IOCTLS != NEEDED_RANGE_IOCTLS {
+            return Err(LazyError::Missing(
+                "UFFDIO_COPY/ZEROPAGE/WAKE on anonymous memory",
+            ));
+        }
+    }
+    let stats = Arc::new(LazyStats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = FaultWorker {
+        uffd,
+        spans,
+        source,
+        observer,
+        stats: stats.clone(),
+        stop: stop.clone(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("uffd-faults".into())
+        .spawn(move || worker.run())
+        .map_err(LazyError::Thread)?;
+    Ok(LazyMemory {
+        stats,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+impl Drop for LazyMemory {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct FaultWorker {
+    uffd: Userfaultfd,
+    spans: Vec<Span>,
+    source: Box<dyn PageSource>,
+    observer: Option<Arc<dyn FaultObserver>>,
+    stats: Arc<LazyStats>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FaultWorker {
+    fn gpa_of(&self, hva: u64) -> Option<(u64, u64)> {
+        self.spans
+            .iter()
+            .find(|s| hva >= s.hva && hva < s.hva + s.len)
+            .map(|s| (s.gpa + (hva - s.hva), hva))
+    }
+
+    fn run(mut self) {
+        let mut faults: Vec<Fault> = Vec::new();
+        let mut page = vec![0u8; PAGE as usize];
+        let mut done: HashSet<u64> = HashSet::new();
+        while !self.stop.load(Ordering::SeqCst) {
+            let mut pfd = libc::pollfd {
+                fd: self.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: polls one valid descriptor for up to 100 ms.
+            let n = unsafe { libc::poll(&mut pfd, 1, 100) };
+            if n <= 0 {
+                continue;
+            }
+            faults.clear();
+            if let Err(e) = self.uffd.read_faults(&mut faults) {
+                log::error!("userfaultfd read failed: {e}");
+                return;
+            }
+            for f in &faults {
+                let hva = f.address & !(PAGE - 1);
+                let Some((gpa, hva)) = self.gpa_of(hva) else {
+                    log::error!("fault outside guest RAM at {:#x}", f.address);
+                    continue;
+                };
+                let start = Instant::now();
+                // A fault on a page placed already is a waiter that raced the copy.
+                if done.contains(&gpa) {
+                    let _ = self.uffd.wake(hva, PAGE);
+                    continue;
+                }
+                self.stats.faults.fetch_add(1, Ordering::Relaxed);
+                if let Some(o) = &self.observer {
+                    o.fault(f.tid, gpa);
+                }
+                let placed = match self.source.fetch(gpa, &mut page) {
+                    Ok(true) => self.uffd.copy(hva, &page),
+                    Ok(false) => self.uffd.zeropage(hva, PAGE),
+                    Err(e) => {
+                        log::error!("page source failed for {gpa:#x}: {e}; placing zeros");
+                        self.uffd.zeropage(hva, PAGE)
+                    }
+                };
+                if let Err(e) = placed {
+                    log::error!("placing guest page {gpa:#x}: {e}");
+                    continue;
+                }
+                done.insert(gpa);
+                self.stats.pages.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .fault_to_placed_ns
+                    .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                if let Some(o) = &self.observer {
+                    o.placed(gpa);
+                }
+            }
+        }
+    }
+}
+
+/// Mean fault-to-placed latency so far.
+pub fn mean_latency(stats: &LazyStats) -> Duration {
+    let pages = stats.pages.load(Ordering::Relaxed).max(1);
+    Duration::from_nanos(stats.fault_to_placed_ns.load(Ordering::Relaxed) / pages)
+}
