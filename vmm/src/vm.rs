@@ -283,6 +283,7 @@ impl Vm {
         for v in &inner.vcpus {
             v.stop();
         }
+        report_lazy(&inner);
         result.map_err(VmError::EventLoop)
     }
 }
@@ -291,6 +292,29 @@ impl Vm {
 /// when it is larger; 0 when the capability is absent).
 fn xsave_fits(vm_fd: &VmFd) -> bool {
     vm_fd.check_extension(Cap::Xsave) && vm_fd.check_extension_int(Cap::Xsave2) <= 4096
+}
+
+/// Figures for lazy memory and tern's async page faults, printed when the VM ends.
+fn report_lazy(inner: &VmInner) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(lazy) = &inner.lazy else { return };
+    let s = &lazy.stats;
+    eprintln!(
+        "tern: lazy memory: {} faults, {} pages placed, mean fault-to-ready {:.1} us",
+        s.faults.load(Relaxed),
+        s.pages.load(Relaxed),
+        lazy::mean_latency(s).as_secs_f64() * 1e6
+    );
+    if let Some(apf) = &inner.apf {
+        let a = &apf.stats;
+        eprintln!(
+            "tern: async PF (tern): {} not-present, {} ready, {} acks, {} faults the vCPU waited out",
+            a.not_present.load(Relaxed),
+            a.ready.load(Relaxed),
+            a.acks.load(Relaxed),
+            a.blocked.load(Relaxed)
+        );
+    }
 }
 
 /// The CPUID template of an incoming VM: the source's, if this host's KVM can honour it.

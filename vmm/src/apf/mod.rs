@@ -90,8 +90,21 @@ pub struct ApfController {
     pub stats: ApfStats,
 }
 
-/// Makes guest accesses to the async-PF MSRs exit to tern.
+/// KVM_X86_DISABLE_EXITS_HLT.
+const DISABLE_EXITS_HLT: u64 = 1 << 1;
+
+/// Prepares the VM for tern-owned async PF (before any vCPU exists): guest accesses to the
+/// async-PF MSRs exit to tern, and KVM's own fallback for guests without PV async PF is turned
+/// off. That fallback ("artificial halt": the vCPU halts in KVM while a kernel worker takes the
+/// fault) would hide the fault from tern, which needs it on the vCPU's own thread; KVM skips it
+/// when HLT does not exit.
 pub fn install_msr_filter(vm_fd: &VmFd) -> Result<(), kvm_ioctls::Error> {
+    let hlt = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_X86_DISABLE_EXITS,
+        args: [DISABLE_EXITS_HLT, 0, 0, 0],
+        ..Default::default()
+    };
+    vm_fd.enable_cap(&hlt)?;
     let cap = kvm_bindings::kvm_enable_cap {
         cap: Cap::X86UserSpaceMsr as u32,
         args: [MSR_EXIT_REASON_FILTER, 0, 0, 0],
@@ -217,6 +230,7 @@ impl ApfController {
             if devices::bus::lock(&self.present).contains(&gpa) {
                 continue;
             }
+            log::debug!("apf: vcpu {id} deciding on token {token:#x} for {gpa:#x}");
             if !v.enabled() || !self.page_not_present(fd, v.area(), token) {
                 self.stats.blocked.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -261,6 +275,11 @@ impl FaultObserver for ApfController {
         for (id, m) in self.vcpus.iter().enumerate() {
             let mut v = devices::bus::lock(m);
             if v.tid != tid || !v.enabled() {
+                log::debug!(
+                    "apf: fault {gpa:#x} by tid {tid}: vcpu {id} (tid {}, enabled {})",
+                    v.tid,
+                    v.enabled()
+                );
                 continue;
             }
             v.next_token = v.next_token.wrapping_add(1);

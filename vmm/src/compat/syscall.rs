@@ -3,25 +3,30 @@
 //! A 64-bit `syscall` executed by guest user code (CPL3) is not completed by the hypervisor here:
 //! the vCPU arrives at the guest's MSR_LSTAR target with RIP switched but CS/SS and RFLAGS still
 //! those of user mode, so its first instruction fetch from the (supervisor) kernel text faults
-//! (#PF, error 15) and the guest kills the process. tern finishes the transition itself:
+//! (#PF, error 0x15) and the guest kills the process. tern finishes the transition itself.
 //!
-//! 1. Every vCPU puts a hardware execute breakpoint (DR0, through KVM_SET_GUEST_DEBUG) on the
-//!    guest's LSTAR value as soon as one is known (its own LSTAR, or the one another vCPU saw:
-//!    an application processor may run user code before it ever exits to tern).
-//! 2. At the resulting `KVM_EXIT_DEBUG`, if RIP == LSTAR and CPL == 3, tern does what the
-//!    instruction should have done: CS = STAR[47:32] (64-bit code, DPL 0), SS = STAR[47:32] + 8,
-//!    RCX = return RIP, R11 = RFLAGS, RFLAGS &= ~SFMASK. RCX/R11 already hold the return address
-//!    and the user flags here (the hypervisor's own hardware `syscall` wrote them), and are kept.
-//!    RF is set so the breakpoint does not fire again on the same instruction, now at CPL0.
-//! 3. If the guest is seen at LSTAR at CPL0, the hypervisor completed the instruction itself
-//!    (a host with real VMX/SVM): the breakpoint is removed and never armed again in this
-//!    process. It is only armed at all on a host like this one ([`super::host_emulates_kernel_mode`]).
+//! A hardware breakpoint on the guest's entry point cannot be used: the hypervisor only loads
+//! breakpoints on guest addresses it considers the guest's own (the user half and its own
+//! kernel range), and drops one on 0xffffffff8xxxxxxx. So:
 //!
-//! Cost: one extra exit to tern per guest system call (the return uses `sysretq`, which the
-//! emulator runs). Only 64-bit `syscall` through LSTAR is handled; 32-bit entry (CSTAR, sysenter)
-//! is not.
+//! 1. tern moves LSTAR to the entry's *alias* in the user half: the low 47 bits of the kernel
+//!    address (`0xffffffff81400040` -> `0x7fff81400040`). The kernel address is recovered by
+//!    sign-extending bit 47 back in, so the MSR value alone says where the guest wants to go (a
+//!    snapshot or migration carries it as is).
+//! 2. Each vCPU puts an execute breakpoint on the alias (DR0, KVM_SET_GUEST_DEBUG). A code
+//!    breakpoint fires before the instruction fetch, so `syscall` now ends in KVM_EXIT_DEBUG.
+//! 3. There tern does what the instruction should have done: RIP = the kernel entry,
+//!    CS = STAR[47:32] (64-bit code, DPL 0), SS = STAR[47:32] + 8, RFLAGS = R11 & ~SFMASK.
+//!    RCX (return RIP) and R11 (user RFLAGS) already hold what `syscall` puts there: the
+//!    hypervisor's own hardware `syscall` wrote them.
+//!
+//! The guest reads LSTAR back as the alias; Linux never reads it. Nothing of this runs unless
+//! [`super::host_emulates_kernel_mode`]: on a host with VMX/SVM LSTAR is left alone.
+//!
+//! Cost: one exit to tern per guest system call, plus four vCPU ioctls. Only 64-bit `syscall`
+//! through LSTAR is handled; 32-bit entry (CSTAR, sysenter) is not.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use kvm_bindings::{
     kvm_debug_exit_arch, kvm_guest_debug, kvm_msr_entry, kvm_segment, Msrs, KVM_GUESTDBG_ENABLE,
@@ -34,33 +39,39 @@ const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 /// DR7: L0 and G0 (breakpoint 0 on), R/W0 = 00 (instruction), LEN0 = 00; bit 10 reads as one.
 const DR7_EXEC_BP0: u64 = 0x403;
-const RFLAGS_RF: u64 = 1 << 16;
 const RFLAGS_FIXED: u64 = 1 << 1;
+/// What `syscall`/`sysret` keep of RFLAGS (RF and VM are cleared).
+const RFLAGS_SYSRET_MASK: u64 = 0x3c_7fd7;
 const DB_VECTOR: u32 = 1;
+const USER_HALF_MASK: u64 = (1 << 47) - 1;
+const KERNEL_HALF: u64 = !USER_HALF_MASK;
 
-/// The LSTAR value last seen on any vCPU (0: none yet). tern runs one VM per process.
-static KNOWN_LSTAR: AtomicU64 = AtomicU64::new(0);
-/// Set when a vCPU was seen entering LSTAR at CPL0: the host completes `syscall` itself.
-static HOST_COMPLETES: AtomicBool = AtomicBool::new(false);
 /// Completed system calls, all vCPUs.
 pub static COMPLETED: AtomicU64 = AtomicU64::new(0);
+
+/// The user-half alias of a kernel entry point.
+pub fn alias_of(entry: u64) -> u64 {
+    entry & USER_HALF_MASK
+}
+
+/// The kernel entry point an alias stands for.
+pub fn entry_of(alias: u64) -> u64 {
+    alias | KERNEL_HALF
+}
 
 /// What a debug exit turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DebugOutcome {
     /// A system call was completed; the vCPU can run again.
     Completed,
-    /// The breakpoint was stale or the host completed `syscall` itself; nothing to do.
-    Resumed,
     /// Not our breakpoint: the caller decides (tern sets no other debug state).
     NotOurs,
 }
 
-/// Per-vCPU state: which address the breakpoint is on.
+/// Per-vCPU state: the alias the breakpoint is on (0: none).
 pub struct SyscallAssist {
     enabled: bool,
     armed: u64,
-    own_lstar: u64,
 }
 
 fn read_msrs(fd: &VcpuFd) -> Result<[u64; 3], kvm_ioctls::Error> {
@@ -77,13 +88,26 @@ fn read_msrs(fd: &VcpuFd) -> Result<[u64; 3], kvm_ioctls::Error> {
     Ok([s[0].data, s[1].data, s[2].data])
 }
 
-fn set_breakpoint(fd: &VcpuFd, addr: Option<u64>) -> Result<(), kvm_ioctls::Error> {
-    let mut dbg = kvm_guest_debug::default();
-    if let Some(addr) = addr {
-        dbg.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
-        dbg.arch.debugreg[0] = addr;
-        dbg.arch.debugreg[7] = DR7_EXEC_BP0;
+fn write_lstar(fd: &VcpuFd, value: u64) -> Result<(), kvm_ioctls::Error> {
+    let msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_LSTAR,
+        data: value,
+        ..Default::default()
+    }])
+    .map_err(|_| kvm_ioctls::Error::new(libc::E2BIG))?;
+    match fd.set_msrs(&msrs)? {
+        1 => Ok(()),
+        _ => Err(kvm_ioctls::Error::new(libc::EINVAL)),
     }
+}
+
+fn set_breakpoint(fd: &VcpuFd, addr: u64) -> Result<(), kvm_ioctls::Error> {
+    let mut dbg = kvm_guest_debug {
+        control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP,
+        ..Default::default()
+    };
+    dbg.arch.debugreg[0] = addr;
+    dbg.arch.debugreg[7] = DR7_EXEC_BP0;
     fd.set_guest_debug(&dbg)
 }
 
@@ -111,49 +135,46 @@ impl SyscallAssist {
         SyscallAssist {
             enabled: super::host_emulates_kernel_mode(),
             armed: 0,
-            own_lstar: 0,
         }
     }
 
-    /// Before each KVM_RUN: arms the breakpoint once an LSTAR value is known. Polls this vCPU's
-    /// LSTAR (one KVM_GET_MSRS) only until the guest has written it.
+    /// Before each KVM_RUN until armed: once the guest has written LSTAR, moves it to its alias
+    /// and puts the breakpoint there.
     pub fn before_run(&mut self, fd: &VcpuFd) {
-        if !self.enabled {
+        if !self.enabled || self.armed != 0 {
             return;
         }
-        if HOST_COMPLETES.load(Ordering::Relaxed) {
-            if self.armed != 0 {
-                if let Err(e) = set_breakpoint(fd, None) {
-                    log::warn!("syscall assist: clearing the breakpoint: {e}");
-                }
-            }
+        if let Err(e) = self.arm(fd) {
+            log::warn!("syscall assist: {e}; disabled");
             self.enabled = false;
-            return;
         }
-        if self.own_lstar == 0 {
-            if let Ok([_, lstar, _]) = read_msrs(fd) {
-                if lstar != 0 {
-                    self.own_lstar = lstar;
-                    KNOWN_LSTAR.store(lstar, Ordering::Relaxed);
-                }
+    }
+
+    fn arm(&mut self, fd: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
+        let [_, lstar, _] = read_msrs(fd)?;
+        if let Ok(v) = std::env::var("TERN_TEST_BP") {
+            if lstar != 0 {
+                let a = u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap_or(0);
+                set_breakpoint(fd, a)?;
+                self.armed = a;
+                log::info!("TEST: bp at {a:#x}");
             }
+            return Ok(());
         }
-        let target = match self.own_lstar {
-            0 => KNOWN_LSTAR.load(Ordering::Relaxed),
-            own => own,
-        };
-        if target != 0 && target != self.armed {
-            match set_breakpoint(fd, Some(target)) {
-                Ok(()) => {
-                    log::debug!("syscall assist: breakpoint on LSTAR {target:#x}");
-                    self.armed = target;
-                }
-                Err(e) => {
-                    log::warn!("syscall assist: KVM_SET_GUEST_DEBUG failed ({e}); disabled");
-                    self.enabled = false;
-                }
-            }
+        if lstar == 0 {
+            return Ok(());
         }
+        let alias = alias_of(lstar);
+        if lstar != alias {
+            write_lstar(fd, alias)?;
+        }
+        set_breakpoint(fd, alias)?;
+        log::debug!(
+            "syscall assist: LSTAR {:#x} -> alias {alias:#x}",
+            entry_of(alias)
+        );
+        self.armed = alias;
+        Ok(())
     }
 
     /// Handles a KVM_EXIT_DEBUG.
@@ -162,27 +183,16 @@ impl SyscallAssist {
         fd: &VcpuFd,
         exit: &kvm_debug_exit_arch,
     ) -> Result<DebugOutcome, kvm_ioctls::Error> {
+        log::info!("TEST: debug exit {exit:?}");
         if self.armed == 0 || exit.exception != DB_VECTOR {
             return Ok(DebugOutcome::NotOurs);
         }
         let [star, lstar, sfmask] = read_msrs(fd)?;
         let mut regs = fd.get_regs()?;
+        if regs.rip != lstar || lstar & KERNEL_HALF != 0 {
+            return Ok(DebugOutcome::NotOurs);
+        }
         let mut sregs = fd.get_sregs()?;
-        if lstar != self.armed {
-            // The guest moved its entry point: follow it, and let the stale hit go.
-            self.own_lstar = lstar;
-            KNOWN_LSTAR.store(lstar, Ordering::Relaxed);
-        }
-        if regs.rip != lstar || sregs.cs.selector & 3 == 0 {
-            if regs.rip == lstar {
-                log::info!("syscall assist: the host completes syscall itself; disabled");
-                HOST_COMPLETES.store(true, Ordering::Relaxed);
-            }
-            regs.rflags |= RFLAGS_RF;
-            fd.set_regs(&regs)?;
-            self.before_run(fd);
-            return Ok(DebugOutcome::Resumed);
-        }
         if COMPLETED.load(Ordering::Relaxed) < 3 {
             log::info!(
                 "syscall assist: rip={:#x} rcx={:#x} r11={:#x} rflags={:#x} rax={} cs={:#x} ss={:#x} dr6={:#x}",
@@ -193,7 +203,8 @@ impl SyscallAssist {
         sregs.cs = ring0_segment(cs, true);
         sregs.ss = ring0_segment(cs.wrapping_add(8), false);
         fd.set_sregs(&sregs)?;
-        regs.rflags = (regs.rflags & !sfmask & !RFLAGS_RF) | RFLAGS_FIXED | RFLAGS_RF;
+        regs.rip = entry_of(lstar);
+        regs.rflags = (regs.r11 & RFLAGS_SYSRET_MASK & !sfmask) | RFLAGS_FIXED;
         fd.set_regs(&regs)?;
         COMPLETED.fetch_add(1, Ordering::Relaxed);
         Ok(DebugOutcome::Completed)

@@ -239,7 +239,7 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::Intr) => self.after_kick(),
                 Ok(VcpuExit::Debug(arch)) => match syscall.handle_debug(&self.fd, &arch) {
-                    Ok(compat::DebugOutcome::Completed | compat::DebugOutcome::Resumed) => {}
+                    Ok(compat::DebugOutcome::Completed) => {}
                     Ok(compat::DebugOutcome::NotOurs) => {
                         let msg = format!(
                             "vcpu {}: unexpected debug exit {arch:?} ({})",

@@ -52,7 +52,6 @@ pub const REASON_PAGE_READY: u32 = 2;
 pub const TOKEN_WAKE_ALL: u32 = !0;
 
 const QUEUE_CAP: usize = 64;
-const UPCALL_STACK_SIZE: usize = 8192;
 
 /// `struct kvm_vcpu_pv_apf_data`.
 #[repr(C, align(64))]
@@ -85,12 +84,9 @@ static QUEUE: Queue = Queue {
     events: [const { AtomicU64::new(0) }; QUEUE_CAP],
 };
 
-/// The upcall's address (`UpcallFn`), 0 when no upcall is armed.
+/// The upcall's address (`UpcallFn`), 0 when no upcall is armed, and its stack's top.
 static UPCALL: AtomicU64 = AtomicU64::new(0);
-
-#[repr(C, align(16))]
-struct Stack([u8; UPCALL_STACK_SIZE]);
-static mut UPCALL_STACK: Stack = Stack([0; UPCALL_STACK_SIZE]);
+static UPCALL_STACK_TOP: AtomicU64 = AtomicU64::new(0);
 
 /// FPU/SSE state (`fxsave64` image).
 #[repr(C, align(16))]
@@ -232,8 +228,7 @@ tern_apf_ready:
 tern_apf_enter_upcall:
     movq %rsp, %rdi
     pushq ${uds}
-    leaq {stack} + {stack_size}(%rip), %rax
-    pushq %rax
+    pushq {stack_top}(%rip)
     pushq $0x3002
     pushq ${ucs}
     leaq tern_apf_upcall_entry(%rip), %rax
@@ -327,12 +322,11 @@ tern_apf_resume_ctx:
     cap = const QUEUE_CAP,
     uds = const USER_DS,
     ucs = const USER_CS,
-    stack_size = const UPCALL_STACK_SIZE,
     sys_resume = const sys::APF_RESUME,
     area = sym AREA,
     queue = sym QUEUE,
     upcall = sym UPCALL,
-    stack = sym UPCALL_STACK,
+    stack_top = sym UPCALL_STACK_TOP,
     fx = sym UPCALL_FX,
     options(att_syntax)
 );
@@ -377,9 +371,12 @@ pub fn disable() {
     AREA.enabled.store(0, Ordering::SeqCst);
 }
 
-/// Arms `upcall` for async-PF events at CPL3 (with none armed, a PAGE_NOT_PRESENT is fatal and
-/// a page-ready is only queued).
-pub fn arm(upcall: UpcallFn) {
+/// Arms `upcall` for async-PF events at CPL3, to run on the stack below `stack_top` (16-byte
+/// aligned; used by nothing else). With none armed, a PAGE_NOT_PRESENT is fatal and a
+/// page-ready is only queued.
+pub fn arm(upcall: UpcallFn, stack_top: u64) {
+    assert!(stack_top.is_multiple_of(16), "apf: misaligned upcall stack");
+    UPCALL_STACK_TOP.store(stack_top, Ordering::SeqCst);
     UPCALL.store(upcall as usize as u64, Ordering::SeqCst);
 }
 

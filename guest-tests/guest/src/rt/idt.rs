@@ -127,6 +127,16 @@ tern_isr_common:
     # #PF: an async page fault's PAGE_NOT_PRESENT (apf.rs), which falls back to tern_fault
     cmpq $14, %rax
     je tern_apf_pf
+    # #GP on the guarded wrmsr of sys::WRMSR_SAFE: resume at its fault label (returns 1).
+    cmpq $13, %rax
+    jne 2f
+    leaq tern_wrmsr_safe_insn(%rip), %rcx
+    cmpq %rcx, 136(%rsp)
+    jne 2f
+    leaq tern_wrmsr_safe_fault(%rip), %rcx
+    movq %rcx, 136(%rsp)
+    jmp tern_isr_return
+2:
     cmpq $32, %rax
     jb tern_fault
     # IRQ or IPI: count it for CPL3 code to see, then EOI (not for the spurious vector).
@@ -180,6 +190,8 @@ tern_syscall:
     je 80f
     cmpq ${sys_apf_resume}, %rax
     je tern_apf_resume
+    cmpq ${sys_wrmsr_safe}, %rax
+    je 55f
     movq $-1, %rax
     jmp 90f
 10: # wait: sleep unless *rdi != 0; an IRQ (own IST) wakes the hlt; IF is off again on return
@@ -227,6 +239,18 @@ tern_syscall:
     shrq $32, %rdx
     wrmsr
     xorl %eax, %eax
+    jmp 90f
+55: # wrmsr that survives #GP: rax = 0 when written, 1 when the CPU refused it
+    movl %edi, %ecx
+    movl %esi, %eax
+    movq %rsi, %rdx
+    shrq $32, %rdx
+tern_wrmsr_safe_insn:
+    wrmsr
+    xorl %eax, %eax
+    jmp 90f
+tern_wrmsr_safe_fault:
+    movl $1, %eax
     jmp 90f
 60:
     invlpg (%rdi)
@@ -365,6 +389,7 @@ tern_nested_msg_end:
     sys_write_cr3 = const sys::WRITE_CR3,
     sys_rdmsr = const sys::RDMSR,
     sys_wrmsr = const sys::WRMSR,
+    sys_wrmsr_safe = const sys::WRMSR_SAFE,
     sys_invlpg = const sys::INVLPG,
     sys_set_if = const sys::SET_IF,
     sys_cpuid = const sys::CPUID,

@@ -123,4 +123,6 @@ pub mod sys {
     pub const CPUID: u64 = 7;
     /// Resumes the saved context (`apf::Frame`) at RDI: `iretq` to it at CPL3 (rt/apf.rs).
     pub const APF_RESUME: u64 = 8;
+    /// MSR[RDI] = RSI, returning 1 instead of faulting when the CPU raises #GP (0 when written).
+    pub const WRMSR_SAFE: u64 = 9;
 }

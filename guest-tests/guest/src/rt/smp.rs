@@ -231,3 +231,19 @@ pub fn wait_idle(cpu: usize) -> Result<(), Fail> {
         ))
     }
 }
+
+/// Top (16-byte aligned) of the CPL3 stack of the `n`-th CPU slot that no CPU uses (slots
+/// `online()..MAX_CPUS`), for other contexts that need a stack inside the image (e.g. the apf
+/// suite's tasks); None when there are not that many.
+pub fn spare_user_stack(n: usize) -> Option<u64> {
+    extern "C" {
+        static tern_user_stacks: [u8; USER_STACK_SIZE * MAX_CPUS];
+    }
+    let slot = online() + n;
+    if slot >= MAX_CPUS {
+        return None;
+    }
+    // Only the address is taken; CPU slot `slot` (< MAX_CPUS) never started, so its stack is free.
+    let base = core::ptr::addr_of!(tern_user_stacks) as u64;
+    Some(base + ((slot + 1) * USER_STACK_SIZE) as u64)
+}

@@ -106,3 +106,10 @@ pub fn set_interrupts(on: bool) {
     // SAFETY: only the caller's RFLAGS.IF changes; the IDT handles every vector.
     unsafe { syscall(sys::SET_IF, on as u64, 0) };
 }
+
+/// Writes an MSR; false when the write raised #GP (caught, not fatal).
+pub fn wrmsr_safe(msr: u32, value: u64) -> bool {
+    // SAFETY: the CPL0 side catches #GP on this one instruction; callers only probe MSRs whose
+    // successful writes they are prepared for.
+    unsafe { syscall(sys::WRMSR_SAFE, msr as u64, value) == 0 }
+}

@@ -20,7 +20,8 @@ mod selftest;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::{Env, Suite};
-use crate::rt::{apf, cpu, Fail};
+use crate::rt::platform::{MAX_CPUS, USER_STACK_SIZE};
+use crate::rt::{apf, cpu, smp, Fail};
 
 pub const SUITE: Suite = Suite { name: "apf", run };
 
@@ -55,7 +56,7 @@ fn run(env: &Env) -> Result<(), Fail> {
         return Err(crate::fail!("pages={pages} must be in 1..={MAX_PAGES}"));
     }
     let end = lazy + pages * PAGE;
-    if lazy % PAGE != 0 || lazy < env.image_end() {
+    if !lazy.is_multiple_of(PAGE) || lazy < env.image_end() {
         return Err(crate::fail!(
             "lazy={lazy:#x} must be page aligned and above the image (ends {:#x})",
             env.image_end()
@@ -68,7 +69,11 @@ fn run(env: &Env) -> Result<(), Fail> {
     PAGES.store(pages, Ordering::Relaxed);
     SELFTEST.store(selftest, Ordering::Relaxed);
     TSC_KHZ.store(
-        if env.tsc_khz == 0 { 3_000_000 } else { env.tsc_khz },
+        if env.tsc_khz == 0 {
+            3_000_000
+        } else {
+            env.tsc_khz
+        },
         Ordering::Relaxed,
     );
 
@@ -83,7 +88,9 @@ fn run(env: &Env) -> Result<(), Fail> {
         }
     );
     if expect_async && !on {
-        return Err(crate::fail!("expect_async=1 but CPUID does not offer async PF"));
+        return Err(crate::fail!(
+            "expect_async=1 but CPUID does not offer async PF"
+        ));
     }
     if on {
         apf::enable(features);
@@ -93,14 +100,30 @@ fn run(env: &Env) -> Result<(), Fail> {
     } else {
         None
     };
+    // Stacks: those of CPUs that are not online (in the image's bss). tern does not populate
+    // bss, so they are touched here first, with IF = 0 (a lazy page then just blocks): a
+    // task's first stack touch would otherwise be an async fault of its own.
+    let stack = |i: usize| {
+        let top = smp::spare_user_stack(i).ok_or_else(|| {
+            crate::fail!(
+                "needs 4 spare CPU stacks: run with at most {} vCPUs",
+                MAX_CPUS - 4
+            )
+        })?;
+        for page in (top - USER_STACK_SIZE as u64..top).step_by(PAGE as usize) {
+            // SAFETY: a stack no CPU uses (spare_user_stack), in the image, identity mapped.
+            unsafe { core::ptr::read_volatile(page as *const u64) };
+        }
+        Ok::<u64, Fail>(top)
+    };
     sched::init(&COMPUTE, 0, hook);
-    sched::spawn(toucher, true);
+    sched::spawn(toucher, true, stack(0)?);
     if selftest {
-        sched::spawn(selftest::waiter, true);
+        sched::spawn(selftest::waiter, true, stack(1)?);
     }
-    sched::spawn(compute, false);
+    sched::spawn(compute, false, stack(2)?);
     let t0 = cpu::rdtsc();
-    sched::run();
+    sched::run(stack(3)?);
     let ms = (cpu::rdtsc() - t0) / TSC_KHZ.load(Ordering::Relaxed);
     if on {
         apf::disable();
@@ -129,7 +152,10 @@ fn run(env: &Env) -> Result<(), Fail> {
         apf::lost()
     );
     if apf::lost() != 0 {
-        return Err(crate::fail!("{} async-PF events lost (queue full)", apf::lost()));
+        return Err(crate::fail!(
+            "{} async-PF events lost (queue full)",
+            apf::lost()
+        ));
     }
     if s.faults != s.parked + s.ready_first {
         return Err(crate::fail!(
@@ -200,11 +226,11 @@ fn compute(_: usize) {
     loop {
         n += 1;
         COMPUTE.store(n, Ordering::Relaxed);
-        if n % 4096 == 0 {
+        if n.is_multiple_of(4096) {
             if selftest {
                 selftest::host_step();
             }
-            if n % (1 << 20) == 0 {
+            if n.is_multiple_of(1 << 20) {
                 check_timeout();
             }
         }

@@ -97,7 +97,11 @@ fn for_each_piece(
     mut f: impl FnMut(u64, u64, usize) -> Option<(u64, u64)>,
 ) -> Option<(u64, u64)> {
     let mut base_page = 0u64;
-    for r in JOB.ranges.iter().take(JOB.nranges.load(Ordering::Acquire) as usize) {
+    for r in JOB
+        .ranges
+        .iter()
+        .take(JOB.nranges.load(Ordering::Acquire) as usize)
+    {
         let (start, pages) = (r.0.load(Ordering::Relaxed), r.1.load(Ordering::Relaxed));
         let (lo, hi) = (p0.max(base_page), p1.min(base_page + pages));
         if lo < hi {
@@ -113,7 +117,10 @@ fn for_each_piece(
 
 /// One allocator's share of the job.
 fn work_allocator(a: usize) {
-    let (op, arg) = (JOB.op.load(Ordering::Acquire), JOB.arg.load(Ordering::Relaxed));
+    let (op, arg) = (
+        JOB.op.load(Ordering::Acquire),
+        JOB.arg.load(Ordering::Relaxed),
+    );
     let (k, pages) = (
         JOB.allocators.load(Ordering::Relaxed),
         JOB.pages.load(Ordering::Relaxed),
@@ -217,7 +224,8 @@ impl Allocator {
         let cpus = self.cpus.min(self.allocators);
         JOB.op.store(op as u64, Ordering::Relaxed);
         JOB.arg.store(arg, Ordering::Relaxed);
-        JOB.allocators.store(self.allocators as u64, Ordering::Relaxed);
+        JOB.allocators
+            .store(self.allocators as u64, Ordering::Relaxed);
         JOB.cpus.store(cpus as u64, Ordering::Relaxed);
         JOB.done.store(0, Ordering::Relaxed);
         JOB.all_done.store(0, Ordering::Release);
@@ -242,11 +250,8 @@ impl Allocator {
                 ));
             }
         }
-        Ok(if self.tsc_khz == 0 {
-            0
-        } else {
-            cycles * 1000 / self.tsc_khz
-        })
+        // 0 when the TSC rate is unknown (the host then reports no MB/s).
+        Ok((cycles * 1000).checked_div(self.tsc_khz).unwrap_or(0))
     }
 
     fn mib(&self) -> u64 {

@@ -7,6 +7,7 @@ use crate::rt::bootinfo::BootInfo;
 use crate::rt::Fail;
 
 mod apf;
+mod apfmsr;
 mod dirty;
 mod fault;
 mod hello;
@@ -55,6 +56,7 @@ pub struct Suite {
 static SUITES: &[Suite] = &[
     hello::SUITE,
     apf::SUITE,
+    apfmsr::SUITE,
     memtest::SUITE,
     dirty::SUITE,
     idle::SUITE,

@@ -19,7 +19,6 @@ use crate::rt::{cpu, user};
 
 pub const MAX_TASKS: usize = 3;
 const SLOTS: usize = 16;
-const STACK_SIZE: usize = 8192;
 const RFLAGS_IF: u64 = 0x200;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -87,11 +86,6 @@ struct Sched {
     on_fault: Option<fn(u32, bool)>,
 }
 
-#[repr(C, align(16))]
-struct Stack([u8; STACK_SIZE]);
-
-static mut STACKS: [Stack; MAX_TASKS] = [const { Stack([0; STACK_SIZE]) }; MAX_TASKS];
-
 static mut SCHED: Sched = Sched {
     tasks: [Task {
         ctx: Context::ZERO,
@@ -145,9 +139,9 @@ pub fn init(compute: &'static AtomicU64, watch: usize, on_fault: Option<fn(u32, 
     s.on_fault = on_fault;
 }
 
-/// Adds a task that runs `body(index)` at CPL3 with IF = 1 on its own stack. Tasks run in the
-/// order they were spawned.
-pub fn spawn(body: fn(usize), essential: bool) -> usize {
+/// Adds a task that runs `body(index)` at CPL3 with IF = 1 on the stack below `stack_top`
+/// (16-byte aligned, the task's own). Tasks run in the order they were spawned.
+pub fn spawn(body: fn(usize), essential: bool, stack_top: u64) -> usize {
     let s = sched();
     let i = s.ntasks;
     assert!(i < MAX_TASKS, "apf: too many tasks");
@@ -160,11 +154,9 @@ pub fn spawn(body: fn(usize), essential: bool) -> usize {
         parked_compute: 0,
     };
     apf::fxsave(&mut t.ctx.fx);
-    // SAFETY: only the address of task i's stack is taken; the task is its sole user.
-    let top = unsafe { addr_of_mut!(STACKS[i]) } as u64 + STACK_SIZE as u64;
     let f = &mut t.ctx.frame;
     f.rip = task_start as extern "C" fn(u64, u64) -> ! as usize as u64;
-    f.rsp = top - 8;
+    f.rsp = stack_top - 8;
     f.rdi = body as usize as u64;
     f.rsi = i as u64;
     f.rflags = 0x3002 | RFLAGS_IF;
@@ -173,10 +165,10 @@ pub fn spawn(body: fn(usize), essential: bool) -> usize {
     i
 }
 
-/// Arms the upcall and runs the tasks until every essential one has finished (IF = 0 before
-/// and after).
-pub fn run() {
-    apf::arm(upcall);
+/// Arms the upcall (on the stack below `upcall_stack_top`) and runs the tasks until every
+/// essential one has finished (IF = 0 before and after).
+pub fn run(upcall_stack_top: u64) {
+    apf::arm(upcall, upcall_stack_top);
     // SAFETY: main's context is a static; `start` runs on this stack below the capture point
     // and never returns; the last essential task's exit resumes the context, returning here.
     unsafe { apf::capture(addr_of_mut!(SCHED.main), start, 0) };
@@ -190,8 +182,16 @@ pub fn stats() -> Stats {
 /// Tokens still in the sleeper table: (sleepers, ready-first entries).
 pub fn leftovers() -> (usize, usize) {
     let s = sched();
-    let sleepers = s.slots.iter().filter(|x| matches!(x, Slot::Sleeper { .. })).count();
-    let ready = s.slots.iter().filter(|x| matches!(x, Slot::ReadyFirst { .. })).count();
+    let sleepers = s
+        .slots
+        .iter()
+        .filter(|x| matches!(x, Slot::Sleeper { .. }))
+        .count();
+    let ready = s
+        .slots
+        .iter()
+        .filter(|x| matches!(x, Slot::ReadyFirst { .. }))
+        .count();
     (sleepers, ready)
 }
 
@@ -213,7 +213,9 @@ extern "C" fn task_start(body: u64, index: u64) -> ! {
 extern "C" fn upcall(frame: *const Frame, fx: *const Fx) -> ! {
     let s = sched();
     let Some(t) = s.current.take() else {
-        crate::rt::finish(Err(crate::fail!("apf: async-PF event with no task running")));
+        crate::rt::finish(Err(crate::fail!(
+            "apf: async-PF event with no task running"
+        )));
     };
     // SAFETY: the CPL0 entry passed the interrupted frame (on its IST stack, which nothing
     // reuses before the next event, and none comes while IF = 0) and the FPU state that

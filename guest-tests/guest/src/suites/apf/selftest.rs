@@ -149,7 +149,9 @@ pub fn check(s: &Stats, pages: u64) -> Result<(), Fail> {
         }
     }
     if s.compute_during_waits == 0 {
-        return Err(Fail::from("selftest: no compute progress while T was parked"));
+        return Err(Fail::from(
+            "selftest: no compute progress while T was parked",
+        ));
     }
     Ok(())
 }

@@ -1,0 +1,130 @@
+//! Async page faults with lazy guest memory, in kvm, tern and off modes, with the built-in
+//! guest's `apf` suite (two tasks: one touching lazy pages, one computing).
+
+mod common;
+
+use std::io::{Seek, SeekFrom, Write};
+use std::path::PathBuf;
+
+use common::{run_tern, scratch, GUEST_TIMEOUT};
+
+const LAZY_BASE: u64 = 0x400_0000;
+const PAGES: u64 = 64;
+
+fn apf_pattern(addr: u64) -> u64 {
+    addr.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x7465_726E_6170_6621
+}
+
+/// A sparse file with the suite's expected contents at [LAZY_BASE, LAZY_BASE + PAGES pages).
+fn pattern_file(name: &str) -> PathBuf {
+    let path = scratch(name).join("lazy.img");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.seek(SeekFrom::Start(LAZY_BASE)).unwrap();
+    let mut bytes = Vec::with_capacity((PAGES * 4096) as usize);
+    for q in 0..PAGES * 512 {
+        bytes.extend_from_slice(&apf_pattern(LAZY_BASE + q * 8).to_le_bytes());
+    }
+    f.write_all(&bytes).unwrap();
+    path
+}
+
+/// The numbers of the `apf pages=...` report line.
+fn figures(stdout: &str) -> Option<std::collections::HashMap<String, u64>> {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("tern-guest: apf pages="))?;
+    Some(
+        format!("pages={line}")
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+            .collect(),
+    )
+}
+
+fn run_apf(mode: &str, expect_async: bool) -> std::collections::HashMap<String, u64> {
+    let file = pattern_file(&format!("apf-{mode}"));
+    let memory = format!("size=256M,lazy-from={},lazy-delay-us=1000", file.display());
+    let cmdline = format!(
+        "suite=apf pages={PAGES} expect_async={}",
+        expect_async as u8
+    );
+    let o = run_tern(
+        &[
+            "--memory",
+            &memory,
+            "--async-pf",
+            mode,
+            "--cmdline",
+            &cmdline,
+        ],
+        GUEST_TIMEOUT,
+    );
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert_eq!(o.last_guest_line(), "apf PASS", "{}", o.describe());
+    figures(&o.stdout).unwrap_or_else(|| panic!("no apf report\n{}", o.describe()))
+}
+
+fn assert_async_pairs(f: &std::collections::HashMap<String, u64>) {
+    // Every lazy page took an async fault, every one was matched by a ready with its token, and
+    // the compute task ran while the toucher waited.
+    assert_eq!(f["faults"], PAGES, "{f:?}");
+    assert_eq!(f["async"], PAGES, "{f:?}");
+    assert_eq!(f["matched"], PAGES, "{f:?}");
+    assert!(f["readies"] >= PAGES, "{f:?}");
+    assert!(f["compute_during_waits"] > 0, "{f:?}");
+}
+
+#[test]
+fn kvm_mode_pairs_not_present_with_ready() {
+    assert_async_pairs(&run_apf("kvm", true));
+}
+
+#[test]
+fn tern_mode_pairs_not_present_with_ready() {
+    assert_async_pairs(&run_apf("tern", true));
+}
+
+#[test]
+fn off_mode_has_no_async_faults_and_right_contents() {
+    let f = run_apf("off", false);
+    assert_eq!(f["async"], 0, "{f:?}");
+    assert_eq!(f["faults"], 0, "{f:?}");
+}
+
+#[test]
+fn malformed_async_pf_msr_writes_get_gp_in_tern_mode() {
+    let o = run_tern(
+        &["--async-pf", "tern", "--cmdline", "suite=apfmsr"],
+        GUEST_TIMEOUT,
+    );
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    for case in [
+        "en_before_int=gp",
+        "int_reserved_bits=gp",
+        "en_misaligned_area=gp",
+        "en_without_delivery_as_int=gp",
+        "en=ok",
+        "ack=ok",
+    ] {
+        assert!(
+            o.guest_lines().contains(&format!("apfmsr {case}").as_str()),
+            "{case}\n{}",
+            o.describe()
+        );
+    }
+}
+
+#[test]
+fn bad_lazy_file_is_a_clear_error() {
+    let o = run_tern(
+        &["--memory", "size=64M,lazy-from=/no/such/image"],
+        GUEST_TIMEOUT,
+    );
+    assert_eq!(o.code, Some(1), "{}", o.describe());
+    assert!(
+        o.stderr.contains("opening the lazy memory file"),
+        "{}",
+        o.describe()
+    );
+}
