@@ -1,6 +1,7 @@
 //! The destination side: read the configuration, then RAM and state until the end section.
 
 use std::io::{Read, Write};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use crate::outgoing::MigrationError;
@@ -8,7 +9,9 @@ use crate::progress::StatusCell;
 use crate::state::{
     ClockState, DeviceStates, EndRecord, IoapicState, PicState, PitState, VcpuState,
 };
-use crate::stream::{parse_ram, PageRecord, Section, StreamError, StreamReader, StreamWriter};
+use crate::stream::{
+    parse_ram, Frame, PageRecord, Section, StreamError, StreamReader, StreamWriter,
+};
 use crate::{MigratableVm, VmConfigRecord, VmState, PAGE_SIZE};
 
 /// Populates the span a RAM batch covers when the batch fills most of it.
@@ -40,17 +43,46 @@ fn missing(what: &'static str) -> MigrationError {
 
 /// Receives RAM and device state into `vm` until the end section; returns the state to restore
 /// and when the source paused the guest (Unix ns), if it said.
-pub fn receive<R: Read>(
+pub fn receive<R: Read + Send>(
     r: &mut StreamReader<R>,
+    vm: &dyn MigratableVm,
+    status: &StatusCell,
+    start: Instant,
+) -> Result<(VmState, Option<u64>), MigrationError> {
+    // Two stages: a reader thread receives and checks sections while this thread places pages
+    // (populating fresh memory is the slow part here), with payload buffers handed back.
+    let (frames_tx, frames_rx) = mpsc::sync_channel::<Result<Frame, StreamError>>(4);
+    let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|scope| {
+        scope.spawn(move || loop {
+            while let Ok(buf) = spare_rx.try_recv() {
+                r.recycle(buf);
+            }
+            let frame = r.next();
+            let last = !matches!(&frame, Ok(f) if f.kind != Section::End);
+            if frames_tx.send(frame).is_err() || last {
+                return;
+            }
+        });
+        apply(frames_rx, spare_tx, vm, status, start)
+    })
+}
+
+fn apply(
+    frames: mpsc::Receiver<Result<Frame, StreamError>>,
+    spare: mpsc::Sender<Vec<u8>>,
     vm: &dyn MigratableVm,
     status: &StatusCell,
     start: Instant,
 ) -> Result<(VmState, Option<u64>), MigrationError> {
     let zero = vec![0u8; PAGE_SIZE];
     let (mut vcpus, mut clock, mut irqchip, mut pit, mut devices) = (None, None, None, None, None);
-    let (mut full, mut zeros, mut iteration) = (0u64, 0u64, 0u32);
+    let (mut full, mut zeros, mut iteration, mut bytes) = (0u64, 0u64, 0u32, 0u64);
     let paused_at = loop {
-        let frame = r.next()?;
+        let frame = frames
+            .recv()
+            .map_err(|_| StreamError::Truncated("stream: the reader stopped".into()))??;
+        bytes += frame.payload.len() as u64 + 9;
         match frame.kind {
             Section::Ram => {
                 prepare_dense_range(vm, &frame.payload);
@@ -66,7 +98,7 @@ pub fn receive<R: Read>(
                         }
                     }
                 }
-                r.recycle(frame.payload);
+                let _ = spare.send(frame.payload);
             }
             Section::IterationDone => iteration = frame.decode()?,
             Section::Vcpus => vcpus = Some(frame.decode::<Vec<VcpuState>>()?),
@@ -92,7 +124,7 @@ pub fn receive<R: Read>(
             }
         }
         status.update(|s| {
-            s.bytes = r.bytes;
+            s.bytes = bytes;
             s.pages_full = full;
             s.pages_zero = zeros;
             s.iteration = iteration;
