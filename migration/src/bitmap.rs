@@ -43,6 +43,37 @@ impl DirtyBitmap {
         }
     }
 
+    pub fn unset(&mut self, page: usize) {
+        if page < self.pages {
+            self.words[page / 64] &= !(1 << (page % 64));
+        }
+    }
+
+    /// self = !self (within the page count).
+    pub fn invert(&mut self) {
+        for w in self.words.iter_mut() {
+            *w = !*w;
+        }
+        let pages = self.pages;
+        *self = DirtyBitmap::from_words(std::mem::take(&mut self.words), pages);
+    }
+
+    /// The first set page at or after `from` (no wrap-around).
+    pub fn next_set_from(&self, from: usize) -> Option<usize> {
+        if from >= self.pages {
+            return None;
+        }
+        let mut wi = from / 64;
+        let mut w = self.words[wi] & (!0u64 << (from % 64));
+        loop {
+            if w != 0 {
+                return Some(wi * 64 + w.trailing_zeros() as usize);
+            }
+            wi += 1;
+            w = *self.words.get(wi)?;
+        }
+    }
+
     pub fn get(&self, page: usize) -> bool {
         page < self.pages && self.words[page / 64] & (1 << (page % 64)) != 0
     }
@@ -105,6 +136,9 @@ mod tests {
         assert_eq!(m.count(), 4);
         a.intersect(&b);
         assert_eq!(a.iter().collect::<Vec<_>>(), vec![64]);
+        assert_eq!(m.next_set_from(1), Some(64));
+        assert_eq!(m.next_set_from(66), Some(129));
+        assert_eq!(m.next_set_from(130), None);
         let w = DirtyBitmap::from_words(vec![u64::MAX, u64::MAX, u64::MAX], 70);
         assert_eq!(w.count(), 70);
         assert_eq!(DirtyBitmap::full(70), w);

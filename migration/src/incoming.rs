@@ -1,10 +1,11 @@
 //! The destination side: read the configuration, then RAM and state until the end section.
 
 use std::io::{Read, Write};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use crate::outgoing::MigrationError;
+use crate::postcopy::{probe_userfaultfd, DiscardRecord, Listener};
 use crate::progress::StatusCell;
 use crate::state::{
     ClockState, DeviceStates, EndRecord, IoapicState, PicState, PitState, VcpuState,
@@ -41,20 +42,91 @@ fn missing(what: &'static str) -> MigrationError {
     )))
 }
 
-/// Receives RAM and device state into `vm` until the end section; returns the state to restore
-/// and when the source paused the guest (Unix ns), if it said.
-pub fn receive<R: Read + Send>(
-    r: &mut StreamReader<R>,
+/// The return path (destination -> source), shared by the fault thread and the listener.
+pub type ReturnPath = Arc<Mutex<StreamWriter<Box<dyn Write + Send>>>>;
+
+/// How the stream left the guest: complete (precopy), or running with pages still to come.
+pub enum Received {
+    Precopy {
+        state: VmState,
+        paused_at: Option<u64>,
+    },
+    Postcopy {
+        state: VmState,
+        paused_at: Option<u64>,
+        tail: PostcopyTail,
+    },
+}
+
+/// What is left of a postcopy stream after RUN: pages until the end section.
+pub struct PostcopyTail {
+    frames: mpsc::Receiver<Result<Frame, StreamError>>,
+    spare: mpsc::Sender<Vec<u8>>,
+    pub listener: Listener,
+}
+
+impl PostcopyTail {
+    /// Places arriving pages until the end section; returns when every page is Received.
+    pub fn run(&self, status: &StatusCell) -> Result<(), MigrationError> {
+        loop {
+            let frame = self
+                .frames
+                .recv()
+                .map_err(|_| StreamError::Truncated("stream: the reader stopped".into()))??;
+            match frame.kind {
+                Section::Ram => {
+                    for rec in parse_ram(&frame.payload) {
+                        match rec? {
+                            PageRecord::Full(gpa, data) => self.listener.place(gpa, Some(data))?,
+                            PageRecord::Zero(gpa) => self.listener.place(gpa, None)?,
+                        }
+                    }
+                    let _ = self.spare.send(frame.payload);
+                    let left = self.listener.pages_left();
+                    status.update(|s| s.remaining_bytes = (left * PAGE_SIZE) as u64);
+                }
+                Section::End => break,
+                other => {
+                    return Err(StreamError::Unexpected {
+                        got: other.name(),
+                        expected: "postcopy RAM",
+                    }
+                    .into())
+                }
+            }
+        }
+        if !self.listener.complete() {
+            return Err(StreamError::Truncated(
+                "postcopy: the end section came before every page".into(),
+            )
+            .into());
+        }
+        Ok(())
+    }
+}
+
+/// What the destination may do.
+pub struct Options {
+    pub postcopy: bool,
+    pub vcpu_tids: Vec<u32>,
+}
+
+/// Receives RAM and device state into `vm` until the end section (precopy) or RUN (postcopy).
+pub fn receive(
+    mut r: StreamReader<Box<dyn Read + Send>>,
     vm: &dyn MigratableVm,
     status: &StatusCell,
     start: Instant,
-) -> Result<(VmState, Option<u64>), MigrationError> {
+    return_path: Option<ReturnPath>,
+    options: &Options,
+) -> Result<Received, MigrationError> {
     // Two stages: a reader thread receives and checks sections while this thread places pages
     // (populating fresh memory is the slow part here), with payload buffers handed back.
     let (frames_tx, frames_rx) = mpsc::sync_channel::<Result<Frame, StreamError>>(4);
     let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
-    std::thread::scope(|scope| {
-        scope.spawn(move || loop {
+    std::thread::Builder::new()
+        .name("migration-reader".into())
+        .spawn(move || loop {
             while let Ok(buf) = spare_rx.try_recv() {
                 r.recycle(buf);
             }
@@ -63,9 +135,9 @@ pub fn receive<R: Read + Send>(
             if frames_tx.send(frame).is_err() || last {
                 return;
             }
-        });
-        apply(frames_rx, spare_tx, vm, status, start)
-    })
+        })
+        .map_err(|e| MigrationError::NoAnswer(format!("starting the reader thread: {e}")))?;
+    apply(frames_rx, spare_tx, vm, status, start, return_path, options)
 }
 
 fn apply(
@@ -74,7 +146,10 @@ fn apply(
     vm: &dyn MigratableVm,
     status: &StatusCell,
     start: Instant,
-) -> Result<(VmState, Option<u64>), MigrationError> {
+    return_path: Option<ReturnPath>,
+    options: &Options,
+) -> Result<Received, MigrationError> {
+    let mut listener: Option<Listener> = None;
     let zero = vec![0u8; PAGE_SIZE];
     let (mut vcpus, mut clock, mut irqchip, mut pit, mut devices) = (None, None, None, None, None);
     let (mut full, mut zeros, mut iteration, mut bytes) = (0u64, 0u64, 0u32, 0u64);
@@ -115,6 +190,61 @@ fn apply(
                     .map(|e| e.paused_at_unix_ns);
                 break paused_at;
             }
+            Section::Advise => {
+                status.update(|s| s.phase = "ADVISE".into());
+                let verdict = if options.postcopy {
+                    probe_userfaultfd()
+                } else {
+                    Err(
+                        "postcopy is not enabled on the destination (start it with --postcopy)"
+                            .into(),
+                    )
+                }
+                .map_err(|why| format!("postcopy advise: {why}"));
+                let Some(rp) = &return_path else {
+                    return Err(MigrationError::Rejected(
+                        "postcopy needs a return path".into(),
+                    ));
+                };
+                let mut w = rp.lock().unwrap_or_else(|e| e.into_inner());
+                match &verdict {
+                    Ok(()) => w.section(Section::Advise, &[])?,
+                    Err(why) => w.record(Section::Abort, why)?,
+                }
+                w.flush()?;
+                drop(w);
+                verdict.map_err(MigrationError::Rejected)?;
+            }
+            Section::Discard => {
+                status.update(|s| s.phase = "DISCARD".into());
+                let discard: DiscardRecord = frame.decode()?;
+                let rp = return_path.clone().ok_or_else(|| {
+                    MigrationError::Rejected("postcopy needs a return path".into())
+                })?;
+                let l =
+                    Listener::start(vm, &discard, rp, options.vcpu_tids.clone()).map_err(|e| {
+                        MigrationError::Vm(crate::VmSideError(format!("postcopy listen: {e}")))
+                    })?;
+                status.update(|s| s.phase = "LISTEN".into());
+                listener = Some(l);
+            }
+            Section::Run if listener.is_some() => {
+                let paused_at = frame
+                    .decode::<EndRecord>()
+                    .ok()
+                    .map(|e| e.paused_at_unix_ns);
+                let state = assemble(vcpus, clock, irqchip, pit, devices)?;
+                let listener = listener.take().ok_or_else(|| missing("postcopy discard"))?;
+                return Ok(Received::Postcopy {
+                    state,
+                    paused_at,
+                    tail: PostcopyTail {
+                        frames,
+                        spare,
+                        listener,
+                    },
+                });
+            }
             other => {
                 return Err(StreamError::Unexpected {
                     got: other.name(),
@@ -131,8 +261,19 @@ fn apply(
             s.total_ms = start.elapsed().as_secs_f64() * 1e3;
         });
     };
+    let state = assemble(vcpus, clock, irqchip, pit, devices)?;
+    Ok(Received::Precopy { state, paused_at })
+}
+
+fn assemble(
+    vcpus: Option<Vec<VcpuState>>,
+    clock: Option<ClockState>,
+    irqchip: Option<(PicState, PicState, IoapicState)>,
+    pit: Option<PitState>,
+    devices: Option<DeviceStates>,
+) -> Result<VmState, MigrationError> {
     let (pic_master, pic_slave, ioapic) = irqchip.ok_or_else(|| missing("irqchip"))?;
-    let state = VmState {
+    Ok(VmState {
         vcpus: vcpus.ok_or_else(|| missing("vCPU state"))?,
         clock: clock.ok_or_else(|| missing("kvmclock"))?,
         pic_master,
@@ -140,13 +281,12 @@ fn apply(
         ioapic,
         pit: pit.ok_or_else(|| missing("PIT"))?,
         devices: devices.ok_or_else(|| missing("device state"))?,
-    };
-    Ok((state, paused_at))
+    })
 }
 
 /// Tells the source how it ended: resumed, or why not.
-pub fn answer<W: Write>(w: W, outcome: Result<(), String>) -> Result<(), StreamError> {
-    let mut w = StreamWriter::new(w);
+pub fn answer(rp: &ReturnPath, outcome: Result<(), String>) -> Result<(), StreamError> {
+    let mut w = rp.lock().unwrap_or_else(|e| e.into_inner());
     match outcome {
         Ok(()) => w.section(Section::Resumed, &[])?,
         Err(why) => w.record(Section::Abort, &why)?,

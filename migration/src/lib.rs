@@ -5,10 +5,13 @@
 pub mod bitmap;
 pub mod incoming;
 pub mod outgoing;
+pub mod pagestate;
+pub mod postcopy;
 pub mod progress;
 pub mod state;
 pub mod stream;
 pub mod transport;
+pub mod uffd;
 
 pub use bitmap::DirtyBitmap;
 pub use state::{VmConfigRecord, VmState};
@@ -27,6 +30,15 @@ impl RamRegion {
     pub fn pages(&self) -> usize {
         (self.len / PAGE_SIZE as u64) as usize
     }
+}
+
+/// Told about every fault and every placed page of lazily filled guest RAM (lazy memory,
+/// postcopy): tern's async page faults hang off this.
+pub trait FaultObserver: Send + Sync {
+    /// A thread faulted on guest page `gpa` (tern may start an async page fault here).
+    fn fault(&self, tid: u32, gpa: u64);
+    /// Guest page `gpa` is now present.
+    fn placed(&self, gpa: u64);
 }
 
 /// An error from the VMM side of the seam, as text: the migration only reports it.
@@ -57,5 +69,11 @@ pub trait MigratableVm: Send + Sync {
     fn pause(&self) -> VmResult<()>;
     fn resume(&self) -> VmResult<()>;
     fn save_state(&self) -> VmResult<VmState>;
+    /// Host address of guest physical `gpa` (userfaultfd works on host addresses).
+    fn host_address(&self, gpa: u64) -> Option<u64>;
+    /// Who wants to hear about faults on missing pages (tern-owned async PF), if anyone.
+    fn fault_observer(&self) -> Option<std::sync::Arc<dyn FaultObserver>> {
+        None
+    }
     fn restore_state(&self, state: VmState) -> VmResult<()>;
 }

@@ -17,8 +17,12 @@ pub struct Params {
     pub downtime: Duration,
     /// Stop the guest after this many dirty-page iterations at the latest.
     pub max_iterations: u32,
-    /// Stop the guest when precopy has run this long.
+    /// Stop the guest when precopy has run this long (or switch to postcopy, if enabled).
     pub timeout: Duration,
+    /// Postcopy is allowed: switch on `migrate-start-postcopy`, after this many iterations, or
+    /// when the timeout expires, instead of a long stop-and-copy.
+    pub postcopy: bool,
+    pub postcopy_after_iterations: Option<u32>,
 }
 
 impl Default for Params {
@@ -27,6 +31,8 @@ impl Default for Params {
             downtime: Duration::from_millis(300),
             max_iterations: 30,
             timeout: Duration::from_secs(120),
+            postcopy: false,
+            postcopy_after_iterations: None,
         }
     }
 }
@@ -46,12 +52,14 @@ pub enum MigrationError {
     Rejected(String),
     #[error("no answer from the destination: {0}")]
     NoAnswer(String),
+    #[error("postcopy failed after the switch: {0}; the guest stays paused here with all its memory (postcopy recovery is not implemented)")]
+    PostcopyBroken(String),
 }
 
 /// Writes pages into RAM sections, batching and counting.
-struct PageSender<W: Write> {
-    w: StreamWriter<W>,
-    batch: RamBatch,
+pub(crate) struct PageSender<W: Write> {
+    pub(crate) w: StreamWriter<W>,
+    pub(crate) batch: RamBatch,
     page: Vec<u8>,
 }
 
@@ -84,13 +92,55 @@ impl<W: Write> PageSender<W> {
         Ok(())
     }
 
-    fn flush_batch(&mut self) -> Result<(), MigrationError> {
+    /// Sends one page now (a postcopy request or push).
+    pub(crate) fn send_one(
+        &mut self,
+        vm: &dyn MigratableVm,
+        gpa: u64,
+    ) -> Result<(), MigrationError> {
+        vm.read_ram(gpa, &mut self.page)?;
+        if is_zero(&self.page) {
+            self.batch.push_zero(gpa);
+        } else {
+            self.batch.push_full(gpa, &self.page);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn flush_batch(&mut self) -> Result<(), MigrationError> {
         // Counters stay in the batch; only the payload is taken.
         if !self.batch.is_empty() {
             self.w.section(Section::Ram, self.batch.payload())?;
             self.batch.clear();
         }
         Ok(())
+    }
+}
+
+/// ADVISE: asks the destination whether it can do postcopy; fails the migration cleanly when not.
+fn advise<W: Write>(
+    w: &mut StreamWriter<W>,
+    reader: Option<&mut StreamReader<Box<dyn std::io::Read + Send>>>,
+) -> Result<(), MigrationError> {
+    let Some(rx) = reader else {
+        return Err(MigrationError::Rejected(
+            "postcopy needs a connection with a return path (unix: or tcp:)".into(),
+        ));
+    };
+    w.section(Section::Advise, &[])?;
+    w.flush()?;
+    let answer = rx
+        .next()
+        .map_err(|e| MigrationError::NoAnswer(e.to_string()))?;
+    match answer.kind {
+        Section::Advise => Ok(()),
+        Section::Abort => Err(MigrationError::Rejected(
+            answer.decode::<String>().unwrap_or_else(|e| e.to_string()),
+        )),
+        other => Err(MigrationError::NoAnswer(format!(
+            "unexpected {} section",
+            other.name()
+        ))),
     }
 }
 
@@ -123,7 +173,8 @@ pub fn migrate(
     let result = run(vm, endpoint, params, status, start, &mut paused);
     if let Err(e) = &result {
         let _ = vm.stop_dirty_log();
-        if paused {
+        // After a postcopy switch the destination ran the guest: resuming here would fork it.
+        if paused && !matches!(e, MigrationError::PostcopyBroken(_)) {
             if let Err(re) = vm.resume() {
                 log::error!("cannot resume the guest after a failed migration: {re}");
             }
@@ -160,6 +211,11 @@ fn run(
     };
     tx.w.header()?;
     tx.w.record(Section::Config, &vm.config())?;
+    let mut reader = channel.reader.take().map(StreamReader::new);
+    if params.postcopy {
+        advise(&mut tx.w, reader.as_mut())?;
+        status.update(|s| s.phase = "precopy".into());
+    }
     let regions = vm.ram_regions();
     vm.start_dirty_log()?;
 
@@ -200,6 +256,23 @@ fn run(
         progress.show(&status.get(), true);
         let expected = Duration::from_secs_f64(remaining_bytes as f64 / bandwidth.max(1.0));
         let converged = expected <= params.downtime;
+        let switch = params.postcopy
+            && !converged
+            && (status.get().postcopy_requested
+                || params
+                    .postcopy_after_iterations
+                    .is_some_and(|n| iteration >= n)
+                || start.elapsed() >= params.timeout);
+        if switch {
+            let Some(reader) = reader.take() else {
+                return Err(MigrationError::NoAnswer(
+                    "postcopy needs a return path".into(),
+                ));
+            };
+            return crate::postcopy::source::switch(
+                vm, tx, &regions, dirty, reader, status, start, paused,
+            );
+        }
         if converged || iteration >= params.max_iterations || start.elapsed() >= params.timeout {
             if !converged {
                 log::info!(
@@ -213,7 +286,7 @@ fn run(
                 tx,
                 &regions,
                 dirty,
-                channel.reader.take(),
+                reader,
                 status,
                 start,
                 paused,
@@ -240,7 +313,7 @@ fn stop_and_copy<W: Write>(
     mut tx: PageSender<W>,
     regions: &[RamRegion],
     mut pending: Vec<DirtyBitmap>,
-    reader: Option<Box<dyn std::io::Read + Send>>,
+    reader: Option<StreamReader<Box<dyn std::io::Read + Send>>>,
     status: &StatusCell,
     start: Instant,
     paused: &mut bool,
@@ -272,8 +345,7 @@ fn stop_and_copy<W: Write>(
     tx.w.record(Section::Devices, &state.devices)?;
     tx.w.record(Section::End, &EndRecord { paused_at_unix_ns })?;
     tx.w.flush()?;
-    if let Some(reader) = reader {
-        let mut rx = StreamReader::new(reader);
+    if let Some(mut rx) = reader {
         let answer = rx
             .next()
             .map_err(|e| MigrationError::NoAnswer(e.to_string()))?;

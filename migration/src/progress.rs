@@ -23,6 +23,13 @@ pub struct MigrationStatus {
     pub total_ms: f64,
     pub downtime_ms: f64,
     pub error: Option<String>,
+    /// Postcopy phase: destination ADVISE, DISCARD, LISTEN, RUNNING, END; source precopy,
+    /// postcopy, END. Empty without postcopy.
+    pub phase: String,
+    /// `migrate-start-postcopy` was asked for.
+    pub postcopy_requested: bool,
+    /// Postcopy figures (destination: measured; source: as the destination reported them).
+    pub postcopy: Option<serde_json::Value>,
 }
 
 /// Shared between the migration thread and the control API.
@@ -93,9 +100,18 @@ impl ProgressLine {
 
 /// The closing summary both sides print.
 pub fn summary(s: &MigrationStatus) -> String {
+    let post = match &s.postcopy {
+        Some(p) => format!(
+            "; postcopy: {} missing at the switch, {} requested, {} pushed, request latency p50 {:.0} us p99 {:.0} us",
+            p["missing_at_switch"], p["pages_requested"], p["pages_pushed"],
+            p["request_latency_p50_us"].as_f64().unwrap_or(0.0),
+            p["request_latency_p99_us"].as_f64().unwrap_or(0.0)
+        ),
+        None => String::new(),
+    };
     format!(
         "migration {} ({}): total {:.1} ms, downtime {:.1} ms, {:.1} MB in {} iterations, \
-pages {} full + {} zero, {:.0} MB/s",
+pages {} full + {} zero, {:.0} MB/s{post}",
         s.state,
         s.role,
         s.total_ms,

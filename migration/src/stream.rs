@@ -30,10 +30,20 @@ pub enum Section {
     Pit = 7,
     Devices = 8,
     End = 9,
+    /// Postcopy: the source asks the destination to check it can do postcopy.
+    Advise = 10,
+    /// Postcopy: pages the destination must treat as missing (then the device state follows).
+    Discard = 11,
+    /// Postcopy: the destination may run the guest now; pages keep coming.
+    Run = 12,
     /// Return path: the destination resumed the guest.
     Resumed = 0x40,
     /// Return path: the destination gave up; the payload says why.
     Abort = 0x41,
+    /// Return path (postcopy): please send this page first.
+    PageRequest = 0x42,
+    /// Return path (postcopy): every page arrived; the figures follow.
+    Complete = 0x43,
 }
 
 impl Section {
@@ -49,8 +59,13 @@ impl Section {
             Pit,
             Devices,
             End,
+            Advise,
+            Discard,
+            Run,
             Resumed,
             Abort,
+            PageRequest,
+            Complete,
         ]
         .into_iter()
         .find(|s| *s as u8 == v)
@@ -69,6 +84,11 @@ impl Section {
             Section::End => "end",
             Section::Resumed => "resumed",
             Section::Abort => "abort",
+            Section::Advise => "postcopy advise",
+            Section::Discard => "postcopy discard",
+            Section::Run => "postcopy run",
+            Section::PageRequest => "page request",
+            Section::Complete => "postcopy complete",
         }
     }
 }
@@ -390,6 +410,24 @@ mod tests {
         w.section(Section::Ram, &batch.take()).unwrap();
         w.section(Section::End, &[]).unwrap();
         w.get_mut().clone()
+    }
+
+    #[test]
+    fn every_section_kind_decodes() {
+        for v in 0..=255u8 {
+            if let Some(s) = Section::from_u8(v) {
+                assert_eq!(s as u8, v);
+            }
+        }
+        for s in [
+            Section::Advise,
+            Section::Discard,
+            Section::Run,
+            Section::PageRequest,
+            Section::Complete,
+        ] {
+            assert_eq!(Section::from_u8(s as u8), Some(s));
+        }
     }
 
     #[test]

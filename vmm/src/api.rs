@@ -129,6 +129,11 @@ impl ApiServer {
             "pause" => flows::set_paused(vm, true).map(|_| json!({"state": "paused"})),
             "resume" => flows::set_paused(vm, false).map(|_| json!({"state": "running"})),
             "migrate-status" => serde_json::to_value(vm.migration.get()).map_err(|e| e.to_string()),
+            "migrate-start-postcopy" => {
+                let active = vm.migration.is_active();
+                vm.migration.update(|s| s.postcopy_requested = active);
+                Ok(json!({"postcopy_requested": active}))
+            }
             "quit" => {
                 vm.exit.request(VmExitReason::HostRequest(
                     "quit requested through the API".into(),

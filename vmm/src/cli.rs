@@ -64,6 +64,9 @@ pub enum RemoteCommand {
     },
     /// The current or last migration's figures, as JSON.
     MigrateStatus,
+    /// Switch the running migration to postcopy (needs --postcopy on both sides; harmless when
+    /// no migration runs).
+    MigrateStartPostcopy,
     /// Stop the VM and tern.
     Quit,
 }
@@ -131,9 +134,20 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 30)]
     pub max_iterations: u32,
 
-    /// Outgoing migrations: stop the guest after this many seconds of precopy at the latest.
+    /// Outgoing migrations: stop the guest after this many seconds of precopy at the latest
+    /// (with --postcopy: switch to postcopy then).
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub timeout: u64,
+
+    /// Enable postcopy (both sides): the source may switch to postcopy (`tern remote
+    /// migrate-start-postcopy`, --postcopy-after-iterations, or --timeout) and the destination
+    /// accepts it (userfaultfd).
+    #[arg(long)]
+    pub postcopy: bool,
+
+    /// Outgoing migrations with --postcopy: switch after this many precopy iterations.
+    #[arg(long, value_name = "N", requires = "postcopy")]
+    pub postcopy_after_iterations: Option<u32>,
 }
 
 impl RunArgs {

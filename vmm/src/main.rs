@@ -52,7 +52,12 @@ fn run(start: Instant) -> anyhow::Result<Outcome> {
     let mut vm = match &args.incoming {
         Some(uri) => {
             let ep: migration::transport::Endpoint = uri.parse()?;
-            migrate::flows::receive(&ep, config::parse_serial(&args.serial)?, start)?
+            let opts = migrate::flows::IncomingOptions {
+                serial: config::parse_serial(&args.serial)?,
+                async_pf: args.async_pf.parse().map_err(anyhow::Error::msg)?,
+                postcopy: args.postcopy,
+            };
+            migrate::flows::receive(&ep, opts, start)?
         }
         None => vm::Vm::create(&args.vm_config()?, vm::Origin::Boot, start)?,
     };
@@ -65,7 +70,13 @@ fn run(start: Instant) -> anyhow::Result<Outcome> {
         subscribers.push(std::sync::Arc::new(std::sync::Mutex::new(com2)));
     }
     if let Some(path) = &args.api_socket {
-        let params = migrate::flows::params(args.downtime_ms, args.max_iterations, args.timeout);
+        let params = migrate::flows::params(
+            args.downtime_ms,
+            args.max_iterations,
+            args.timeout,
+            args.postcopy,
+            args.postcopy_after_iterations,
+        );
         let server = api::ApiServer::bind(path, vm.inner.clone(), params, start)
             .map_err(|e| anyhow::anyhow!("--api-socket {}: {e}", path.display()))?;
         subscribers.push(std::sync::Arc::new(std::sync::Mutex::new(server)));

@@ -24,6 +24,7 @@ pub fn run(socket: &Path, cmd: &RemoteCommand) -> Result<()> {
         RemoteCommand::Pause => json!({"command": "pause"}),
         RemoteCommand::Resume => json!({"command": "resume"}),
         RemoteCommand::MigrateStatus => json!({"command": "migrate-status"}),
+        RemoteCommand::MigrateStartPostcopy => json!({"command": "migrate-start-postcopy"}),
         RemoteCommand::Quit => json!({"command": "quit"}),
         RemoteCommand::Migrate { uri, detach } => {
             json!({"command": "migrate", "uri": uri, "detach": detach})

@@ -97,6 +97,7 @@ pub struct VmInner {
     pub paused: AtomicBool,
     pub apf: Option<Arc<ApfController>>,
     pub lazy: Option<LazyMemory>,
+    pub vcpu_tids: Arc<Mutex<Vec<u32>>>,
 }
 
 pub struct Vm {
@@ -202,12 +203,14 @@ impl Vm {
             policy.msrs.len(),
             policy.use_xsave
         );
+        let tids = Arc::new(Mutex::new(vec![0u32; cfg.vcpus as usize]));
         let ctx = Arc::new(VcpuContext {
             pio,
             exit: exit.clone(),
             mem: mem.clone(),
             state_policy: policy,
             apf: apf.clone(),
+            tids: tids.clone(),
         });
         let mut vcpus = Vec::new();
         for (id, fd) in (0..cfg.vcpus).zip(fds) {
@@ -259,6 +262,7 @@ impl Vm {
                 paused: AtomicBool::new(paused),
                 apf,
                 lazy,
+                vcpu_tids: tids,
             }),
             console_input: matches!(cfg.serial, SerialConfig::Tty),
             serial2,

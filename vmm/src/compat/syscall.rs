@@ -1,30 +1,33 @@
 //! SYSCALL completion for this machine's hypervisor (design.md §1).
 //!
 //! A 64-bit `syscall` executed by guest user code (CPL3) is not completed by the hypervisor here:
-//! the vCPU arrives at the guest's MSR_LSTAR target with RIP switched but CS/SS and RFLAGS still
-//! those of user mode, so its first instruction fetch from the (supervisor) kernel text faults
-//! (#PF, error 0x15) and the guest kills the process. tern finishes the transition itself.
+//! the vCPU arrives at the guest's MSR_LSTAR target with RIP switched but CS/SS still those of
+//! user mode, so the instruction fetch from the (supervisor) kernel entry faults: #PF with
+//! CR2 = RIP = LSTAR, error code 0x15 (present, user, fetch), and the guest kills the process.
 //!
-//! A hardware breakpoint on the guest's entry point cannot be used: the hypervisor only loads
-//! breakpoints on guest addresses it considers the guest's own (the user half and its own
-//! kernel range), and drops one on 0xffffffff8xxxxxxx. So:
+//! What was measured to work, and what not:
+//! - A hardware breakpoint on LSTAR (or on anything else the guest runs at CPL3): never fires.
+//!   The hypervisor does not load guest-debug breakpoints into the debug registers for code
+//!   that runs natively, and the faulting fetch is not emulated.
+//! - A guest-debug breakpoint on code the *emulator* runs: fires. KVM's instruction emulator
+//!   checks guest-debug code breakpoints before each instruction, and guest kernel code runs in
+//!   it here. The #PF above is delivered to the guest's IDT and its handler runs at CPL0.
 //!
-//! 1. tern moves LSTAR to the entry's *alias* in the user half: the low 47 bits of the kernel
-//!    address (`0xffffffff81400040` -> `0x7fff81400040`). The kernel address is recovered by
-//!    sign-extending bit 47 back in, so the MSR value alone says where the guest wants to go (a
-//!    snapshot or migration carries it as is).
-//! 2. Each vCPU puts an execute breakpoint on the alias (DR0, KVM_SET_GUEST_DEBUG). A code
-//!    breakpoint fires before the instruction fetch, so `syscall` now ends in KVM_EXIT_DEBUG.
-//! 3. There tern does what the instruction should have done: RIP = the kernel entry,
-//!    CS = STAR[47:32] (64-bit code, DPL 0), SS = STAR[47:32] + 8, RFLAGS = R11 & ~SFMASK.
-//!    RCX (return RIP) and R11 (user RFLAGS) already hold what `syscall` puts there: the
-//!    hypervisor's own hardware `syscall` wrote them.
+//! So tern puts an execute breakpoint (DR0, KVM_SET_GUEST_DEBUG) on the guest's #PF handler, read
+//! from IDT entry 14 once the guest has written LSTAR (by then Linux has its final IDT; all CPUs
+//! share it, so application processors use the address the first vCPU found). At each hit:
+//! - If CR2 == LSTAR and the exception frame says the fault was a user fetch at RIP == LSTAR from
+//!   CPL3, it is a failed `syscall`: tern drops the frame and does what the instruction should
+//!   have done: RIP = LSTAR, RSP = the user RSP from the frame, CS = STAR[47:32] (64-bit code,
+//!   DPL 0), SS = STAR[47:32] + 8, RFLAGS = R11 & ~SFMASK. RCX (return RIP) and R11 (user
+//!   RFLAGS) already hold what `syscall` puts there: the hypervisor's own hardware `syscall`
+//!   wrote them and nothing touched them since.
+//! - Otherwise it is an ordinary page fault: RF is set, so the breakpoint lets the handler's
+//!   first instruction run, and the vCPU resumes.
 //!
-//! The guest reads LSTAR back as the alias; Linux never reads it. Nothing of this runs unless
-//! [`super::host_emulates_kernel_mode`]: on a host with VMX/SVM LSTAR is left alone.
-//!
-//! Cost: one exit to tern per guest system call, plus four vCPU ioctls. Only 64-bit `syscall`
-//! through LSTAR is handled; 32-bit entry (CSTAR, sysenter) is not.
+//! Cost: one exit to tern per guest system call and per guest page fault. Nothing of this is
+//! armed unless [`super::host_emulates_kernel_mode`] (on a host with VMX/SVM `syscall` works).
+//! Only 64-bit `syscall` through LSTAR is handled; 32-bit entry (CSTAR, sysenter) is not.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -33,6 +36,9 @@ use kvm_bindings::{
     KVM_GUESTDBG_USE_HW_BP,
 };
 use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemory;
 
 const MSR_STAR: u32 = 0xc000_0081;
 const MSR_LSTAR: u32 = 0xc000_0082;
@@ -40,37 +46,36 @@ const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 /// DR7: L0 and G0 (breakpoint 0 on), R/W0 = 00 (instruction), LEN0 = 00; bit 10 reads as one.
 const DR7_EXEC_BP0: u64 = 0x403;
 const RFLAGS_FIXED: u64 = 1 << 1;
-/// What `syscall`/`sysret` keep of RFLAGS (RF and VM are cleared).
-const RFLAGS_SYSRET_MASK: u64 = 0x3c_7fd7;
+const RFLAGS_RF: u64 = 1 << 16;
+/// What `syscall` saves of RFLAGS into R11 (RF and VM read as zero there).
+const RFLAGS_SAVED_MASK: u64 = 0x3c_7fd7;
 const DB_VECTOR: u32 = 1;
-const USER_HALF_MASK: u64 = (1 << 47) - 1;
-const KERNEL_HALF: u64 = !USER_HALF_MASK;
+const PF_VECTOR: u64 = 14;
+/// #PF error code: the access was a user-mode instruction fetch.
+const PF_USER_FETCH: u64 = (1 << 2) | (1 << 4);
 
-/// Completed system calls, all vCPUs.
-pub static COMPLETED: AtomicU64 = AtomicU64::new(0);
+/// The #PF handler the first vCPU found in the guest's IDT (0: none yet). One VM per process.
+static KNOWN_HANDLER: AtomicU64 = AtomicU64::new(0);
 
-/// The user-half alias of a kernel entry point.
-pub fn alias_of(entry: u64) -> u64 {
-    entry & USER_HALF_MASK
-}
-
-/// The kernel entry point an alias stands for.
-pub fn entry_of(alias: u64) -> u64 {
-    alias | KERNEL_HALF
-}
+/// Counters, all vCPUs.
+pub static SYSCALLS: AtomicU64 = AtomicU64::new(0);
+pub static PAGE_FAULTS: AtomicU64 = AtomicU64::new(0);
 
 /// What a debug exit turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DebugOutcome {
-    /// A system call was completed; the vCPU can run again.
-    Completed,
+    /// A failed system call was completed.
+    Syscall,
+    /// An ordinary page fault; the handler runs on.
+    PageFault,
     /// Not our breakpoint: the caller decides (tern sets no other debug state).
     NotOurs,
 }
 
-/// Per-vCPU state: the alias the breakpoint is on (0: none).
+/// Per-vCPU state.
 pub struct SyscallAssist {
     enabled: bool,
+    /// The #PF handler the breakpoint is on (0: not armed).
     armed: u64,
 }
 
@@ -80,25 +85,44 @@ fn read_msrs(fd: &VcpuFd) -> Result<[u64; 3], kvm_ioctls::Error> {
         ..Default::default()
     });
     let mut msrs = Msrs::from_entries(&entries).map_err(|_| kvm_ioctls::Error::new(libc::E2BIG))?;
-    let n = fd.get_msrs(&mut msrs)?;
-    if n != entries.len() {
+    if fd.get_msrs(&mut msrs)? != entries.len() {
         return Err(kvm_ioctls::Error::new(libc::EINVAL));
     }
     let s = msrs.as_slice();
     Ok([s[0].data, s[1].data, s[2].data])
 }
 
-fn write_lstar(fd: &VcpuFd, value: u64) -> Result<(), kvm_ioctls::Error> {
-    let msrs = Msrs::from_entries(&[kvm_msr_entry {
-        index: MSR_LSTAR,
-        data: value,
-        ..Default::default()
-    }])
-    .map_err(|_| kvm_ioctls::Error::new(libc::E2BIG))?;
-    match fd.set_msrs(&msrs)? {
-        1 => Ok(()),
-        _ => Err(kvm_ioctls::Error::new(libc::EINVAL)),
+/// Reads a guest-virtual u64 through the vCPU's page tables; None if unmapped.
+fn read_gva_u64(fd: &VcpuFd, mem: &GuestMemory, gva: u64) -> Option<u64> {
+    let gpa = |a: u64| {
+        fd.translate_gva(a)
+            .ok()
+            .filter(|t| t.valid != 0)
+            .map(|t| GuestAddress(t.physical_address))
+    };
+    let mut bytes = [0u8; 8];
+    if gva & 0xfff <= 0xff8 {
+        mem.read_slice(&mut bytes, gpa(gva)?).ok()?;
+    } else {
+        // It crosses a page: byte by byte.
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = mem.read_obj(gpa(gva.wrapping_add(i as u64))?).ok()?;
+        }
     }
+    Some(u64::from_le_bytes(bytes))
+}
+
+/// The handler address of IDT entry 14, if the guest has an IDT.
+fn pf_handler(fd: &VcpuFd, mem: &GuestMemory) -> Option<u64> {
+    let sregs = fd.get_sregs().ok()?;
+    if u64::from(sregs.idt.limit) < PF_VECTOR * 16 + 15 {
+        return None;
+    }
+    let gate = sregs.idt.base.wrapping_add(PF_VECTOR * 16);
+    let lo = read_gva_u64(fd, mem, gate)?;
+    let hi = read_gva_u64(fd, mem, gate + 8)?;
+    let handler = (lo & 0xffff) | ((lo >> 32) & 0xffff_0000) | ((hi & 0xffff_ffff) << 32);
+    Some(handler).filter(|h| *h != 0)
 }
 
 fn set_breakpoint(fd: &VcpuFd, addr: u64) -> Result<(), kvm_ioctls::Error> {
@@ -138,76 +162,86 @@ impl SyscallAssist {
         }
     }
 
-    /// Before each KVM_RUN until armed: once the guest has written LSTAR, moves it to its alias
-    /// and puts the breakpoint there.
-    pub fn before_run(&mut self, fd: &VcpuFd) {
+    /// Before each KVM_RUN until armed.
+    pub fn before_run(&mut self, fd: &VcpuFd, mem: &GuestMemory) {
         if !self.enabled || self.armed != 0 {
             return;
         }
-        if let Err(e) = self.arm(fd) {
-            log::warn!("syscall assist: {e}; disabled");
-            self.enabled = false;
-        }
-    }
-
-    fn arm(&mut self, fd: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
-        let [_, lstar, _] = read_msrs(fd)?;
-        if let Ok(v) = std::env::var("TERN_TEST_BP") {
-            if lstar != 0 {
-                let a = u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap_or(0);
-                set_breakpoint(fd, a)?;
-                self.armed = a;
-                log::info!("TEST: bp at {a:#x}");
+        let handler = match read_msrs(fd) {
+            Ok([_, lstar, _]) if lstar != 0 => pf_handler(fd, mem),
+            Ok(_) => None,
+            Err(e) => {
+                log::warn!("syscall assist: reading LSTAR: {e}; disabled");
+                self.enabled = false;
+                return;
             }
-            return Ok(());
+        };
+        let handler = match handler {
+            Some(h) => {
+                KNOWN_HANDLER.store(h, Ordering::Relaxed);
+                h
+            }
+            None => match KNOWN_HANDLER.load(Ordering::Relaxed) {
+                0 => return,
+                h => h,
+            },
+        };
+        match set_breakpoint(fd, handler) {
+            Ok(()) => {
+                log::debug!("syscall assist: breakpoint on the #PF handler {handler:#x}");
+                self.armed = handler;
+            }
+            Err(e) => {
+                log::warn!("syscall assist: KVM_SET_GUEST_DEBUG: {e}; disabled");
+                self.enabled = false;
+            }
         }
-        if lstar == 0 {
-            return Ok(());
-        }
-        let alias = alias_of(lstar);
-        if lstar != alias {
-            write_lstar(fd, alias)?;
-        }
-        set_breakpoint(fd, alias)?;
-        log::debug!(
-            "syscall assist: LSTAR {:#x} -> alias {alias:#x}",
-            entry_of(alias)
-        );
-        self.armed = alias;
-        Ok(())
     }
 
     /// Handles a KVM_EXIT_DEBUG.
     pub fn handle_debug(
         &mut self,
         fd: &VcpuFd,
+        mem: &GuestMemory,
         exit: &kvm_debug_exit_arch,
     ) -> Result<DebugOutcome, kvm_ioctls::Error> {
-        log::info!("TEST: debug exit {exit:?}");
-        if self.armed == 0 || exit.exception != DB_VECTOR {
-            return Ok(DebugOutcome::NotOurs);
-        }
-        let [star, lstar, sfmask] = read_msrs(fd)?;
         let mut regs = fd.get_regs()?;
-        if regs.rip != lstar || lstar & KERNEL_HALF != 0 {
+        if self.armed == 0 || exit.exception != DB_VECTOR || regs.rip != self.armed {
             return Ok(DebugOutcome::NotOurs);
         }
         let mut sregs = fd.get_sregs()?;
-        if COMPLETED.load(Ordering::Relaxed) < 3 {
-            log::info!(
-                "syscall assist: rip={:#x} rcx={:#x} r11={:#x} rflags={:#x} rax={} cs={:#x} ss={:#x} dr6={:#x}",
-                regs.rip, regs.rcx, regs.r11, regs.rflags, regs.rax, sregs.cs.selector, sregs.ss.selector, exit.dr6
-            );
+        let [star, lstar, sfmask] = read_msrs(fd)?;
+        if sregs.cr2 == lstar && sregs.cs.selector & 3 == 0 {
+            let frame: Option<Vec<u64>> = (0..6)
+                .map(|i| read_gva_u64(fd, mem, regs.rsp.wrapping_add(i * 8)))
+                .collect();
+            if let Some(&[error, rip, cs, _rflags, rsp, _ss]) = frame.as_deref() {
+                if rip == lstar && cs & 3 == 3 && error & PF_USER_FETCH == PF_USER_FETCH {
+                    if SYSCALLS.load(Ordering::Relaxed) < 2 {
+                        log::debug!(
+                            "syscall assist: nr={} rcx={:#x} r11={:#x} user rsp={rsp:#x}",
+                            regs.rax,
+                            regs.rcx,
+                            regs.r11
+                        );
+                    }
+                    let kcs = ((star >> 32) & 0xfffc) as u16;
+                    sregs.cs = ring0_segment(kcs, true);
+                    sregs.ss = ring0_segment(kcs.wrapping_add(8), false);
+                    fd.set_sregs(&sregs)?;
+                    regs.rip = lstar;
+                    regs.rsp = rsp;
+                    regs.rflags = (regs.r11 & RFLAGS_SAVED_MASK & !sfmask) | RFLAGS_FIXED;
+                    fd.set_regs(&regs)?;
+                    SYSCALLS.fetch_add(1, Ordering::Relaxed);
+                    return Ok(DebugOutcome::Syscall);
+                }
+            }
         }
-        let cs = ((star >> 32) & 0xfffc) as u16;
-        sregs.cs = ring0_segment(cs, true);
-        sregs.ss = ring0_segment(cs.wrapping_add(8), false);
-        fd.set_sregs(&sregs)?;
-        regs.rip = entry_of(lstar);
-        regs.rflags = (regs.r11 & RFLAGS_SYSRET_MASK & !sfmask) | RFLAGS_FIXED;
+        regs.rflags |= RFLAGS_RF;
         fd.set_regs(&regs)?;
-        COMPLETED.fetch_add(1, Ordering::Relaxed);
-        Ok(DebugOutcome::Completed)
+        PAGE_FAULTS.fetch_add(1, Ordering::Relaxed);
+        Ok(DebugOutcome::PageFault)
     }
 }
 

@@ -39,6 +39,8 @@ pub struct VcpuContext {
     pub state_policy: StatePolicy,
     /// tern-owned async page faults (`--async-pf tern`).
     pub apf: Option<Arc<ApfController>>,
+    /// Each vCPU thread's kernel thread id, once it runs (faults name the faulting thread).
+    pub tids: Arc<std::sync::Mutex<Vec<u32>>>,
 }
 
 /// Requests a paused vCPU thread serves (it owns its VcpuFd, so it does the KVM calls itself).
@@ -186,6 +188,10 @@ impl Vcpu {
 
     /// Runs the guest until the VM is asked to exit, pausing when the controller asks.
     pub fn run(mut self, port: ControlPort) {
+        if let Some(slot) = devices::bus::lock(&self.ctx.tids).get_mut(self.id as usize) {
+            // SAFETY: gettid has no preconditions.
+            *slot = unsafe { libc::gettid() } as u32;
+        }
         if let Some(apf) = &self.ctx.apf {
             apf.register_thread(self.id);
         }
@@ -197,7 +203,7 @@ impl Vcpu {
                 }
                 continue;
             }
-            syscall.before_run(&self.fd);
+            syscall.before_run(&self.fd, &self.ctx.mem);
             match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     if !self.ctx.pio.write(port, data) {
@@ -238,21 +244,23 @@ impl Vcpu {
                     self.crash(msg);
                 }
                 Ok(VcpuExit::Intr) => self.after_kick(),
-                Ok(VcpuExit::Debug(arch)) => match syscall.handle_debug(&self.fd, &arch) {
-                    Ok(compat::DebugOutcome::Completed) => {}
-                    Ok(compat::DebugOutcome::NotOurs) => {
-                        let msg = format!(
-                            "vcpu {}: unexpected debug exit {arch:?} ({})",
-                            self.id,
-                            self.where_()
-                        );
-                        self.crash(msg);
+                Ok(VcpuExit::Debug(arch)) => {
+                    match syscall.handle_debug(&self.fd, &self.ctx.mem, &arch) {
+                        Ok(compat::DebugOutcome::Syscall | compat::DebugOutcome::PageFault) => {}
+                        Ok(compat::DebugOutcome::NotOurs) => {
+                            let msg = format!(
+                                "vcpu {}: unexpected debug exit {arch:?} ({})",
+                                self.id,
+                                self.where_()
+                            );
+                            self.crash(msg);
+                        }
+                        Err(e) => {
+                            let msg = format!("vcpu {}: completing syscall: {e}", self.id);
+                            self.crash(msg);
+                        }
                     }
-                    Err(e) => {
-                        let msg = format!("vcpu {}: completing syscall: {e}", self.id);
-                        self.crash(msg);
-                    }
-                },
+                }
                 Ok(VcpuExit::X86Rdmsr(exit)) => {
                     match self
                         .ctx

@@ -2,7 +2,6 @@
 //! [`PageSource`] by a fault thread. Async page faults hang off the [`FaultObserver`] hook.
 
 pub mod source;
-pub mod uffd;
 
 use std::collections::HashSet;
 use std::os::fd::AsRawFd;
@@ -13,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use migration::uffd::{Fault, Userfaultfd, NEEDED_RANGE_IOCTLS, UFFD_FEATURE_THREAD_ID};
+pub use migration::FaultObserver;
 pub use source::{FileSource, PageSource};
-use uffd::{Fault, Userfaultfd, NEEDED_RANGE_IOCTLS, UFFD_FEATURE_THREAD_ID};
 
 use crate::memory::GuestMemory;
 
@@ -30,14 +30,6 @@ pub enum LazyError {
     Register(std::io::Error),
     #[error("starting the fault thread: {0}")]
     Thread(std::io::Error),
-}
-
-/// Told about every fault and every placed page (tern's async-PF path).
-pub trait FaultObserver: Send + Sync {
-    /// A thread faulted on guest page `gpa` (tern may start an async page fault here).
-    fn fault(&self, tid: u32, gpa: u64);
-    /// Guest page `gpa` is now present.
-    fn placed(&self, gpa: u64);
 }
 
 #[derive(Debug, Default)]

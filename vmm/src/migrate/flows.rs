@@ -1,16 +1,18 @@
 //! Starting migrations: the outgoing thread behind the `migrate` command, and `--incoming`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use devices::VmExitReason;
-use migration::incoming;
+use migration::incoming::{self, Received, ReturnPath};
 use migration::outgoing::{self, MigrationError, Params};
 use migration::progress::{summary, MigrationStatus};
 use migration::stream::StreamReader;
+use migration::stream::{Section, StreamWriter};
 use migration::transport::{self, Endpoint};
 use migration::MigratableVm;
 
+use crate::apf::AsyncPfMode;
 use crate::config::{KernelImage, MemoryConfig, SerialConfig, VmConfig};
 use crate::vm::{Origin, Vm, VmInner};
 
@@ -83,10 +85,18 @@ pub enum IncomingError {
     Restore(#[from] migration::VmSideError),
 }
 
-/// Receives a VM from `endpoint` and resumes it. The returned VM runs like a booted one.
+/// What the destination accepts, from its command line.
+pub struct IncomingOptions {
+    pub serial: SerialConfig,
+    pub async_pf: AsyncPfMode,
+    pub postcopy: bool,
+}
+
+/// Receives a VM from `endpoint` and resumes it. The returned VM runs like a booted one; after a
+/// postcopy switch its remaining pages keep arriving in the background.
 pub fn receive(
     endpoint: &Endpoint,
-    serial: SerialConfig,
+    opts: IncomingOptions,
     start: Instant,
 ) -> Result<Vm, IncomingError> {
     eprintln!("tern: waiting for an incoming migration on {endpoint}");
@@ -99,6 +109,10 @@ pub fn receive(
         .reader
         .take()
         .ok_or_else(|| migration::stream::StreamError::Truncated("nothing to read".into()))?;
+    let return_path: Option<ReturnPath> = channel
+        .writer
+        .take()
+        .map(|w| Arc::new(Mutex::new(StreamWriter::new(w))));
     let mut rx = StreamReader::new(reader);
     let result = (|| {
         let record = incoming::read_config(&mut rx)?;
@@ -112,9 +126,9 @@ pub fn receive(
             kernel: KernelImage::Builtin,
             cmdline: String::new(),
             initramfs: None,
-            serial,
+            serial: opts.serial.clone(),
             serial2: crate::config::Serial2Config::Off,
-            async_pf: crate::apf::AsyncPfMode::Kvm,
+            async_pf: opts.async_pf,
         };
         if let Some(host) = crate::config::host_memory_bytes() {
             cfg.memory
@@ -128,37 +142,125 @@ pub fn receive(
             s.role = "destination".into();
             s.endpoint = endpoint.to_string();
         });
-        let (state, paused_at) = incoming::receive(&mut rx, &*vm.inner, &status, t0)?;
+        let options = incoming::Options {
+            postcopy: opts.postcopy,
+            vcpu_tids: vm.inner.vcpu_thread_ids(),
+        };
+        let received =
+            incoming::receive(rx, &*vm.inner, &status, t0, return_path.clone(), &options)?;
+        let (state, paused_at, tail) = match received {
+            Received::Precopy { state, paused_at } => (state, paused_at, None),
+            Received::Postcopy {
+                state,
+                paused_at,
+                tail,
+            } => (state, paused_at, Some(tail)),
+        };
         vm.inner.restore_state(state)?;
         vm.inner.resume()?;
         let downtime_ms = paused_at
             .map(|p| now_unix_ns().saturating_sub(p) as f64 / 1e6)
             .unwrap_or(0.0);
         status.update(|s| {
-            s.state = "completed".into();
             s.total_ms = t0.elapsed().as_secs_f64() * 1e3;
             s.downtime_ms = downtime_ms;
             s.throughput_mbps = s.bytes as f64 / t0.elapsed().as_secs_f64() / 1e6;
+            match tail {
+                Some(_) => s.phase = "RUNNING".into(),
+                None => s.state = "completed".into(),
+            }
         });
-        Ok::<_, IncomingError>(vm)
+        Ok::<_, IncomingError>((vm, tail))
     })();
-    if let Some(w) = channel.writer.take() {
-        let outcome = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
-        if let Err(e) = incoming::answer(w, outcome) {
-            log::warn!("cannot answer the source: {e}");
+    let (vm, tail) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            if let Some(rp) = &return_path {
+                if let Err(ae) = incoming::answer(rp, Err(e.to_string())) {
+                    log::warn!("cannot answer the source: {ae}");
+                }
+            }
+            return Err(e);
         }
+    };
+    match (tail, return_path) {
+        (Some(tail), Some(rp)) => spawn_postcopy_tail(&vm, tail, rp, t0),
+        (None, Some(rp)) => {
+            if let Err(e) = incoming::answer(&rp, Ok(())) {
+                log::warn!("cannot answer the source: {e}");
+            }
+            eprintln!("tern: {}", summary(&vm.inner.migration.get()));
+        }
+        _ => eprintln!("tern: {}", summary(&vm.inner.migration.get())),
     }
-    let vm = result?;
-    eprintln!("tern: {}", summary(&vm.inner.migration.get()));
     Ok(vm)
 }
 
+/// RUNNING -> END: places the pages still arriving while the guest runs. If the connection drops,
+/// the guest pauses here and the state says why.
+fn spawn_postcopy_tail(vm: &Vm, tail: incoming::PostcopyTail, rp: ReturnPath, t0: Instant) {
+    let inner = vm.inner.clone();
+    let spawned = std::thread::Builder::new()
+        .name("postcopy-listen".into())
+        .spawn(move || {
+            let status = inner.migration.clone();
+            match tail.run(&status) {
+                Ok(()) => {
+                    let figures = tail.listener.finish();
+                    let downtime = status.get().downtime_ms;
+                    let mut json = serde_json::to_value(&figures).unwrap_or_default();
+                    json["downtime_ms"] = downtime.into();
+                    status.update(|s| {
+                        s.state = "completed".into();
+                        s.phase = "END".into();
+                        s.remaining_bytes = 0;
+                        s.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+                        s.postcopy = Some(json.clone());
+                    });
+                    let mut w = rp.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Err(e) = w.record(Section::Complete, &json).and_then(|_| w.flush()) {
+                        log::warn!("cannot tell the source postcopy completed: {e}");
+                    }
+                    eprintln!("tern: {}", summary(&status.get()));
+                }
+                Err(e) => {
+                    let left = tail.listener.pages_left();
+                    let paused = inner.pause().is_ok();
+                    let msg = format!(
+                        "postcopy broke: {e}; {left} pages never arrived; guest {}",
+                        if paused {
+                            "paused"
+                        } else {
+                            "could not be paused"
+                        }
+                    );
+                    eprintln!("tern: error: {msg}");
+                    status.update(|s| {
+                        s.state = "failed".into();
+                        s.error = Some(msg);
+                    });
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("tern: error: cannot start the postcopy listener: {e}");
+    }
+}
+
 /// Parameters for outgoing migrations, from the command line.
-pub fn params(downtime_ms: u64, max_iterations: u32, timeout_s: u64) -> Params {
+pub fn params(
+    downtime_ms: u64,
+    max_iterations: u32,
+    timeout_s: u64,
+    postcopy: bool,
+    postcopy_after_iterations: Option<u32>,
+) -> Params {
     Params {
         downtime: std::time::Duration::from_millis(downtime_ms),
         max_iterations,
         timeout: std::time::Duration::from_secs(timeout_s),
+        postcopy,
+        postcopy_after_iterations,
     }
 }
 

@@ -74,7 +74,27 @@ impl VmInner {
     }
 }
 
+impl VmInner {
+    /// The vCPU threads' kernel thread ids (0 for a thread not started yet).
+    pub fn vcpu_thread_ids(&self) -> Vec<u32> {
+        devices::bus::lock(&self.vcpu_tids).clone()
+    }
+}
+
 impl MigratableVm for VmInner {
+    fn host_address(&self, gpa: u64) -> Option<u64> {
+        self.mem
+            .get_host_address(GuestAddress(gpa))
+            .ok()
+            .map(|p| p as u64)
+    }
+
+    fn fault_observer(&self) -> Option<std::sync::Arc<dyn migration::FaultObserver>> {
+        self.apf
+            .clone()
+            .map(|a| a as std::sync::Arc<dyn migration::FaultObserver>)
+    }
+
     fn config(&self) -> VmConfigRecord {
         self.record.clone()
     }

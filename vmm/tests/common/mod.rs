@@ -101,8 +101,13 @@ fn collect(r: impl Read + Send + 'static) -> std::sync::Arc<std::sync::Mutex<Vec
 
 impl Running {
     pub fn spawn(args: &[&str]) -> Running {
+        Self::spawn_env(args, &[])
+    }
+
+    pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Running {
         let mut child = Command::new(tern_path())
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

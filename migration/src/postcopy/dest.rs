@@ -1,0 +1,446 @@
+//! Postcopy, destination side: after the switch the guest runs here while pages still arrive. The
+//! destination registers guest RAM with userfaultfd; a fault on a missing page becomes a page
+//! request on the return path (never twice: per-page state Missing -> Requested -> Received), and
+//! the listen side places pages atomically (UFFDIO_COPY / UFFDIO_ZEROPAGE).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::pagestate::{PageState, PageStates};
+use crate::stream::{Section, StreamError, StreamWriter};
+use crate::uffd::{Fault, Userfaultfd, NEEDED_RANGE_IOCTLS, UFFD_FEATURE_THREAD_ID};
+use crate::{DirtyBitmap, FaultObserver, MigratableVm, RamRegion, PAGE_SIZE};
+
+/// Pages the destination must treat as missing at the switch: runs of (first gpa, page count).
+/// It is the sent map masked with the dirty bitmap (sent, then dirtied again: discard), plus
+/// what was never sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiscardRecord {
+    pub ranges: Vec<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRequest {
+    pub gpa: u64,
+}
+
+/// Runs of set pages in `maps` (one bitmap per region).
+pub fn ranges(regions: &[RamRegion], maps: &[DirtyBitmap]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (r, m) in regions.iter().zip(maps) {
+        for p in m.iter() {
+            let gpa = r.gpa + (p * PAGE_SIZE) as u64;
+            match out.last_mut() {
+                Some((start, n)) if *start + *n * PAGE_SIZE as u64 == gpa => *n += 1,
+                _ => out.push((gpa, 1)),
+            }
+        }
+    }
+    out
+}
+
+/// The ADVISE check: userfaultfd with the API, REGISTER/UNREGISTER and WAKE/COPY/ZEROPAGE on
+/// anonymous memory (QEMU's postcopy OS probe, done the same way).
+pub fn probe_userfaultfd() -> Result<(), String> {
+    if std::env::var_os("TERN_TEST_NO_USERFAULTFD").is_some() {
+        return Err("userfaultfd disabled by TERN_TEST_NO_USERFAULTFD".into());
+    }
+    let uffd = Userfaultfd::new(UFFD_FEATURE_THREAD_ID).map_err(|e| format!("userfaultfd: {e}"))?;
+    let len = PAGE_SIZE;
+    // SAFETY: a fresh private anonymous page, unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err("mmap for the userfaultfd probe failed".into());
+    }
+    let result = uffd
+        .register(p as u64, len as u64)
+        .map_err(|e| format!("UFFDIO_REGISTER: {e}"))
+        .and_then(|ioctls| {
+            if ioctls & NEEDED_RANGE_IOCTLS != NEEDED_RANGE_IOCTLS {
+                return Err("WAKE/COPY/ZEROPAGE not allowed on anonymous memory".into());
+            }
+            uffd.unregister(p as u64, len as u64)
+                .map_err(|e| format!("UFFDIO_UNREGISTER: {e}"))
+        });
+    // SAFETY: unmaps the probe page mapped above.
+    unsafe { libc::munmap(p, len) };
+    result
+}
+
+/// Postcopy figures, like QEMU's blocktime and latency statistics.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PostcopyFigures {
+    pub missing_at_switch: u64,
+    pub faults: u64,
+    pub pages_requested: u64,
+    pub pages_pushed: u64,
+    pub request_latency_p50_us: f64,
+    pub request_latency_p99_us: f64,
+    /// Request latencies, log2 buckets: index i counts latencies in [2^i, 2^(i+1)) µs.
+    pub latency_log2_us: Vec<u64>,
+    /// Per faulting thread (vCPU threads named vcpuN): faults and total time blocked (µs).
+    pub blocked: Vec<(String, u64, f64)>,
+    /// Faults taken by kernel workers rather than vCPU threads: KVM's async page faults.
+    pub async_faults: u64,
+}
+
+#[derive(Default)]
+struct Tracker {
+    /// gpa -> when it was requested.
+    requested_at: HashMap<u64, Instant>,
+    /// gpa -> the threads that faulted on it and when.
+    waiters: HashMap<u64, Vec<(u32, Instant)>>,
+    latencies_us: Vec<f64>,
+    blocked: HashMap<u32, (u64, f64)>,
+    async_faults: u64,
+    faults: u64,
+}
+
+/// The destination's postcopy machinery.
+pub struct Listener {
+    uffd: Arc<Userfaultfd>,
+    states: Arc<PageStates>,
+    /// (gpa, hva, len, first page index) per region.
+    spans: Vec<(u64, u64, u64, usize)>,
+    tracker: Arc<Mutex<Tracker>>,
+    observer: Option<Arc<dyn FaultObserver>>,
+    vcpu_tids: Vec<u32>,
+    missing_at_switch: u64,
+    pushed: AtomicU64,
+    stop: Arc<AtomicBool>,
+    fault_thread: Option<JoinHandle<()>>,
+}
+
+type ReturnPath = Arc<Mutex<StreamWriter<Box<dyn Write + Send>>>>;
+
+impl Listener {
+    /// DISCARD and LISTEN: drops the listed pages, registers RAM with userfaultfd (before any
+    /// vCPU runs) and starts the fault thread that turns faults into page requests.
+    pub fn start(
+        vm: &dyn MigratableVm,
+        discard: &DiscardRecord,
+        return_path: ReturnPath,
+        vcpu_tids: Vec<u32>,
+    ) -> Result<Listener, String> {
+        let mut spans = Vec::new();
+        let mut pages = 0usize;
+        for r in vm.ram_regions() {
+            let hva = vm
+                .host_address(r.gpa)
+                .ok_or_else(|| format!("no host mapping for RAM at {:#x}", r.gpa))?;
+            spans.push((r.gpa, hva, r.len, pages));
+            pages += r.pages();
+        }
+        let states = Arc::new(PageStates::all_received(pages));
+        let find = |gpa: u64| {
+            spans
+                .iter()
+                .find(|s| gpa >= s.0 && gpa < s.0 + s.2)
+                .copied()
+        };
+        let mut missing = 0u64;
+        for &(gpa, n) in &discard.ranges {
+            let len = n * PAGE_SIZE as u64;
+            let span = find(gpa)
+                .filter(|s| gpa + len <= s.0 + s.2)
+                .ok_or_else(|| format!("discard range {gpa:#x}+{n} pages is outside guest RAM"))?;
+            let hva = span.1 + (gpa - span.0);
+            // SAFETY: the range lies inside one live guest mapping; dropping pages only makes
+            // them read as missing (userfaultfd) from now on.
+            if unsafe { libc::madvise(hva as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) }
+                != 0
+            {
+                return Err(format!(
+                    "MADV_DONTNEED: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            let first = span.3 + ((gpa - span.0) / PAGE_SIZE as u64) as usize;
+            for p in first..first + n as usize {
+                if states.transition(p, PageState::Received, PageState::Missing) {
+                    missing += 1;
+                }
+            }
+        }
+        let uffd = Arc::new(
+            Userfaultfd::new(UFFD_FEATURE_THREAD_ID).map_err(|e| format!("userfaultfd: {e}"))?,
+        );
+        for s in &spans {
+            uffd.register(s.1, s.2)
+                .map_err(|e| format!("UFFDIO_REGISTER: {e}"))?;
+        }
+        let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let observer = vm.fault_observer();
+        let worker = FaultWorker {
+            uffd: uffd.clone(),
+            states: states.clone(),
+            spans: spans.clone(),
+            tracker: tracker.clone(),
+            observer: observer.clone(),
+            vcpu_tids: vcpu_tids.clone(),
+            return_path,
+            stop: stop.clone(),
+        };
+        let fault_thread = std::thread::Builder::new()
+            .name("postcopy-faults".into())
+            .spawn(move || worker.run())
+            .map_err(|e| format!("starting the fault thread: {e}"))?;
+        Ok(Listener {
+            uffd,
+            states,
+            spans,
+            tracker,
+            observer,
+            vcpu_tids,
+            missing_at_switch: missing,
+            pushed: AtomicU64::new(0),
+            stop,
+            fault_thread: Some(fault_thread),
+        })
+    }
+
+    pub fn complete(&self) -> bool {
+        self.states.complete()
+    }
+
+    pub fn pages_left(&self) -> usize {
+        self.states.pages() - self.states.received()
+    }
+
+    /// Places one page that arrived (None: a zero page). Pages already Received are ignored.
+    pub fn place(&self, gpa: u64, data: Option<&[u8]>) -> Result<(), StreamError> {
+        let Some(&(sgpa, hva, _, first)) =
+            self.spans.iter().find(|s| gpa >= s.0 && gpa < s.0 + s.2)
+        else {
+            return Err(StreamError::Decode {
+                section: Section::Ram.name(),
+                msg: format!("page {gpa:#x} is outside guest RAM"),
+            });
+        };
+        let page = first + ((gpa - sgpa) / PAGE_SIZE as u64) as usize;
+        let was = self.states.get(page);
+        if was == PageState::Received {
+            return Ok(());
+        }
+        let dst = hva + (gpa - sgpa);
+        let placed = match data {
+            Some(d) => self.uffd.copy(dst, d),
+            None => self.uffd.zeropage(dst, PAGE_SIZE as u64),
+        };
+        placed.map_err(|e| StreamError::Decode {
+            section: Section::Ram.name(),
+            msg: format!("placing page {gpa:#x}: {e}"),
+        })?;
+        self.states.receive(page);
+        let now = Instant::now();
+        let mut t = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
+        match t.requested_at.remove(&gpa) {
+            Some(at) => {
+                let us = now.duration_since(at).as_secs_f64() * 1e6;
+                t.latencies_us.push(us);
+            }
+            None => {
+                self.pushed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        for (tid, at) in t.waiters.remove(&gpa).unwrap_or_default() {
+            let e = t.blocked.entry(tid).or_default();
+            e.0 += 1;
+            e.1 += now.duration_since(at).as_secs_f64() * 1e6;
+        }
+        drop(t);
+        if let Some(o) = &self.observer {
+            o.placed(gpa);
+        }
+        Ok(())
+    }
+
+    /// END: stops the fault thread, unregisters RAM and returns the figures.
+    pub fn finish(mut self) -> PostcopyFigures {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.fault_thread.take() {
+            let _ = t.join();
+        }
+        for s in &self.spans {
+            if let Err(e) = self.uffd.unregister(s.1, s.2) {
+                log::warn!("UFFDIO_UNREGISTER: {e}");
+            }
+        }
+        self.figures()
+    }
+
+    pub fn figures(&self) -> PostcopyFigures {
+        let t = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lat = t.latencies_us.clone();
+        lat.sort_by(|a, b| a.total_cmp(b));
+        let pct = |q: f64| -> f64 {
+            if lat.is_empty() {
+                return 0.0;
+            }
+            lat[((lat.len() - 1) as f64 * q).round() as usize]
+        };
+        let mut hist = vec![0u64; 24];
+        for us in &lat {
+            let b = (us.max(1.0).log2() as usize).min(hist.len() - 1);
+            hist[b] += 1;
+        }
+        while hist.last() == Some(&0) {
+            hist.pop();
+        }
+        let mut blocked: Vec<(String, u64, f64)> = t
+            .blocked
+            .iter()
+            .map(|(tid, (n, us))| {
+                let name = match self.vcpu_tids.iter().position(|v| v == tid) {
+                    Some(i) => format!("vcpu{i}"),
+                    None => format!("thread {tid}"),
+                };
+                (name, *n, *us)
+            })
+            .collect();
+        blocked.sort_by(|a, b| a.0.cmp(&b.0));
+        PostcopyFigures {
+            missing_at_switch: self.missing_at_switch,
+            faults: t.faults,
+            pages_requested: lat.len() as u64,
+            pages_pushed: self.pushed.load(Ordering::Relaxed),
+            request_latency_p50_us: pct(0.5),
+            request_latency_p99_us: pct(0.99),
+            latency_log2_us: hist,
+            blocked,
+            async_faults: t.async_faults,
+        }
+    }
+}
+
+struct FaultWorker {
+    uffd: Arc<Userfaultfd>,
+    states: Arc<PageStates>,
+    spans: Vec<(u64, u64, u64, usize)>,
+    tracker: Arc<Mutex<Tracker>>,
+    observer: Option<Arc<dyn FaultObserver>>,
+    vcpu_tids: Vec<u32>,
+    return_path: ReturnPath,
+    stop: Arc<AtomicBool>,
+}
+
+impl FaultWorker {
+    fn run(self) {
+        let mut faults: Vec<Fault> = Vec::new();
+        while !self.stop.load(Ordering::SeqCst) {
+            let mut pfd = libc::pollfd {
+                fd: self.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: polls one valid descriptor for up to 50 ms.
+            if unsafe { libc::poll(&mut pfd, 1, 50) } <= 0 {
+                continue;
+            }
+            faults.clear();
+            if let Err(e) = self.uffd.read_faults(&mut faults) {
+                log::error!("postcopy: userfaultfd read failed: {e}");
+                return;
+            }
+            for f in &faults {
+                self.handle(f);
+            }
+        }
+    }
+
+    fn handle(&self, f: &Fault) {
+        let hva = f.address & !(PAGE_SIZE as u64 - 1);
+        let Some(&(gpa0, hva0, _, first)) =
+            self.spans.iter().find(|s| hva >= s.1 && hva < s.1 + s.2)
+        else {
+            log::error!("postcopy: fault outside guest RAM at {:#x}", f.address);
+            return;
+        };
+        let gpa = gpa0 + (hva - hva0);
+        let page = first + ((hva - hva0) / PAGE_SIZE as u64) as usize;
+        let now = Instant::now();
+        {
+            let mut t = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
+            t.faults += 1;
+            if !self.vcpu_tids.contains(&f.tid) {
+                t.async_faults += 1;
+            }
+            t.waiters.entry(gpa).or_default().push((f.tid, now));
+        }
+        if let Some(o) = &self.observer {
+            o.fault(f.tid, gpa);
+        }
+        if self
+            .states
+            .transition(page, PageState::Missing, PageState::Requested)
+        {
+            self.tracker
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .requested_at
+                .insert(gpa, now);
+            let mut w = self.return_path.lock().unwrap_or_else(|e| e.into_inner());
+            let sent = w
+                .record(Section::PageRequest, &PageRequest { gpa })
+                .and_then(|_| w.flush());
+            if let Err(e) = sent {
+                log::error!("postcopy: page request for {gpa:#x} failed: {e}");
+            }
+        } else if self.states.get(page) == PageState::Received {
+            // Placed between the fault and now: the copy already woke it, but be sure.
+            let _ = self.uffd.wake(hva, PAGE_SIZE as u64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_merge_adjacent_pages() {
+        let regions = [
+            RamRegion {
+                gpa: 0,
+                len: 16 * 4096,
+            },
+            RamRegion {
+                gpa: 1 << 32,
+                len: 8 * 4096,
+            },
+        ];
+        let mut a = DirtyBitmap::new(16);
+        for p in [1, 2, 3, 7] {
+            a.set(p);
+        }
+        let mut b = DirtyBitmap::new(8);
+        b.set(0);
+        assert_eq!(
+            ranges(&regions, &[a, b]),
+            vec![(0x1000, 3), (0x7000, 1), (1 << 32, 1)]
+        );
+    }
+
+    #[test]
+    fn probe_finds_userfaultfd_here() {
+        // This machine has userfaultfd (design.md); the probe must say so.
+        assert_eq!(probe_userfaultfd(), Ok(()));
+    }
+}

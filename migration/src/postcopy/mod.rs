@@ -1,0 +1,7 @@
+//! Postcopy: the guest runs on the destination while the rest of its pages arrive, pushed in the
+//! background or requested on the return path when the guest faults on them.
+
+pub mod dest;
+pub mod source;
+
+pub use dest::{probe_userfaultfd, ranges, DiscardRecord, Listener, PageRequest, PostcopyFigures};

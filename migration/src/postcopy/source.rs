@@ -1,0 +1,199 @@
+//! Postcopy, source side: the switch (sent map masked with the dirty bitmap gives the discard
+//! list), the device state as one package, then background push with page requests served first.
+
+use std::io::{Read, Write};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::outgoing::{MigrationError, PageSender};
+use crate::progress::StatusCell;
+use crate::stream::{Section, StreamReader};
+use crate::transport::ACK_TIMEOUT;
+use crate::{DirtyBitmap, MigratableVm, RamRegion, PAGE_SIZE};
+
+use super::{ranges, DiscardRecord, PageRequest};
+
+/// What the return path brings during postcopy.
+enum Incoming {
+    Request(u64),
+    Complete(serde_json::Value),
+    Broken(String),
+}
+
+fn region_page(regions: &[RamRegion], gpa: u64) -> Option<(usize, usize)> {
+    regions
+        .iter()
+        .position(|r| gpa >= r.gpa && gpa < r.gpa + r.len)
+        .map(|i| (i, ((gpa - regions[i].gpa) / PAGE_SIZE as u64) as usize))
+}
+
+/// Switches to postcopy. Precopy has sent every page once (untouched ones are zero at the
+/// destination already), so the sent map is full and `pending` holds the pages dirtied since.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn switch<W: Write>(
+    vm: &dyn MigratableVm,
+    mut tx: PageSender<W>,
+    regions: &[RamRegion],
+    mut pending: Vec<DirtyBitmap>,
+    mut rx: StreamReader<Box<dyn Read + Send>>,
+    status: &StatusCell,
+    start: Instant,
+    paused: &mut bool,
+) -> Result<(), MigrationError> {
+    let paused_at = Instant::now();
+    vm.pause()?;
+    *paused = true;
+    for (p, d) in pending.iter_mut().zip(vm.fetch_dirty()?) {
+        p.merge(&d);
+    }
+    vm.stop_dirty_log()?;
+    // Sent, then dirtied again: those are the destination's stale pages; never-sent pages are
+    // missing there too.
+    let sent: Vec<DirtyBitmap> = regions
+        .iter()
+        .map(|r| DirtyBitmap::full(r.pages()))
+        .collect();
+    let mut missing = Vec::new();
+    for (s, d) in sent.iter().zip(&pending) {
+        let mut discard = s.clone();
+        discard.intersect(d);
+        let mut never_sent = s.clone();
+        never_sent.invert();
+        discard.merge(&never_sent);
+        missing.push(discard);
+    }
+    tx.w.record(
+        Section::Discard,
+        &DiscardRecord {
+            ranges: ranges(regions, &missing),
+        },
+    )?;
+    let state = vm.save_state()?;
+    tx.w.record(Section::Vcpus, &state.vcpus)?;
+    tx.w.record(Section::Clock, &state.clock)?;
+    tx.w.record(
+        Section::Irqchip,
+        &(&state.pic_master, &state.pic_slave, &state.ioapic),
+    )?;
+    tx.w.record(Section::Pit, &state.pit)?;
+    tx.w.record(Section::Devices, &state.devices)?;
+    tx.w.record(
+        Section::Run,
+        &crate::state::EndRecord {
+            paused_at_unix_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+                .saturating_sub(paused_at.elapsed().as_nanos() as u64),
+        },
+    )?;
+    tx.w.flush()?;
+    let missing_total: usize = missing.iter().map(|m| m.count()).sum();
+    status.update(|s| {
+        s.phase = "postcopy".into();
+        s.remaining_bytes = (missing_total * PAGE_SIZE) as u64;
+    });
+    let broken = |e: String| MigrationError::PostcopyBroken(e);
+    let (events_tx, events) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("return-path".into())
+        .spawn(move || loop {
+            let ev = match rx.next() {
+                Ok(f) if f.kind == Section::PageRequest => match f.decode::<PageRequest>() {
+                    Ok(r) => Incoming::Request(r.gpa),
+                    Err(e) => Incoming::Broken(e.to_string()),
+                },
+                Ok(f) if f.kind == Section::Complete => {
+                    Incoming::Complete(f.decode().unwrap_or(serde_json::Value::Null))
+                }
+                Ok(f) => Incoming::Broken(format!("unexpected {} section", f.kind.name())),
+                Err(e) => Incoming::Broken(e.to_string()),
+            };
+            let last = !matches!(ev, Incoming::Request(_));
+            if events_tx.send(ev).is_err() || last {
+                return;
+            }
+        })
+        .map_err(|e| broken(format!("starting the return-path thread: {e}")))?;
+
+    let (mut requested, mut pushed, mut left) = (0u64, 0u64, missing_total);
+    let mut cursor = (0usize, 0usize);
+    let mut complete = None;
+    while left > 0 {
+        // Requests first: the guest is waiting for those.
+        while let Ok(ev) = events.try_recv() {
+            match ev {
+                Incoming::Request(gpa) => match region_page(regions, gpa) {
+                    Some((ri, p)) if missing[ri].get(p) => {
+                        tx.send_one(vm, gpa).map_err(|e| broken(e.to_string()))?;
+                        tx.flush_batch().map_err(|e| broken(e.to_string()))?;
+                        tx.w.flush().map_err(|e| broken(e.to_string()))?;
+                        missing[ri].unset(p);
+                        left -= 1;
+                        requested += 1;
+                        // Continue the background scan near what the guest needs.
+                        cursor = (ri, p + 1);
+                    }
+                    Some(_) => {}
+                    None => log::error!("postcopy: page request for {gpa:#x} is outside guest RAM"),
+                },
+                Incoming::Complete(v) => complete = Some(v),
+                Incoming::Broken(e) => return Err(broken(e)),
+            }
+        }
+        // Then a batch of the background push, from the cursor on.
+        let mut n = 0;
+        while n < 64 && left > 0 {
+            let (ri, from) = cursor;
+            let Some(p) = missing[ri].next_set_from(from) else {
+                cursor = ((ri + 1) % regions.len(), 0);
+                continue;
+            };
+            let gpa = regions[ri].gpa + (p * PAGE_SIZE) as u64;
+            tx.send_one(vm, gpa).map_err(|e| broken(e.to_string()))?;
+            missing[ri].unset(p);
+            cursor = (ri, p + 1);
+            left -= 1;
+            pushed += 1;
+            n += 1;
+        }
+        tx.flush_batch().map_err(|e| broken(e.to_string()))?;
+        tx.w.flush().map_err(|e| broken(e.to_string()))?;
+        status.update(|s| {
+            s.bytes = tx.w.bytes;
+            s.remaining_bytes = (left * PAGE_SIZE) as u64;
+            s.total_ms = start.elapsed().as_secs_f64() * 1e3;
+        });
+    }
+    tx.w.record(Section::End, &crate::state::EndRecord::default())
+        .and_then(|_| tx.w.flush())
+        .map_err(|e| broken(e.to_string()))?;
+    let deadline = Instant::now() + ACK_TIMEOUT;
+    while complete.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left.max(Duration::from_millis(1))) {
+            Ok(Incoming::Complete(v)) => complete = Some(v),
+            Ok(Incoming::Request(_)) => {}
+            Ok(Incoming::Broken(e)) => return Err(broken(e)),
+            Err(_) => return Err(broken("no completion from the destination".into())),
+        }
+    }
+    let total = start.elapsed().as_secs_f64();
+    status.update(|s| {
+        s.state = "completed".into();
+        s.phase = "END".into();
+        s.bytes = tx.w.bytes;
+        s.pages_full = tx.batch.full;
+        s.pages_zero = tx.batch.zero;
+        s.remaining_bytes = 0;
+        s.total_ms = total * 1e3;
+        s.throughput_mbps = tx.w.bytes as f64 / total / 1e6;
+        let mut figures = complete.unwrap_or(serde_json::Value::Null);
+        // Pause here to resume there: only the destination knows when it resumed.
+        s.downtime_ms = figures["downtime_ms"].as_f64().unwrap_or(f64::NAN);
+        figures["source_pages_requested"] = requested.into();
+        figures["source_pages_pushed"] = pushed.into();
+        s.postcopy = Some(figures);
+    });
+    Ok(())
+}
