@@ -25,7 +25,7 @@ impl DirtyBitmap {
     /// From KVM-style words (bit i of word w = page w*64+i); extra bits are dropped.
     pub fn from_words(mut words: Vec<u64>, pages: usize) -> Self {
         words.resize(pages.div_ceil(64), 0);
-        if pages % 64 != 0 {
+        if !pages.is_multiple_of(64) {
             if let Some(last) = words.last_mut() {
                 *last &= (1u64 << (pages % 64)) - 1;
             }

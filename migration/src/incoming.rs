@@ -33,7 +33,7 @@ fn prepare_dense_range(vm: &dyn MigratableVm, payload: &[u8]) {
 /// Reads the header and the configuration section.
 pub fn read_config<R: Read>(r: &mut StreamReader<R>) -> Result<VmConfigRecord, StreamError> {
     r.header()?;
-    r.next()?.expect(Section::Config)?.decode()
+    r.read_section()?.expect(Section::Config)?.decode()
 }
 
 fn missing(what: &'static str) -> MigrationError {
@@ -130,7 +130,7 @@ pub fn receive(
             while let Ok(buf) = spare_rx.try_recv() {
                 r.recycle(buf);
             }
-            let frame = r.next();
+            let frame = r.read_section();
             let last = !matches!(&frame, Ok(f) if f.kind != Section::End);
             if frames_tx.send(frame).is_err() || last {
                 return;

@@ -130,7 +130,7 @@ fn advise<W: Write>(
     w.section(Section::Advise, &[])?;
     w.flush()?;
     let answer = rx
-        .next()
+        .read_section()
         .map_err(|e| MigrationError::NoAnswer(e.to_string()))?;
     match answer.kind {
         Section::Advise => Ok(()),
@@ -347,7 +347,7 @@ fn stop_and_copy<W: Write>(
     tx.w.flush()?;
     if let Some(mut rx) = reader {
         let answer = rx
-            .next()
+            .read_section()
             .map_err(|e| MigrationError::NoAnswer(e.to_string()))?;
         match answer.kind {
             Section::Resumed => {}

@@ -252,7 +252,7 @@ impl<R: Read> StreamReader<R> {
     }
 
     /// Reads one section.
-    pub fn next(&mut self) -> Result<Frame, StreamError> {
+    pub fn read_section(&mut self) -> Result<Frame, StreamError> {
         let mut head = [0u8; 5];
         read_exact_in(
             &mut self.r,
@@ -436,18 +436,18 @@ mod tests {
         let mut r = StreamReader::new(&bytes[..]);
         r.header().unwrap();
         let cfg: Vec<u32> = r
-            .next()
+            .read_section()
             .unwrap()
             .expect(Section::Config)
             .unwrap()
             .decode()
             .unwrap();
         assert_eq!(cfg, vec![1, 2, 3]);
-        let ram = r.next().unwrap().expect(Section::Ram).unwrap();
+        let ram = r.read_section().unwrap().expect(Section::Ram).unwrap();
         let pages: Vec<_> = parse_ram(&ram.payload).collect::<Result<_, _>>().unwrap();
         assert_eq!(pages[0], PageRecord::Zero(0x1000));
         assert!(matches!(pages[1], PageRecord::Full(0x2000, p) if p[0] == 7));
-        assert_eq!(r.next().unwrap().kind, Section::End);
+        assert_eq!(r.read_section().unwrap().kind, Section::End);
     }
 
     #[test]
@@ -457,8 +457,8 @@ mod tests {
         bytes[n / 2] ^= 0x40; // inside the RAM page data
         let mut r = StreamReader::new(&bytes[..]);
         r.header().unwrap();
-        r.next().unwrap();
-        let err = r.next().err().unwrap();
+        r.read_section().unwrap();
+        let err = r.read_section().err().unwrap();
         assert!(matches!(err, StreamError::Checksum("RAM")), "{err}");
     }
 
@@ -468,8 +468,8 @@ mod tests {
         let cut = &bytes[..bytes.len() - 20];
         let mut r = StreamReader::new(cut);
         r.header().unwrap();
-        r.next().unwrap();
-        let err = r.next().err().unwrap();
+        r.read_section().unwrap();
+        let err = r.read_section().err().unwrap();
         assert_eq!(err.to_string(), "stream truncated in RAM section");
         let mut r = StreamReader::new(&bytes[..5]);
         assert!(matches!(r.header(), Err(StreamError::Truncated(_))));

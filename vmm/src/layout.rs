@@ -9,8 +9,6 @@ pub const BOOT_GDT_START: u64 = 0x500;
 pub const BOOT_IDT_START: u64 = 0x520;
 /// Linux `boot_params` ("zero page"); RSI points here at entry.
 pub const ZERO_PAGE_START: u64 = 0x7000;
-/// Free low page the built-in guest uses for its AP trampoline (SIPI vector 0x08).
-pub const AP_TRAMPOLINE_START: u64 = 0x8000;
 /// Identity page tables for the 64-bit entry: PML4, PDPT and 4 PDs (first 4 GiB in 2 MiB pages).
 pub const PML4_START: u64 = 0x9000;
 pub const PDPT_START: u64 = 0xa000;
@@ -43,7 +41,6 @@ pub mod ports {
     pub const COM2: u16 = 0x2f8;
     /// i8042 keyboard controller (data 0x60, command 0x64); command 0xfe resets.
     pub const I8042_DATA: u16 = 0x60;
-    pub const I8042_COMMAND: u16 = 0x64;
     /// tern test-exit: a write of status S makes tern exit with code S & 0xff.
     pub const TEST_EXIT: u16 = 0x4f0;
     /// tern boot timer: a write of [`BOOT_TIMER_MAGIC`] logs the time since tern started.

@@ -92,11 +92,6 @@ fn madvise(
     Ok(())
 }
 
-/// Total guest RAM in bytes.
-pub fn total_size(mem: &GuestMemory) -> u64 {
-    mem.iter().map(|r| r.len()).sum()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -91,7 +91,6 @@ pub struct VmInner {
     pub com1: Arc<Mutex<SerialDevice>>,
     pub record: VmConfigRecord,
     pub vcpus: Vec<VcpuHandle>,
-    pub boot_timer: Arc<Mutex<Option<Duration>>>,
     pub migration: StatusCell,
     pub dirty_logging: AtomicBool,
     pub paused: AtomicBool,
@@ -134,7 +133,6 @@ impl Vm {
         let (com1, serial2) =
             add_legacy_devices(&vm_fd, &mut pio, &exit, &cfg.serial, &cfg.serial2)?;
         let timer = BootTimer::new(start, ports::BOOT_TIMER_MAGIC);
-        let boot_timer = timer.recorded();
         pio.insert(ports::BOOT_TIMER, 1, Arc::new(Mutex::new(timer)))?;
 
         let (template, pv) = match origin {
@@ -256,7 +254,6 @@ impl Vm {
                 com1,
                 record,
                 vcpus: handles,
-                boot_timer,
                 migration: StatusCell::default(),
                 dirty_logging: AtomicBool::new(false),
                 paused: AtomicBool::new(paused),

@@ -98,7 +98,7 @@ pub(crate) fn switch<W: Write>(
     std::thread::Builder::new()
         .name("return-path".into())
         .spawn(move || loop {
-            let ev = match rx.next() {
+            let ev = match rx.read_section() {
                 Ok(f) if f.kind == Section::PageRequest => match f.decode::<PageRequest>() {
                     Ok(r) => Incoming::Request(r.gpa),
                     Err(e) => Incoming::Broken(e.to_string()),

@@ -6,8 +6,6 @@ pub const MSR_KVM_ASYNC_PF_INT: u32 = 0x4b56_4d06;
 pub const MSR_KVM_ASYNC_PF_ACK: u32 = 0x4b56_4d07;
 
 pub const EN_ENABLED: u64 = 1 << 0;
-pub const EN_SEND_ALWAYS: u64 = 1 << 1;
-pub const EN_DELIVERY_AS_PF_VMEXIT: u64 = 1 << 2;
 pub const EN_DELIVERY_AS_INT: u64 = 1 << 3;
 /// Bits 4 and 5 are reserved: a value with them set names a misaligned area.
 const EN_RESERVED: u64 = 0x30;
@@ -68,7 +66,7 @@ mod tests {
     #[test]
     fn enable_checks_follow_kvm() {
         let ram = |gpa: u64| gpa < 0x100_0000;
-        let en = 0x20_0000 | EN_ENABLED | EN_DELIVERY_AS_PF_VMEXIT | EN_DELIVERY_AS_INT;
+        let en = 0x20_0000 | EN_ENABLED | 4 | EN_DELIVERY_AS_INT;
         assert_eq!(check_enable(en, 0xf3, ram), Ok(()));
         assert_eq!(check_enable(en | 0x10, 0xf3, ram), Err(Refused::Reserved));
         assert_eq!(check_enable(en, 0, ram), Err(Refused::NoVector));

@@ -49,10 +49,6 @@ impl PvFeatures {
                 | Self::CLOCKSOURCE_STABLE,
         )
     }
-
-    pub fn contains(self, bits: u32) -> bool {
-        self.0 & bits == bits
-    }
 }
 
 const LEAF_FEATURES: u32 = 1;

@@ -80,7 +80,7 @@ fn run(env: &Env) -> Result<(), Fail> {
         verify(stat, stat_q, u64::MAX, &mut checksum)?;
         let now = cpu::rdtsc();
         let due = if report_every == 0 {
-            round % 16 == 0
+            round.is_multiple_of(16)
         } else {
             now.wrapping_sub(last_report) >= report_every
         };

@@ -355,9 +355,8 @@ fn run(env: &Env) -> Result<(), Fail> {
         let (reply, exit) = match com2.read_line() {
             Ok("") => continue,
             Ok(line) => {
-                let line = Fail::from(line);
-                let cmd = line.as_str().split_ascii_whitespace().next().unwrap_or("");
-                match alloc.command(env, line.as_str()) {
+                let cmd = line.split_ascii_whitespace().next().unwrap_or("");
+                match alloc.command(env, line) {
                     Ok(r) => (crate::fail!("PASS {}", r.as_str()), cmd == "exit"),
                     Err(e) => (crate::fail!("FAIL {cmd} {}", e.as_str()), false),
                 }
