@@ -10,3 +10,9 @@ if [ ! -e /dev/kvm ]; then
     exit 2
 fi
 command -v cargo >/dev/null || { say "cargo is missing: install a Rust toolchain first"; exit 2; }
+
+# The minimal Linux guest kernel and initramfs (cached by a hash of their inputs; the first build
+# takes minutes and prints progress).
+say "building the Linux guest kernel and initramfs (cached)"
+resources/build-guest.sh >/dev/null
+say "ready"
