@@ -117,6 +117,21 @@ impl<W: Write> PageSender<W> {
     }
 }
 
+/// The device state package: vCPUs, clock, interrupt controllers, PIT, devices.
+pub(crate) fn send_state<W: Write>(
+    w: &mut StreamWriter<W>,
+    state: &VmState,
+) -> Result<(), StreamError> {
+    w.record(Section::Vcpus, &state.vcpus)?;
+    w.record(Section::Clock, &state.clock)?;
+    w.record(
+        Section::Irqchip,
+        &(&state.pic_master, &state.pic_slave, &state.ioapic),
+    )?;
+    w.record(Section::Pit, &state.pit)?;
+    w.record(Section::Devices, &state.devices)
+}
+
 /// ADVISE: asks the destination whether it can do postcopy; fails the migration cleanly when not.
 fn advise<W: Write>(
     w: &mut StreamWriter<W>,
@@ -334,15 +349,7 @@ fn stop_and_copy<W: Write>(
     }
     tx.flush_batch()?;
     vm.stop_dirty_log()?;
-    let state: VmState = vm.save_state()?;
-    tx.w.record(Section::Vcpus, &state.vcpus)?;
-    tx.w.record(Section::Clock, &state.clock)?;
-    tx.w.record(
-        Section::Irqchip,
-        &(&state.pic_master, &state.pic_slave, &state.ioapic),
-    )?;
-    tx.w.record(Section::Pit, &state.pit)?;
-    tx.w.record(Section::Devices, &state.devices)?;
+    send_state(&mut tx.w, &vm.save_state()?)?;
     tx.w.record(Section::End, &EndRecord { paused_at_unix_ns })?;
     tx.w.flush()?;
     if let Some(mut rx) = reader {

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::outgoing::{MigrationError, PageSender};
+use crate::outgoing::{send_state, MigrationError, PageSender};
 use crate::progress::StatusCell;
 use crate::stream::{Section, StreamReader};
 use crate::transport::ACK_TIMEOUT;
@@ -68,15 +68,7 @@ pub(crate) fn switch<W: Write>(
             ranges: ranges(regions, &missing),
         },
     )?;
-    let state = vm.save_state()?;
-    tx.w.record(Section::Vcpus, &state.vcpus)?;
-    tx.w.record(Section::Clock, &state.clock)?;
-    tx.w.record(
-        Section::Irqchip,
-        &(&state.pic_master, &state.pic_slave, &state.ioapic),
-    )?;
-    tx.w.record(Section::Pit, &state.pit)?;
-    tx.w.record(Section::Devices, &state.devices)?;
+    send_state(&mut tx.w, &vm.save_state()?)?;
     tx.w.record(
         Section::Run,
         &crate::state::EndRecord {

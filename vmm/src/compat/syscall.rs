@@ -240,7 +240,15 @@ impl SyscallAssist {
         }
         regs.rflags |= RFLAGS_RF;
         fd.set_regs(&regs)?;
-        PAGE_FAULTS.fetch_add(1, Ordering::Relaxed);
+        let n = PAGE_FAULTS.fetch_add(1, Ordering::Relaxed);
+        if n < 20 || n % 10000 == 0 {
+            log::info!(
+                "TEST pf {n}: rip={:#x} cr2={:#x} rflags={:#x}",
+                regs.rip,
+                sregs.cr2,
+                regs.rflags
+            );
+        }
         Ok(DebugOutcome::PageFault)
     }
 }

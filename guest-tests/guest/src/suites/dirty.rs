@@ -50,19 +50,7 @@ fn run(env: &Env) -> Result<(), Fail> {
     if mib == 0 {
         return Err(crate::fail!("mib must be > 0"));
     }
-    let start = env.image_end().next_multiple_of(2 * MIB);
-    let (_, end) = env
-        .boot
-        .ram_regions()
-        .find(|&(s, e)| s <= start && start < e)
-        .ok_or_else(|| crate::fail!("no RAM at {start:#x} above the guest image"))?;
-    let need = (mib + static_mib) * MIB;
-    if start + need > end {
-        return Err(crate::fail!(
-            "mib={mib} + static={static_mib} do not fit in {} MiB of free RAM",
-            (end - start) / MIB
-        ));
-    }
+    let start = env.free_ram(mib + static_mib)?;
     let work = start;
     let work_q = (mib * MIB / 8) as usize;
     let stat = start + mib * MIB;

@@ -12,15 +12,7 @@ static NEVER: u64 = 0;
 fn run(env: &Env) -> Result<(), Fail> {
     let fill = env.arg_u64("fill", 0)?;
     if fill > 0 {
-        let start = env.image_end().next_multiple_of(2 * MIB);
-        let (_, end) = env
-            .boot
-            .ram_regions()
-            .find(|&(s, e)| s <= start && start < e)
-            .ok_or_else(|| crate::fail!("no RAM at {start:#x} above the guest image"))?;
-        if start + fill * MIB > end {
-            return Err(crate::fail!("fill={fill} MiB does not fit below {end:#x}"));
-        }
+        let start = env.free_ram(fill)?;
         let p = start as *mut u64;
         for i in 0..(fill * MIB / 8) as usize {
             // SAFETY: [start, start + fill MiB) is free RAM above the image, identity mapped and

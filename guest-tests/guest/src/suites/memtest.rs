@@ -29,22 +29,8 @@ fn run(env: &Env) -> Result<(), Fail> {
     if mib == 0 {
         return Err(crate::fail!("mib must be > 0"));
     }
-    // Free RAM starts at the first 2 MiB boundary above the image (the stacks and tables).
-    let start = env.image_end().next_multiple_of(2 * MIB);
-    let (_, region_end) = env
-        .boot
-        .ram_regions()
-        .find(|&(s, e)| s <= start && start < e)
-        .ok_or_else(|| crate::fail!("no RAM at {start:#x} above the guest image"))?;
-    let bytes = mib
-        .checked_mul(MIB)
-        .filter(|b| start.saturating_add(*b) <= region_end)
-        .ok_or_else(|| {
-            crate::fail!(
-                "mib={mib} does not fit: {} MiB of RAM free at {start:#x}..{region_end:#x}",
-                (region_end - start) / MIB
-            )
-        })?;
+    let start = env.free_ram(mib)?;
+    let bytes = mib * MIB;
     let base = start as *mut u64;
     let qwords = (bytes / 8) as usize;
 

@@ -39,6 +39,27 @@ impl Env<'_> {
         parsed.map_err(|_| crate::fail!("bad number {key}={v}"))
     }
 
+    /// `mib` MiB of free RAM for a suite's data: from the first 2 MiB boundary above the image,
+    /// in the e820 region holding it. Returns the start address.
+    pub fn free_ram(&self, mib: u64) -> Result<u64, Fail> {
+        const MIB: u64 = 1 << 20;
+        let start = self.image_end().next_multiple_of(2 * MIB);
+        let (_, end) = self
+            .boot
+            .ram_regions()
+            .find(|&(s, e)| s <= start && start < e)
+            .ok_or_else(|| crate::fail!("no RAM at {start:#x} above the guest image"))?;
+        mib.checked_mul(MIB)
+            .filter(|b| start.saturating_add(*b) <= end)
+            .map(|_| start)
+            .ok_or_else(|| {
+                crate::fail!(
+                    "{mib} MiB do not fit: {} MiB of RAM free at {start:#x}..{end:#x}",
+                    (end - start) / MIB
+                )
+            })
+    }
+
     /// First byte after the guest image (code, data, bss, stacks, page tables).
     pub fn image_end(&self) -> u64 {
         extern "C" {
