@@ -248,6 +248,27 @@ fn run(
         });
     };
 
+    // Pure postcopy: switch before sending anything; every page is fetched or pushed after RUN.
+    if params.postcopy && params.postcopy_after_iterations == Some(0) {
+        let reader = reader
+            .take()
+            .ok_or_else(|| MigrationError::NoAnswer("postcopy needs a return path".into()))?;
+        let none: Vec<DirtyBitmap> = regions
+            .iter()
+            .map(|r| DirtyBitmap::new(r.pages()))
+            .collect();
+        return crate::postcopy::source::switch(
+            vm,
+            tx,
+            &regions,
+            none.clone(),
+            none,
+            reader,
+            status,
+            start,
+            paused,
+        );
+    }
     // Pass 0: everything that was ever populated.
     let pass_start = Instant::now();
     for r in &regions {
@@ -284,8 +305,13 @@ fn run(
                     "postcopy needs a return path".into(),
                 ));
             };
+            // Precopy sent every page once (untouched ones are zero there already).
+            let sent = regions
+                .iter()
+                .map(|r| DirtyBitmap::full(r.pages()))
+                .collect();
             return crate::postcopy::source::switch(
-                vm, tx, &regions, dirty, reader, status, start, paused,
+                vm, tx, &regions, sent, dirty, reader, status, start, paused,
             );
         }
         if converged || iteration >= params.max_iterations || start.elapsed() >= params.timeout {

@@ -147,3 +147,79 @@ fn no_userfaultfd_on_the_destination_refuses_at_advise() {
         .wait_stdout(WAIT, |l| dirty_round(l).is_some_and(|r| r > before))
         .is_some());
 }
+
+fn apf_pattern(addr: u64) -> u64 {
+    addr.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x7465_726E_6170_6621
+}
+
+#[test]
+fn apf_suite_sees_not_present_and_ready_during_pure_postcopy() {
+    use std::io::{Seek, SeekFrom, Write};
+    let dir = scratch("postcopy-apf");
+    // The source's lazy memory supplies the suite's expected contents; after the switch the
+    // destination fetches them through postcopy, with KVM's async page faults in the guest.
+    let image = dir.join("lazy.img");
+    let mut f = std::fs::File::create(&image).unwrap();
+    let base = 0x400_0000u64;
+    f.seek(SeekFrom::Start(base)).unwrap();
+    let bytes: Vec<u8> = (0..64 * 512u64)
+        .flat_map(|q| apf_pattern(base + q * 8).to_le_bytes())
+        .collect();
+    f.write_all(&bytes).unwrap();
+    let a = dir.join("a.sock").to_string_lossy().into_owned();
+    let mig = format!("unix:{}", dir.join("mig.sock").display());
+    let memory = format!("size=256M,lazy-from={}", image.display());
+    let mut src = Running::spawn(&[
+        "--memory",
+        &memory,
+        "--api-socket",
+        &a,
+        "--postcopy",
+        "--postcopy-after-iterations",
+        "0",
+        "--cmdline",
+        "suite=apf pages=64 delay_ms=300 hold_ms=4000 expect_async=1",
+    ]);
+    let mut dst = Running::spawn(&["--incoming", &mig, "--postcopy"]);
+    assert!(
+        dst.wait_stderr(WAIT, "waiting for an incoming migration"),
+        "{}",
+        dst.describe()
+    );
+    assert!(
+        src.wait_stdout(WAIT, |l| l.contains("async PF enabled"))
+            .is_some(),
+        "{}",
+        src.describe()
+    );
+    let o = remote(&a, &["migrate", &mig]);
+    assert_eq!(o.code, Some(0), "{}\n{}", o.describe(), dst.describe());
+    assert_eq!(src.wait_exit(WAIT), Some(0), "{}", src.describe());
+    assert_eq!(dst.wait_exit(WAIT), Some(0), "{}", dst.describe());
+    let out = dst.stdout_lines();
+    assert!(
+        out.iter().any(|l| l == "tern-guest: apf PASS"),
+        "{}",
+        dst.describe()
+    );
+    let report = out
+        .iter()
+        .find(|l| l.starts_with("tern-guest: apf pages="))
+        .unwrap_or_else(|| panic!("{}", dst.describe()));
+    let field = |k: &str| -> u64 {
+        report
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(field("async") >= 1, "{report}");
+    assert_eq!(field("matched"), field("async"), "{report}");
+    assert!(field("compute_during_waits") > 0, "{report}");
+    assert!(
+        dst.stderr_text()
+            .contains("migration completed (destination)"),
+        "{}",
+        dst.describe()
+    );
+}

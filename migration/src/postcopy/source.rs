@@ -27,13 +27,14 @@ fn region_page(regions: &[RamRegion], gpa: u64) -> Option<(usize, usize)> {
         .map(|i| (i, ((gpa - regions[i].gpa) / PAGE_SIZE as u64) as usize))
 }
 
-/// Switches to postcopy. Precopy has sent every page once (untouched ones are zero at the
-/// destination already), so the sent map is full and `pending` holds the pages dirtied since.
+/// Switches to postcopy. `sent` says which pages the destination has (full after a precopy
+/// pass, empty for pure postcopy); `pending` holds the pages dirtied since they were sent.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn switch<W: Write>(
     vm: &dyn MigratableVm,
     mut tx: PageSender<W>,
     regions: &[RamRegion],
+    sent: Vec<DirtyBitmap>,
     mut pending: Vec<DirtyBitmap>,
     mut rx: StreamReader<Box<dyn Read + Send>>,
     status: &StatusCell,
@@ -49,10 +50,6 @@ pub(crate) fn switch<W: Write>(
     vm.stop_dirty_log()?;
     // Sent, then dirtied again: those are the destination's stale pages; never-sent pages are
     // missing there too.
-    let sent: Vec<DirtyBitmap> = regions
-        .iter()
-        .map(|r| DirtyBitmap::full(r.pages()))
-        .collect();
     let mut missing = Vec::new();
     for (s, d) in sent.iter().zip(&pending) {
         let mut discard = s.clone();

@@ -143,6 +143,10 @@ impl MigratableVm for VmInner {
     }
 
     fn populated_pages(&self, region: &RamRegion) -> VmResult<DirtyBitmap> {
+        // Lazy pages not fetched yet are not resident, yet not zero: read them all.
+        if self.lazy.is_some() {
+            return Ok(DirtyBitmap::full(region.pages()));
+        }
         let r = self
             .mem
             .find_region(GuestAddress(region.gpa))

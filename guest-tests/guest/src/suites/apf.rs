@@ -52,6 +52,11 @@ fn run(env: &Env) -> Result<(), Fail> {
     let lazy = env.arg_u64("lazy", 0x400_0000)?;
     let expect_async = env.arg_u64("expect_async", 0)? != 0;
     let selftest = env.arg_u64("selftest", 0)? != 0;
+    // Wait this long (after enabling async PF, before touching) so a host can migrate the guest
+    // first: then the lazy pages come from postcopy instead of the file.
+    let delay_ms = env.arg_u64("delay_ms", 0)?;
+    // Keep the VM alive this long after the result (e.g. until a postcopy has ended).
+    let hold_ms = env.arg_u64("hold_ms", 0)?;
     if pages == 0 || pages > MAX_PAGES {
         return Err(crate::fail!("pages={pages} must be in 1..={MAX_PAGES}"));
     }
@@ -94,6 +99,10 @@ fn run(env: &Env) -> Result<(), Fail> {
     }
     if on {
         apf::enable(features);
+    }
+    if delay_ms > 0 {
+        spin_ms(delay_ms);
+        crate::report!("apf: waited {delay_ms} ms, touching now");
     }
     let hook = if selftest {
         Some(selftest::on_fault as fn(u32, bool))
@@ -185,7 +194,17 @@ fn run(env: &Env) -> Result<(), Fail> {
             s.matched
         ));
     }
+    spin_ms(hold_ms);
     Ok(())
+}
+
+/// Busy-waits `ms` milliseconds at CPL3 (the TSC rate is known by then).
+fn spin_ms(ms: u64) {
+    let khz = TSC_KHZ.load(Ordering::Relaxed);
+    let t0 = crate::rt::cpu::rdtsc();
+    while crate::rt::cpu::rdtsc().wrapping_sub(t0) < ms * khz {
+        crate::rt::cpu::pause();
+    }
 }
 
 /// Task T: reads every qword of the lazy pages in order (checking them unless selftest).
