@@ -21,7 +21,7 @@ pub fn tern_binary() -> Result<PathBuf> {
         }
     }
     bail!(
-        "cannot find the tern binary next to {}: run `cargo build --release` first or set TERN_BIN",
+        "cannot find the tern binary next to {}: run `cargo build --release --workspace` first or set TERN_BIN",
         exe.display()
     )
 }

@@ -1,4 +1,4 @@
-//! Migration benchmarks: `tern-migrate-bench` prints a table. Needs `cargo build --release` first
+//! Migration benchmarks: `tern-migrate-bench` prints a table. Needs `cargo build --release --workspace` first
 //! (it runs the `tern` next to itself). Everything is measured side by side in one run.
 
 use std::io::{BufRead, BufReader, Read, Write};
