@@ -31,7 +31,7 @@ impl PioBus {
     }
 
     pub fn insert(&mut self, base: u16, len: u16, device: SharedDevice) -> Result<(), BusError> {
-        let end = base.checked_add(len - 1).filter(|_| len > 0);
+        let end = len.checked_sub(1).and_then(|l| base.checked_add(l));
         let Some(end) = end else {
             return Err(BusError::BadRange { base, len });
         };
