@@ -10,7 +10,7 @@ use crate::config::{self, KernelImage, MemoryConfig, VmConfig};
 /// (see README.md, "Linux guests").
 pub const LINUX_DEFAULT_CMDLINE: &str = "console=ttyS0 noxsave \
 clearcpuid=308,59,534,288,151,590,298,145,141,154,297,580 mitigations=off nokaslr tsc=reliable \
-no_timer_check reboot=k panic=-1 rdinit=/init";
+no_timer_check reboot=k panic=-1 rdinit=/init rodata=off random.trust_cpu=on";
 
 /// The built-in guest's default suite.
 pub const BUILTIN_DEFAULT_CMDLINE: &str = "suite=hello";
@@ -93,6 +93,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "STRING")]
     pub cmdline: Option<String>,
 
+    /// Words appended to the command line (the default one or --cmdline), e.g.
+    /// `--cmdline-append "tern.run=sleep,20"` for a Linux guest.
+    #[arg(long, value_name = "STRING")]
+    pub cmdline_append: Option<String>,
+
     /// Initramfs to load for a Linux kernel.
     #[arg(long, value_name = "PATH")]
     pub initramfs: Option<PathBuf>,
@@ -122,7 +127,7 @@ pub struct RunArgs {
 
     /// Receive a migrated guest from unix:PATH, tcp:HOST:PORT or file:PATH (a snapshot) instead
     /// of booting one; the stream carries the VM's configuration.
-    #[arg(long, value_name = "URI", conflicts_with_all = ["kernel", "initramfs", "cmdline", "memory", "cpus"])]
+    #[arg(long, value_name = "URI", conflicts_with_all = ["kernel", "initramfs", "cmdline", "cmdline_append", "memory", "cpus"])]
     pub incoming: Option<String>,
 
     /// Outgoing migrations: stop the guest once the rest fits this downtime at the measured
@@ -164,6 +169,10 @@ impl RunArgs {
             (Some(c), _) => c.clone(),
             (None, KernelImage::Builtin) => BUILTIN_DEFAULT_CMDLINE.into(),
             (None, KernelImage::Path(_)) => LINUX_DEFAULT_CMDLINE.into(),
+        };
+        let cmdline = match &self.cmdline_append {
+            Some(extra) => format!("{cmdline} {extra}"),
+            None => cmdline,
         };
         Ok(VmConfig {
             memory,
