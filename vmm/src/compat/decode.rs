@@ -23,8 +23,25 @@ pub struct MemOperand {
 pub enum InsnKind {
     Int3,
     Fwait,
+    /// `nop`, `nopl`/`nopw` with a ModRM operand, `endbr64`: nothing to do but advance.
+    Nop,
+    /// `cld`: clear RFLAGS.DF.
+    Cld,
+    /// `clac`: clear RFLAGS.AC.
+    Clac,
     Ldmxcsr(MemOperand),
     Stmxcsr(MemOperand),
+}
+
+impl InsnKind {
+    /// The RFLAGS bits the instruction clears (DF for cld, AC for clac).
+    pub fn rflags_cleared(self) -> u64 {
+        match self {
+            InsnKind::Cld => 1 << 10,
+            InsnKind::Clac => 1 << 18,
+            _ => 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +127,25 @@ pub fn decode(bytes: &[u8]) -> Option<Insn> {
     let kind = match op {
         0xcc if c.pos == 1 => InsnKind::Int3,
         0x9b if c.pos == 1 => InsnKind::Fwait,
+        0x90 => InsnKind::Nop,
+        0xfc => InsnKind::Cld,
+        0x0f if c.bytes.get(c.pos) == Some(&0x1f) => {
+            c.pos += 1;
+            let modrm = c.byte()?;
+            let (md, rm) = (modrm >> 6, modrm & 7);
+            if md != 3 {
+                mem_operand(&mut c, rex, md, rm, segment, addr32)?;
+            }
+            InsnKind::Nop
+        }
+        0x0f if c.bytes.get(c.pos..c.pos + 2) == Some(&[0x1e, 0xfa]) => {
+            c.pos += 2;
+            InsnKind::Nop
+        }
+        0x0f if c.bytes.get(c.pos..c.pos + 2) == Some(&[0x01, 0xca]) => {
+            c.pos += 2;
+            InsnKind::Clac
+        }
         0x0f if c.byte()? == 0xae => {
             let modrm = c.byte()?;
             let (md, reg, rm) = (modrm >> 6, (modrm >> 3) & 7, modrm & 7);
@@ -192,8 +228,24 @@ mod tests {
             Some((InsnKind::Int3, 1))
         );
         assert_eq!(decode(&[0x9b]).map(|i| i.len), Some(1));
-        assert_eq!(decode(&[0x0f, 0x01, 0xca]), None); // clac: not ours
         assert_eq!(decode(&[]), None);
+    }
+
+    #[test]
+    fn nops_cld_clac() {
+        let kinds = |b: &[u8]| decode(b).map(|i| (i.kind, i.len));
+        assert_eq!(kinds(&[0x90, 0x90]), Some((InsnKind::Nop, 1)));
+        assert_eq!(kinds(&[0x0f, 0x1f, 0x00]), Some((InsnKind::Nop, 3)));
+        assert_eq!(kinds(&[0x0f, 0x1f, 0x44, 0, 0]), Some((InsnKind::Nop, 5)));
+        assert_eq!(
+            kinds(&[0x66, 0x0f, 0x1f, 0x84, 0, 0, 0, 0, 0]),
+            Some((InsnKind::Nop, 9))
+        );
+        assert_eq!(kinds(&[0xf3, 0x0f, 0x1e, 0xfa]), Some((InsnKind::Nop, 4)));
+        assert_eq!(kinds(&[0xfc, 0xe8]), Some((InsnKind::Cld, 1)));
+        assert_eq!(kinds(&[0x0f, 0x01, 0xca]), Some((InsnKind::Clac, 3)));
+        assert_eq!(decode(&[0x0f, 0x01, 0xcb]), None); // stac: not ours
+        assert_eq!(decode(&[0xe8, 0, 0, 0, 0]), None);
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! Nested-KVM compatibility: on this machine's hypervisor (design.md §1) a few instructions reach
 //! KVM's instruction emulator, which cannot run them, and KVM_RUN returns an emulation failure.
 //! This module completes the ones measured to be safe to complete (int3, fwait, ldmxcsr, stmxcsr)
-//! and turns every other failure into a clear error. On a host with real VMX/SVM nothing here runs.
+//! and turns every other failure into a clear error. `syscall` completes user-mode SYSCALL, which
+//! the hypervisor leaves half done (see there); `exits` counts exits by reason. On a host with real
+//! VMX/SVM nothing here runs (the counters aside).
 
 mod decode;
+mod exits;
 pub mod syscall;
 
 use kvm_bindings::{kvm_regs, kvm_sregs, KVM_INTERNAL_ERROR_EMULATION};
@@ -13,6 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::GuestMemory;
 pub use decode::{decode, Insn, InsnKind};
+pub use exits::ExitCounts;
 use std::sync::OnceLock;
 pub use syscall::{DebugOutcome, SyscallAssist};
 
@@ -88,6 +92,8 @@ pub enum Completed {
     Fwait,
     Ldmxcsr,
     Stmxcsr,
+    /// nop, cld or clac (the emulator runs these; listed for completeness).
+    Other,
 }
 
 /// Reads up to 15 instruction bytes at the guest's RIP, preferring what KVM reported.
@@ -176,6 +182,10 @@ fn complete(
             return Ok(Completed::Int3);
         }
         InsnKind::Fwait => Completed::Fwait,
+        InsnKind::Nop | InsnKind::Cld | InsnKind::Clac => {
+            regs.rflags &= !insn.kind.rflags_cleared();
+            Completed::Other
+        }
         InsnKind::Ldmxcsr(op) | InsnKind::Stmxcsr(op) => {
             let (what, load) = match insn.kind {
                 InsnKind::Ldmxcsr(_) => ("ldmxcsr", true),

@@ -196,6 +196,7 @@ impl Vcpu {
             apf.register_thread(self.id);
         }
         let mut syscall = compat::SyscallAssist::new();
+        let mut exits = compat::ExitCounts::default();
         while !self.ctx.exit.is_requested() {
             if port.pause.load(Ordering::SeqCst) {
                 if !self.paused(&port) {
@@ -204,7 +205,9 @@ impl Vcpu {
                 continue;
             }
             syscall.before_run(&self.fd, &self.ctx.mem);
-            match self.fd.run() {
+            let result = self.fd.run();
+            exits.record(&result);
+            match result {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     if !self.ctx.pio.write(port, data) {
                         log::debug!("vcpu {}: write to unclaimed port {port:#x}", self.id);
@@ -306,6 +309,7 @@ impl Vcpu {
                 }
             }
         }
+        log::info!("{}", exits.summary(self.id));
     }
 
     /// A kick can mean an async page fault is waiting for this vCPU's decision.
