@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -14,33 +13,6 @@ use common::run_tern;
 
 /// One boot, generous: ~60 s measured for the marker here, the machine's cores may be shared.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-
-fn resources() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources")
-}
-
-/// Builds (or finds in the cache) the guest kernel and initramfs: (KERNEL, INITRAMFS).
-fn guest_build() -> (String, String) {
-    let out = Command::new("bash")
-        .arg(resources().join("build-guest.sh"))
-        .output()
-        .expect("run build-guest.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "build-guest.sh failed ({:?}):\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let value = |key: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .unwrap_or_else(|| panic!("no {key} line in build-guest.sh output: {stdout}"))
-            .to_string()
-    };
-    (value("KERNEL="), value("INITRAMFS="))
-}
 
 fn boot(kernel: &str, initramfs: &str, cpus: u8) {
     let cpus_arg = format!("boot={cpus}");
@@ -79,7 +51,7 @@ fn boot(kernel: &str, initramfs: &str, cpus: u8) {
 
 #[test]
 fn linux_boots_to_userspace_with_1_and_2_vcpus() {
-    let (kernel, initramfs) = guest_build();
+    let (kernel, initramfs) = common::linux_guest();
     boot(&kernel, &initramfs, 1);
     boot(&kernel, &initramfs, 2);
 }
@@ -91,7 +63,7 @@ fn linux_boots_to_userspace_with_1_and_2_vcpus() {
 #[test]
 fn build_script_is_idempotent_and_fails_clearly() {
     let out = Command::new("bash")
-        .arg(resources().join("test-build-guest.sh"))
+        .arg(common::resources_dir().join("test-build-guest.sh"))
         .output()
         .expect("run test-build-guest.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -3,40 +3,15 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::{remote, scratch, Running};
 
 const BOOT: Duration = Duration::from_secs(300);
 
-/// The cached guest kernel and initramfs from `resources/build-guest.sh`.
-fn guest() -> (String, String) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/build-guest.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .output()
-        .expect("run build-guest.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let value = |key: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .unwrap_or_else(|| panic!("no {key} in {stdout}"))
-            .to_string()
-    };
-    (value("KERNEL="), value("INITRAMFS="))
-}
-
 #[test]
 fn linux_guest_migrates_and_finishes_on_the_destination() {
-    let (kernel, initramfs) = guest();
+    let (kernel, initramfs) = common::linux_guest();
     let dir = scratch("linux-mig");
     let a = dir.join("a.sock").to_string_lossy().into_owned();
     let mig = format!("unix:{}", dir.join("mig.sock").display());

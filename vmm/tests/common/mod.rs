@@ -208,3 +208,31 @@ pub fn dirty_round(line: &str) -> Option<u64> {
         .parse()
         .ok()
 }
+
+pub fn resources_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources")
+}
+
+/// Builds (or finds in the cache) the Linux guest: (KERNEL, INITRAMFS) from
+/// `resources/build-guest.sh` (it prints progress on stderr, the two paths on stdout).
+pub fn linux_guest() -> (String, String) {
+    let out = Command::new("bash")
+        .arg(resources_dir().join("build-guest.sh"))
+        .output()
+        .expect("run build-guest.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "build-guest.sh failed ({:?}):\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value = |key: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} line in build-guest.sh output: {stdout}"))
+            .to_string()
+    };
+    (value("KERNEL="), value("INITRAMFS="))
+}
