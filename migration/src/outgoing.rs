@@ -361,10 +361,7 @@ fn stop_and_copy<W: Write>(
     progress: &mut ProgressLine,
 ) -> Result<(), MigrationError> {
     let paused_at = Instant::now();
-    let paused_at_unix_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
+    let paused_at_unix_ns = crate::progress::unix_ns();
     vm.pause()?;
     *paused = true;
     for (p, d) in pending.iter_mut().zip(vm.fetch_dirty()?) {

@@ -48,6 +48,15 @@ impl StatusCell {
     }
 }
 
+/// Nanoseconds since the Unix epoch: when the source paused, as the destination can compare it
+/// (downtime across two local processes).
+pub fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
 pub fn mb(bytes: u64) -> f64 {
     bytes as f64 / 1e6
 }

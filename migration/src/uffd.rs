@@ -182,6 +182,22 @@ impl Userfaultfd {
         }
     }
 
+    /// Waits up to `timeout_ms` for faults and reads them into `out` (cleared first); other
+    /// events are skipped. Returns with `out` empty on timeout.
+    pub fn wait_faults(&self, timeout_ms: i32, out: &mut Vec<Fault>) -> io::Result<()> {
+        out.clear();
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one valid descriptor for at most `timeout_ms`.
+        if unsafe { libc::poll(&mut pfd, 1, timeout_ms) } <= 0 {
+            return Ok(());
+        }
+        self.read_faults(out)
+    }
+
     /// Reads pending faults (non-blocking); other events are skipped.
     pub fn read_faults(&self, out: &mut Vec<Fault>) -> io::Result<()> {
         let mut buf = [0u8; 32 * 16];

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -345,17 +344,7 @@ impl FaultWorker {
     fn run(self) {
         let mut faults: Vec<Fault> = Vec::new();
         while !self.stop.load(Ordering::SeqCst) {
-            let mut pfd = libc::pollfd {
-                fd: self.uffd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: polls one valid descriptor for up to 50 ms.
-            if unsafe { libc::poll(&mut pfd, 1, 50) } <= 0 {
-                continue;
-            }
-            faults.clear();
-            if let Err(e) = self.uffd.read_faults(&mut faults) {
+            if let Err(e) = self.uffd.wait_faults(50, &mut faults) {
                 log::error!("postcopy: userfaultfd read failed: {e}");
                 return;
             }

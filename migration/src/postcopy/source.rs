@@ -41,7 +41,7 @@ pub(crate) fn switch<W: Write>(
     start: Instant,
     paused: &mut bool,
 ) -> Result<(), MigrationError> {
-    let paused_at = Instant::now();
+    let paused_at_unix_ns = crate::progress::unix_ns();
     vm.pause()?;
     *paused = true;
     for (p, d) in pending.iter_mut().zip(vm.fetch_dirty()?) {
@@ -66,16 +66,7 @@ pub(crate) fn switch<W: Write>(
         },
     )?;
     send_state(&mut tx.w, &vm.save_state()?)?;
-    tx.w.record(
-        Section::Run,
-        &crate::state::EndRecord {
-            paused_at_unix_ns: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0)
-                .saturating_sub(paused_at.elapsed().as_nanos() as u64),
-        },
-    )?;
+    tx.w.record(Section::Run, &crate::state::EndRecord { paused_at_unix_ns })?;
     tx.w.flush()?;
     let missing_total: usize = missing.iter().map(|m| m.count()).sum();
     status.update(|s| {

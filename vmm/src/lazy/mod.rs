@@ -4,7 +4,6 @@
 pub mod source;
 
 use std::collections::HashSet;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -132,18 +131,7 @@ impl FaultWorker {
         let mut page = vec![0u8; PAGE as usize];
         let mut done: HashSet<u64> = HashSet::new();
         while !self.stop.load(Ordering::SeqCst) {
-            let mut pfd = libc::pollfd {
-                fd: self.uffd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: polls one valid descriptor for up to 100 ms.
-            let n = unsafe { libc::poll(&mut pfd, 1, 100) };
-            if n <= 0 {
-                continue;
-            }
-            faults.clear();
-            if let Err(e) = self.uffd.read_faults(&mut faults) {
+            if let Err(e) = self.uffd.wait_faults(100, &mut faults) {
                 log::error!("userfaultfd read failed: {e}");
                 return;
             }

@@ -1,12 +1,12 @@
 //! Starting migrations: the outgoing thread behind the `migrate` command, and `--incoming`.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use devices::VmExitReason;
 use migration::incoming::{self, Received, ReturnPath};
 use migration::outgoing::{self, MigrationError, Params};
-use migration::progress::{summary, MigrationStatus};
+use migration::progress::{summary, unix_ns, MigrationStatus};
 use migration::stream::StreamReader;
 use migration::stream::{Section, StreamWriter};
 use migration::transport::{self, Endpoint};
@@ -58,14 +58,6 @@ pub fn start_outgoing(
         })
         .map(|_| ())
         .map_err(|e| format!("cannot start the migration thread: {e}"))
-}
-
-/// Nanoseconds since the Unix epoch, for downtime across two local processes.
-pub fn now_unix_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,7 +151,7 @@ pub fn receive(
         vm.inner.restore_state(state)?;
         vm.inner.resume()?;
         let downtime_ms = paused_at
-            .map(|p| now_unix_ns().saturating_sub(p) as f64 / 1e6)
+            .map(|p| unix_ns().saturating_sub(p) as f64 / 1e6)
             .unwrap_or(0.0);
         status.update(|s| {
             s.total_ms = t0.elapsed().as_secs_f64() * 1e3;
