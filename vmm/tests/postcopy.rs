@@ -168,7 +168,13 @@ fn apf_suite_sees_not_present_and_ready_during_pure_postcopy() {
     f.write_all(&bytes).unwrap();
     let a = dir.join("a.sock").to_string_lossy().into_owned();
     let mig = format!("unix:{}", dir.join("mig.sock").display());
-    let memory = format!("size=256M,lazy-from={}", image.display());
+    // Each pattern page costs the source 20 ms to read, so a page request is answered well after
+    // the guest has parked its toucher and switched to its compute task (the guest's kernel code
+    // is emulated and slow here; a fast answer could beat the switch and leave nothing to measure).
+    let memory = format!(
+        "size=256M,lazy-from={},lazy-delay-us=20000",
+        image.display()
+    );
     let mut src = Running::spawn(&[
         "--memory",
         &memory,

@@ -13,6 +13,10 @@ use crate::{DirtyBitmap, MigratableVm, RamRegion, PAGE_SIZE};
 
 use super::{ranges, DiscardRecord, PageRequest};
 
+/// The background push checks for page requests after this many pages or this long.
+const PUSH_BATCH_PAGES: usize = 64;
+const PUSH_BATCH_TIME: Duration = Duration::from_millis(1);
+
 /// What the return path brings during postcopy.
 enum Incoming {
     Request(u64),
@@ -121,9 +125,11 @@ pub(crate) fn switch<W: Write>(
                 Incoming::Broken(e) => return Err(broken(e)),
             }
         }
-        // Then a batch of the background push, from the cursor on.
+        // Then a batch of the background push, from the cursor on; bounded in time too, so a
+        // source whose own pages are slow to read (lazy, swapped) still answers requests soon.
         let mut n = 0;
-        while n < 64 && left > 0 {
+        let batch_start = Instant::now();
+        while n < PUSH_BATCH_PAGES && left > 0 && batch_start.elapsed() < PUSH_BATCH_TIME {
             let (ri, from) = cursor;
             let Some(p) = missing[ri].next_set_from(from) else {
                 cursor = ((ri + 1) % regions.len(), 0);

@@ -14,7 +14,8 @@ pub trait PageSource: Send {
 }
 
 /// Pages from a file at offset = guest physical address; zeros beyond its end. An optional delay
-/// per page stands in for a slow source (tests, benchmarks).
+/// per page that holds data stands in for a slow source (tests, benchmarks); zero pages (holes,
+/// past the end) cost nothing, as they would for a sparse-aware store.
 pub struct FileSource {
     file: File,
     len: u64,
@@ -31,16 +32,17 @@ impl FileSource {
 
 impl PageSource for FileSource {
     fn fetch(&mut self, gpa: u64, page: &mut [u8]) -> io::Result<bool> {
-        if !self.delay.is_zero() {
-            std::thread::sleep(self.delay);
-        }
         page.fill(0);
         if gpa >= self.len {
             return Ok(false);
         }
         let n = ((self.len - gpa) as usize).min(page.len());
         self.file.read_exact_at(&mut page[..n], gpa)?;
-        Ok(page.iter().any(|b| *b != 0))
+        let data = page.iter().any(|b| *b != 0);
+        if data && !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
+        Ok(data)
     }
 }
 
