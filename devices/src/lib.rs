@@ -4,6 +4,7 @@
 pub mod bus;
 pub mod irq;
 pub mod legacy;
+pub mod virtio;
 
-pub use bus::{BusError, PioBus, PioDevice};
+pub use bus::{BusError, MmioBus, MmioDevice, PioBus, PioDevice};
 pub use irq::{ExitRequest, IrqLine, VmExitReason};

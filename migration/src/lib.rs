@@ -76,4 +76,8 @@ pub trait MigratableVm: Send + Sync {
         None
     }
     fn restore_state(&self, state: VmState) -> VmResult<()>;
+    /// Postcopy: stop giving guest pages back to the host (balloon inflation is recorded
+    /// instead), or start again and apply what was recorded. A discarded page would look missing
+    /// on the destination and be fetched again.
+    fn inhibit_discards(&self, _on: bool) {}
 }

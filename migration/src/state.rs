@@ -15,6 +15,14 @@ pub struct VmConfigRecord {
     pub pv_features: u32,
     /// The CPUID template the guest sees (before per-vCPU topology patching).
     pub cpuid: Vec<CpuidEntry>,
+    /// A virtio-balloon device, if the VM has one (its state travels with the devices).
+    #[serde(default)]
+    pub balloon: Option<BalloonConfigRecord>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonConfigRecord {
+    pub deflate_on_oom: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,6 +220,9 @@ pub struct SerialState {
 pub struct DeviceStates {
     /// Serial ports by name (com1, com2).
     pub serial: Vec<(String, SerialState)>,
+    /// Other devices by name, each in its own format (the device model owns it).
+    #[serde(default)]
+    pub other: Vec<(String, serde_json::Value)>,
 }
 
 /// Everything but RAM, captured while the VM is paused.

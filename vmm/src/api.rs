@@ -1,7 +1,8 @@
 //! The control API: newline-delimited JSON on a Unix socket (see docs/api.md).
 //!
-//! Request: `{"command": "status" | "pause" | "resume" | "migrate" | "migrate-status" | "quit",
-//! "uri": "unix:PATH" (migrate only)}`. Response: `{"ok": true, "result": ...}` or
+//! Request: `{"command": "status" | "pause" | "resume" | "migrate" | "migrate-status" |
+//! "migrate-start-postcopy" | "balloon" | "quit", "uri": "unix:PATH" (migrate only), "bytes": N
+//! (balloon only)}`. Response: `{"ok": true, "result": ...}` or
 //! `{"ok": false, "error": "..."}`.
 
 use std::io::{BufRead, BufReader, Write};
@@ -29,6 +30,9 @@ pub struct Request {
     /// migrate: reply at once instead of when the migration has ended.
     #[serde(default)]
     pub detach: bool,
+    /// balloon: the new target size in bytes.
+    #[serde(default)]
+    pub bytes: Option<u64>,
 }
 
 fn reply(stream: &UnixStream, result: Result<Value, String>) -> std::io::Result<()> {
@@ -125,7 +129,15 @@ impl ApiServer {
                 "memory_bytes": vm.record.memory_size,
                 "uptime_ms": self.started.elapsed().as_millis() as u64,
                 "migration": vm.migration.get().state,
+                "balloon": vm.balloon.as_ref().map(|b| crate::balloon::status(&devices::bus::lock(b))),
             })),
+            "balloon" => {
+                let Some(b) = &vm.balloon else {
+                    return Err("this VM has no balloon (start it with --balloon)".into());
+                };
+                let bytes = req.bytes.ok_or("balloon needs \"bytes\"")?;
+                crate::balloon::set_target(b, bytes, vm.record.memory_size)
+            }
             "pause" => flows::set_paused(vm, true).map(|_| json!({"state": "paused"})),
             "resume" => flows::set_paused(vm, false).map(|_| json!({"state": "running"})),
             "migrate-status" => serde_json::to_value(vm.migration.get()).map_err(|e| e.to_string()),

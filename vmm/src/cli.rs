@@ -67,6 +67,9 @@ pub enum RemoteCommand {
     /// Switch the running migration to postcopy (needs --postcopy on both sides; harmless when
     /// no migration runs).
     MigrateStartPostcopy,
+    /// Set the balloon's target: how much memory the guest should give back (e.g. 64M; 0
+    /// gives it all back to the guest). Needs --balloon.
+    Balloon { size: String },
     /// Stop the VM and tern.
     Quit,
 }
@@ -112,6 +115,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "socket=PATH|off", default_value = "off")]
     pub serial2: String,
 
+    /// A virtio-balloon device (virtio-mmio): size=SIZE is the initial target the guest is asked
+    /// to give back (`tern remote balloon SIZE` changes it), deflate-on-oom=on lets the guest take
+    /// pages back under memory pressure.
+    #[arg(long, value_name = "size=SIZE[,deflate-on-oom=on|off]")]
+    pub balloon: Option<String>,
+
     /// Paravirtual async page faults: kvm (KVM owns the protocol), tern (tern owns the MSRs and
     /// the PAGE_NOT_PRESENT / PAGE_READY injection), off (not offered to the guest).
     #[arg(long, value_name = "kvm|tern|off", default_value = "kvm")]
@@ -127,7 +136,7 @@ pub struct RunArgs {
 
     /// Receive a migrated guest from unix:PATH, tcp:HOST:PORT or file:PATH (a snapshot) instead
     /// of booting one; the stream carries the VM's configuration.
-    #[arg(long, value_name = "URI", conflicts_with_all = ["kernel", "initramfs", "cmdline", "cmdline_append", "memory", "cpus"])]
+    #[arg(long, value_name = "URI", conflicts_with_all = ["kernel", "initramfs", "cmdline", "cmdline_append", "memory", "cpus", "balloon"])]
     pub incoming: Option<String>,
 
     /// Outgoing migrations: stop the guest once the rest fits this downtime at the measured
@@ -183,6 +192,11 @@ impl RunArgs {
             serial: config::parse_serial(&self.serial)?,
             serial2: config::parse_serial2(&self.serial2)?,
             async_pf: self.async_pf.parse().map_err(anyhow::Error::msg)?,
+            balloon: self
+                .balloon
+                .as_deref()
+                .map(config::parse_balloon)
+                .transpose()?,
         })
     }
 }

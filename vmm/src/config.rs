@@ -74,6 +74,15 @@ pub enum Serial2Config {
     Off,
 }
 
+/// A virtio-balloon device (`--balloon size=SIZE,deflate-on-oom=on`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// Initial target: how much memory the guest should give back.
+    pub size: u64,
+    /// Offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM: the guest may take pages back under memory pressure.
+    pub deflate_on_oom: bool,
+}
+
 /// What to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelImage {
@@ -93,6 +102,7 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     pub serial2: Serial2Config,
     pub async_pf: crate::apf::AsyncPfMode,
+    pub balloon: Option<BalloonConfig>,
 }
 
 /// Most vCPUs tern starts (the MP table and the built-in guest's per-CPU tables are sized for it).
@@ -256,6 +266,37 @@ pub fn parse_serial2(text: &str) -> Result<Serial2Config, ConfigError> {
     }
 }
 
+pub fn parse_balloon(text: &str) -> Result<BalloonConfig, ConfigError> {
+    let mut b = BalloonConfig {
+        size: 0,
+        deflate_on_oom: false,
+    };
+    for kv in pairs("balloon", text) {
+        let (k, v) = kv?;
+        match k {
+            "size" => {
+                b.size = parse_size(v).filter(|n| n.is_multiple_of(4096)).ok_or_else(|| {
+                    ConfigError::BadValue {
+                        option: "balloon",
+                        key: "size",
+                        value: v.to_string(),
+                        what: "size in whole 4 KiB pages (e.g. 64M)",
+                    }
+                })?
+            }
+            "deflate-on-oom" => b.deflate_on_oom = parse_switch("balloon", "deflate-on-oom", v)?,
+            _ => {
+                return Err(ConfigError::UnknownKey {
+                    option: "balloon",
+                    key: k.to_string(),
+                    expected: "size, deflate-on-oom",
+                })
+            }
+        }
+    }
+    Ok(b)
+}
+
 /// Host RAM plus swap, from /proc/meminfo.
 pub fn host_memory_bytes() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -310,6 +351,30 @@ mod tests {
             Ok(SerialConfig::File("/tmp/x".into()))
         );
         assert!(parse_serial("file=").is_err());
+    }
+
+    #[test]
+    fn balloon_options() {
+        assert_eq!(
+            parse_balloon("size=64M,deflate-on-oom=on"),
+            Ok(BalloonConfig {
+                size: 64 << 20,
+                deflate_on_oom: true
+            })
+        );
+        assert_eq!(parse_balloon("").map(|b| b.size), Ok(0));
+        assert!(matches!(
+            parse_balloon("size=1000"),
+            Err(ConfigError::BadValue { key: "size", .. })
+        ));
+        assert!(matches!(
+            parse_balloon("deflate-on-oom=maybe"),
+            Err(ConfigError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse_balloon("pages=3"),
+            Err(ConfigError::UnknownKey { .. })
+        ));
     }
 
     #[test]

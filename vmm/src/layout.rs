@@ -27,6 +27,8 @@ pub const HIMEM_START: u64 = 0x10_0000;
 /// RAM below 4 GiB ends here; [MMIO_GAP_START, 4 GiB) is the MMIO hole (IOAPIC, LAPIC, virtio).
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The virtio-balloon device's virtio-mmio window (4 KiB).
+pub const VIRTIO_BALLOON_MMIO: u64 = 0xd000_0000;
 /// Default addresses of the in-kernel interrupt controllers.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
@@ -54,4 +56,6 @@ pub mod ports {
 pub mod irqs {
     pub const COM1: u32 = 4;
     pub const COM2: u32 = 3;
+    /// virtio-balloon (virtio-mmio; edge-triggered through an irqfd).
+    pub const BALLOON: u32 = 5;
 }

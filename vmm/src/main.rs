@@ -2,6 +2,7 @@
 
 mod apf;
 mod api;
+mod balloon;
 mod boot;
 mod cli;
 mod compat;

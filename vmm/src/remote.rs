@@ -26,6 +26,12 @@ pub fn run(socket: &Path, cmd: &RemoteCommand) -> Result<()> {
         RemoteCommand::MigrateStatus => json!({"command": "migrate-status"}),
         RemoteCommand::MigrateStartPostcopy => json!({"command": "migrate-start-postcopy"}),
         RemoteCommand::Quit => json!({"command": "quit"}),
+        RemoteCommand::Balloon { size } => {
+            let Some(bytes) = crate::config::parse_size(size) else {
+                bail!("balloon: `{size}` is not a size (e.g. 64M, 1G, 4096)");
+            };
+            json!({"command": "balloon", "bytes": bytes})
+        }
         RemoteCommand::Migrate { uri, detach } => {
             json!({"command": "migrate", "uri": uri, "detach": detach})
         }

@@ -7,14 +7,14 @@ use std::time::{Duration, Instant};
 use devices::legacy::{
     BootTimer, IsaDebugExit, SerialDevice, SerialOutput, SocketClient, TestExit, I8042,
 };
-use devices::{BusError, ExitRequest, IrqLine, PioBus, VmExitReason};
+use devices::{BusError, ExitRequest, IrqLine, MmioBus, PioBus, VmExitReason};
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MEM_LOG_DIRTY_PAGES,
     KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use migration::progress::StatusCell;
-use migration::state::CpuidEntry;
+use migration::state::{BalloonConfigRecord, CpuidEntry};
 use migration::VmConfigRecord;
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -23,7 +23,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::apf::{install_msr_filter, ApfController, AsyncPfMode};
 use crate::boot::{self, BootError};
-use crate::config::{Serial2Config, SerialConfig, VmConfig};
+use crate::config::{BalloonConfig, Serial2Config, SerialConfig, VmConfig};
 use crate::cpu::state::{readable_msrs, StatePolicy};
 use crate::cpu::vcpu::VcpuError;
 use crate::cpu::{cpuid, PvFeatures, Vcpu, VcpuContext, VcpuHandle};
@@ -97,6 +97,7 @@ pub struct VmInner {
     pub apf: Option<Arc<ApfController>>,
     pub lazy: Option<LazyMemory>,
     pub vcpu_tids: Arc<Mutex<Vec<u32>>>,
+    pub balloon: Option<crate::balloon::SharedBalloon>,
 }
 
 pub struct Vm {
@@ -134,6 +135,23 @@ impl Vm {
             add_legacy_devices(&vm_fd, &mut pio, &exit, &cfg.serial, &cfg.serial2)?;
         let timer = BootTimer::new(start, ports::BOOT_TIMER_MAGIC);
         pio.insert(ports::BOOT_TIMER, 1, Arc::new(Mutex::new(timer)))?;
+        let mut mmio = MmioBus::new();
+        let balloon_cfg = match origin {
+            Origin::Boot => cfg.balloon.clone(),
+            // Its size comes with the device state.
+            Origin::Incoming(rec) => rec.balloon.map(|b| BalloonConfig {
+                size: 0,
+                deflate_on_oom: b.deflate_on_oom,
+            }),
+        };
+        let balloon = balloon_cfg
+            .as_ref()
+            .map(|b| crate::balloon::create(&vm_fd, &mem, b, &mut mmio))
+            .transpose()?;
+        let cmdline = match &balloon {
+            Some(_) => format!("{} {}", cfg.cmdline, crate::balloon::cmdline_fragment()),
+            None => cfg.cmdline.clone(),
+        };
 
         let (template, pv) = match origin {
             Origin::Boot => {
@@ -150,7 +168,7 @@ impl Vm {
                 boot::load_guest(
                     &mem,
                     &cfg.kernel,
-                    &cfg.cmdline,
+                    &cmdline,
                     cfg.initramfs.as_deref(),
                     cfg.memory.size,
                     cfg.vcpus,
@@ -204,6 +222,7 @@ impl Vm {
         let tids = Arc::new(Mutex::new(vec![0u32; cfg.vcpus as usize]));
         let ctx = Arc::new(VcpuContext {
             pio,
+            mmio,
             exit: exit.clone(),
             mem: mem.clone(),
             state_policy: policy,
@@ -245,6 +264,9 @@ impl Vm {
                     edx: e.edx,
                 })
                 .collect(),
+            balloon: balloon_cfg.map(|b| BalloonConfigRecord {
+                deflate_on_oom: b.deflate_on_oom,
+            }),
         };
         Ok(Vm {
             inner: Arc::new(VmInner {
@@ -260,6 +282,7 @@ impl Vm {
                 apf,
                 lazy,
                 vcpu_tids: tids,
+                balloon,
             }),
             console_input: matches!(cfg.serial, SerialConfig::Tty),
             serial2,

@@ -48,6 +48,8 @@ pub(crate) fn switch<W: Write>(
     let paused_at_unix_ns = crate::progress::unix_ns();
     vm.pause()?;
     *paused = true;
+    // From here the destination owns the guest; this copy must stay whole for the push.
+    vm.inhibit_discards(true);
     for (p, d) in pending.iter_mut().zip(vm.fetch_dirty()?) {
         p.merge(&d);
     }

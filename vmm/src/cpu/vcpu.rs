@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
-use devices::{ExitRequest, PioBus, VmExitReason};
+use devices::{ExitRequest, MmioBus, PioBus, VmExitReason};
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use thiserror::Error;
@@ -34,6 +34,7 @@ pub enum VcpuError {
 /// What every vCPU thread shares: the devices, the exit request and guest memory.
 pub struct VcpuContext {
     pub pio: PioBus,
+    pub mmio: MmioBus,
     pub exit: Arc<ExitRequest>,
     pub mem: GuestMemory,
     pub state_policy: StatePolicy,
@@ -217,11 +218,14 @@ impl Vcpu {
                     self.ctx.pio.read(port, data);
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
-                    log::debug!("vcpu {}: read from unclaimed MMIO {addr:#x}", self.id);
-                    data.fill(0xff);
+                    if !self.ctx.mmio.read(addr, data) {
+                        log::debug!("vcpu {}: read from unclaimed MMIO {addr:#x}", self.id);
+                    }
                 }
-                Ok(VcpuExit::MmioWrite(addr, _)) => {
-                    log::debug!("vcpu {}: write to unclaimed MMIO {addr:#x}", self.id);
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if !self.ctx.mmio.write(addr, data) {
+                        log::debug!("vcpu {}: write to unclaimed MMIO {addr:#x}", self.id);
+                    }
                 }
                 Ok(VcpuExit::Hlt) => {}
                 Ok(VcpuExit::Shutdown) => {

@@ -121,6 +121,8 @@ pub fn receive(
             serial: opts.serial.clone(),
             serial2: crate::config::Serial2Config::Off,
             async_pf: opts.async_pf,
+            // Built from the config record.
+            balloon: None,
         };
         if let Some(host) = crate::config::host_memory_bytes() {
             cfg.memory
@@ -128,6 +130,10 @@ pub fn receive(
                 .map_err(|e| crate::vm::VmError::Incompatible(e.to_string()))?;
         }
         let vm = Vm::create(&cfg, Origin::Incoming(&record), start)?;
+        if opts.postcopy {
+            // Until END (or a precopy-only completion) a discarded page would look missing.
+            vm.inner.inhibit_discards(true);
+        }
         let status = vm.inner.migration.clone();
         status.update(|s| {
             s.state = "active".into();
@@ -141,7 +147,10 @@ pub fn receive(
         let received =
             incoming::receive(rx, &*vm.inner, &status, t0, return_path.clone(), &options)?;
         let (state, paused_at, tail) = match received {
-            Received::Precopy { state, paused_at } => (state, paused_at, None),
+            Received::Precopy { state, paused_at } => {
+                vm.inner.inhibit_discards(false);
+                (state, paused_at, None)
+            }
             Received::Postcopy {
                 state,
                 paused_at,
@@ -198,10 +207,16 @@ fn spawn_postcopy_tail(vm: &Vm, tail: incoming::PostcopyTail, rp: ReturnPath, t0
             let status = inner.migration.clone();
             match tail.run(&status) {
                 Ok(()) => {
+                    // END: RAM is unregistered, so balloon discards are safe again.
                     let figures = tail.listener.finish();
+                    let discarded = inner
+                        .balloon
+                        .as_ref()
+                        .map_or(0, |b| crate::balloon::inhibit_discards(b, false));
                     let downtime = status.get().downtime_ms;
                     let mut json = serde_json::to_value(&figures).unwrap_or_default();
                     json["downtime_ms"] = downtime.into();
+                    json["balloon_pages_discarded_at_end"] = discarded.into();
                     status.update(|s| {
                         s.state = "completed".into();
                         s.phase = "END".into();

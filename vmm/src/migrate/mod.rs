@@ -263,6 +263,7 @@ impl MigratableVm for VmInner {
                     .state()
                     .map(|s| vec![(serial.name().to_string(), serial_to(&s))])
                     .unwrap_or_default(),
+                other: self.balloon_state()?,
             },
         })
     }
@@ -311,6 +312,40 @@ impl MigratableVm for VmInner {
                     .map_err(side("restoring the serial port"))?;
             }
         }
-        Ok(())
+        self.restore_balloon(&state.devices.other)
+    }
+
+    fn inhibit_discards(&self, on: bool) {
+        if let Some(b) = &self.balloon {
+            crate::balloon::inhibit_discards(b, on);
+        }
+    }
+}
+
+impl VmInner {
+    fn balloon_state(&self) -> VmResult<Vec<(String, serde_json::Value)>> {
+        let Some(b) = &self.balloon else {
+            return Ok(Vec::new());
+        };
+        let v =
+            serde_json::to_value(crate::balloon::save(b)).map_err(side("saving the balloon"))?;
+        Ok(vec![(crate::balloon::STATE_NAME.to_string(), v)])
+    }
+
+    fn restore_balloon(&self, other: &[(String, serde_json::Value)]) -> VmResult<()> {
+        let record = other
+            .iter()
+            .find(|(name, _)| name == crate::balloon::STATE_NAME);
+        match (&self.balloon, record) {
+            (Some(b), Some((_, v))) => {
+                let r = serde_json::from_value(v.clone()).map_err(side("the balloon's state"))?;
+                crate::balloon::restore(b, &r).map_err(VmSideError)
+            }
+            (None, None) => Ok(()),
+            (Some(_), None) => Err(VmSideError("the stream has no balloon state".into())),
+            (None, Some(_)) => Err(VmSideError(
+                "the stream has a balloon state but the VM has no balloon".into(),
+            )),
+        }
     }
 }

@@ -8,6 +8,7 @@ use crate::rt::Fail;
 
 mod apf;
 mod apfmsr;
+mod balloon;
 mod dirty;
 mod fault;
 mod hello;
@@ -78,6 +79,7 @@ static SUITES: &[Suite] = &[
     hello::SUITE,
     apf::SUITE,
     apfmsr::SUITE,
+    balloon::SUITE,
     memtest::SUITE,
     dirty::SUITE,
     idle::SUITE,

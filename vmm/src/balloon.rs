@@ -1,0 +1,163 @@
+//! The virtio-balloon device as tern wires it: one virtio-mmio window in the MMIO hole, an irqfd
+//! on an ISA IRQ the command line names, and discards done with MADV_DONTNEED on guest RAM.
+
+use std::sync::{Arc, Mutex};
+
+use devices::bus::lock;
+use devices::virtio::{Balloon, BalloonState, DiscardRam, MmioTransportState, VirtioMmio};
+use devices::{IrqLine, MmioBus};
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::BalloonConfig;
+use crate::layout::{irqs, VIRTIO_BALLOON_MMIO};
+use crate::memory::GuestMemory;
+use crate::vm::{kvm_err, VmError};
+
+pub type BalloonDevice = VirtioMmio<Balloon>;
+pub type SharedBalloon = Arc<Mutex<BalloonDevice>>;
+
+/// Its name in the migration stream's device list.
+pub const STATE_NAME: &str = "virtio-balloon";
+const PAGE: u64 = 4096;
+
+/// What a Linux guest needs on its command line to find the device (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES);
+/// the built-in guest reads the same parameter.
+pub fn cmdline_fragment() -> String {
+    format!(
+        "virtio_mmio.device=4K@{:#x}:{}",
+        VIRTIO_BALLOON_MMIO,
+        irqs::BALLOON
+    )
+}
+
+/// Discards guest RAM pages by dropping their host memory.
+struct GuestRamDiscard(GuestMemory);
+
+impl DiscardRam for GuestRamDiscard {
+    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+        self.0
+            .find_region(GuestAddress(gpa))
+            .is_some_and(|r| gpa + len <= r.start_addr().0 + r.len())
+    }
+
+    fn discard(&self, gpa: u64, len: u64) -> Result<(), String> {
+        if !self.is_ram(gpa, len) || !gpa.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
+            return Err(format!(
+                "{gpa:#x}+{len:#x} is not whole pages of one RAM region"
+            ));
+        }
+        let host = self
+            .0
+            .get_host_address(GuestAddress(gpa))
+            .map_err(|e| e.to_string())?;
+        // SAFETY: [host, host + len) lies inside one live guest RAM mapping (checked above);
+        // MADV_DONTNEED on private anonymous memory only drops contents, the next touch reads
+        // zeros. The guest gave these pages up, nothing in tern holds references into them.
+        let rc = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        Ok(())
+    }
+}
+
+/// Creates the device, wires its interrupt and puts it on the MMIO bus.
+pub fn create(
+    vm_fd: &VmFd,
+    mem: &GuestMemory,
+    cfg: &BalloonConfig,
+    mmio: &mut MmioBus,
+) -> Result<SharedBalloon, VmError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Io {
+        what: "balloon irq eventfd",
+        source,
+    })?;
+    vm_fd
+        .register_irqfd(&evt, irqs::BALLOON)
+        .map_err(kvm_err("KVM_IRQFD (balloon)"))?;
+    let target = u32::try_from(cfg.size / PAGE)
+        .map_err(|_| VmError::Incompatible(format!("balloon size {} is too large", cfg.size)))?;
+    let balloon = Balloon::new(
+        target,
+        cfg.deflate_on_oom,
+        Box::new(GuestRamDiscard(mem.clone())),
+    );
+    let dev = VirtioMmio::new(balloon, mem.clone(), IrqLine::new(evt))
+        .map_err(|e| VmError::Incompatible(format!("balloon device: {e}")))?;
+    let dev = Arc::new(Mutex::new(dev));
+    mmio.insert(
+        VIRTIO_BALLOON_MMIO,
+        devices::virtio::mmio::WINDOW_SIZE,
+        dev.clone(),
+    )?;
+    Ok(dev)
+}
+
+/// The device's migration record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BalloonRecord {
+    pub transport: MmioTransportState,
+    pub balloon: BalloonState,
+}
+
+pub fn save(dev: &SharedBalloon) -> BalloonRecord {
+    let d = lock(dev);
+    BalloonRecord {
+        transport: d.save(),
+        balloon: d.device().save(),
+    }
+}
+
+pub fn restore(dev: &SharedBalloon, r: &BalloonRecord) -> Result<(), String> {
+    let mut d = lock(dev);
+    d.restore(&r.transport).map_err(|e| e.to_string())?;
+    d.device_mut().restore(&r.balloon);
+    Ok(())
+}
+
+/// Sets a new target size in bytes (rounded down to pages) and tells the driver.
+pub fn set_target(dev: &SharedBalloon, bytes: u64, ram_bytes: u64) -> Result<Value, String> {
+    if bytes > ram_bytes {
+        return Err(format!(
+            "balloon size {bytes} is larger than guest RAM ({ram_bytes} bytes)"
+        ));
+    }
+    let pages = u32::try_from(bytes / PAGE).map_err(|_| "balloon size too large".to_string())?;
+    let mut d = lock(dev);
+    d.device_mut().set_target(pages);
+    d.config_changed();
+    Ok(status(&d))
+}
+
+/// Target, actual size and counters, for the API.
+pub fn status(d: &BalloonDevice) -> Value {
+    let b = d.device();
+    json!({
+        "target_bytes": u64::from(b.target_pages()) * PAGE,
+        "actual_bytes": u64::from(b.actual_pages()) * PAGE,
+        "deflate_on_oom": b.deflate_on_oom(),
+        "discards_inhibited": b.inhibited(),
+        "deferred_pages": b.deferred_pages(),
+        "stats": b.stats(),
+    })
+}
+
+/// Postcopy: stops discards (recording them instead), or resumes them and applies what was
+/// recorded. Returns the number of pages discarded at a release.
+pub fn inhibit_discards(dev: &SharedBalloon, on: bool) -> u64 {
+    let mut d = lock(dev);
+    if on {
+        d.device_mut().inhibit();
+        0
+    } else {
+        let n = d.device_mut().release();
+        if n > 0 {
+            eprintln!("tern: balloon: {n} pages inflated during postcopy discarded now");
+        }
+        n
+    }
+}
