@@ -86,6 +86,13 @@ impl PostcopyTail {
                     status.update(|s| s.remaining_bytes = (left * PAGE_SIZE) as u64);
                 }
                 Section::End => break,
+                Section::PageRefused => {
+                    let r: crate::postcopy::PageRefusal = frame.decode()?;
+                    return Err(MigrationError::PostcopyBroken(format!(
+                        "the source refused the page request for {:#x}: {}",
+                        r.gpa, r.reason
+                    )));
+                }
                 other => {
                     return Err(StreamError::Unexpected {
                         got: other.name(),

@@ -36,6 +36,8 @@ pub enum Section {
     Discard = 11,
     /// Postcopy: the destination may run the guest now; pages keep coming.
     Run = 12,
+    /// Postcopy: the source cannot serve a page request (the payload says which and why).
+    PageRefused = 13,
     /// Return path: the destination resumed the guest.
     Resumed = 0x40,
     /// Return path: the destination gave up; the payload says why.
@@ -62,6 +64,7 @@ impl Section {
             Advise,
             Discard,
             Run,
+            PageRefused,
             Resumed,
             Abort,
             PageRequest,
@@ -87,6 +90,7 @@ impl Section {
             Section::Advise => "postcopy advise",
             Section::Discard => "postcopy discard",
             Section::Run => "postcopy run",
+            Section::PageRefused => "page refused",
             Section::PageRequest => "page request",
             Section::Complete => "postcopy complete",
         }

@@ -229,3 +229,88 @@ fn apf_suite_sees_not_present_and_ready_during_pure_postcopy() {
         dst.describe()
     );
 }
+
+/// A destination that asks for a page outside guest RAM gets an error reply (PageRefused), not
+/// a dead source: the source stays up, its guest paused with its memory, the migration failed.
+#[test]
+fn page_request_outside_ram_gets_an_error_reply() {
+    use migration::postcopy::{PageRefusal, PageRequest};
+    use migration::stream::{Section, StreamReader, StreamWriter};
+    let dir = scratch("postcopy-refused");
+    let a = dir.join("a.sock").to_string_lossy().into_owned();
+    let mig_path = dir.join("mig.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&mig_path).unwrap();
+    let mut src = Running::spawn(&[
+        "--memory",
+        "size=64M",
+        "--api-socket",
+        &a,
+        "--postcopy",
+        "--postcopy-after-iterations",
+        "0",
+        "--cmdline",
+        "suite=idle",
+    ]);
+    assert!(
+        src.wait_stdout(WAIT, |l| l.contains("idle: halting"))
+            .is_some(),
+        "{}",
+        src.describe()
+    );
+    let o = remote(
+        &a,
+        &[
+            "migrate",
+            "--detach",
+            &format!("unix:{}", mig_path.display()),
+        ],
+    );
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    let (sock, _) = listener.accept().unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let mut rx = StreamReader::new(sock.try_clone().unwrap());
+    let mut tx = StreamWriter::new(sock);
+    rx.header().unwrap();
+    rx.read_section().unwrap().expect(Section::Config).unwrap();
+    rx.read_section().unwrap().expect(Section::Advise).unwrap();
+    tx.section(Section::Advise, &[]).unwrap();
+    tx.flush().unwrap();
+    while rx.read_section().unwrap().kind != Section::Run {}
+    let bogus = 1u64 << 50;
+    tx.record(Section::PageRequest, &PageRequest { gpa: bogus })
+        .unwrap();
+    tx.flush().unwrap();
+    let refusal: PageRefusal = loop {
+        let f = rx.read_section().unwrap();
+        if f.kind == Section::PageRefused {
+            break f.decode().unwrap();
+        }
+    };
+    assert_eq!(refusal.gpa, bogus);
+    assert!(refusal.reason.contains("outside guest RAM"), "{refusal:?}");
+    drop((rx, tx));
+
+    // The source: still there, migration failed, guest paused (postcopy cannot resume it here).
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        let o = remote(&a, &["migrate-status"]);
+        assert_eq!(o.code, Some(0), "{}\n{}", o.describe(), src.describe());
+        if o.stdout.contains("\"state\":\"failed\"") {
+            break o.stdout;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", o.stdout);
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.contains("postcopy"), "{status}");
+    let o = remote(&a, &["status"]);
+    assert!(
+        o.stdout.contains("\"state\":\"paused\""),
+        "{}",
+        o.describe()
+    );
+    assert!(
+        src.child.try_wait().unwrap().is_none(),
+        "{}",
+        src.describe()
+    );
+}

@@ -30,6 +30,13 @@ pub struct PageRequest {
     pub gpa: u64,
 }
 
+/// The source's answer to a page request it cannot serve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRefusal {
+    pub gpa: u64,
+    pub reason: String,
+}
+
 /// Runs of set pages in `maps` (one bitmap per region).
 pub fn ranges(regions: &[RamRegion], maps: &[DirtyBitmap]) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();

@@ -4,4 +4,6 @@
 pub mod dest;
 pub mod source;
 
-pub use dest::{probe_userfaultfd, ranges, DiscardRecord, Listener, PageRequest, PostcopyFigures};
+pub use dest::{
+    probe_userfaultfd, ranges, DiscardRecord, Listener, PageRefusal, PageRequest, PostcopyFigures,
+};

@@ -11,7 +11,7 @@ use crate::stream::{Section, StreamReader};
 use crate::transport::ACK_TIMEOUT;
 use crate::{DirtyBitmap, MigratableVm, RamRegion, PAGE_SIZE};
 
-use super::{ranges, DiscardRecord, PageRequest};
+use super::{ranges, DiscardRecord, PageRefusal, PageRequest};
 
 /// The background push checks for page requests after this many pages or this long.
 const PUSH_BATCH_PAGES: usize = 64;
@@ -121,7 +121,17 @@ pub(crate) fn switch<W: Write>(
                         cursor = (ri, p + 1);
                     }
                     Some(_) => {}
-                    None => log::error!("postcopy: page request for {gpa:#x} is outside guest RAM"),
+                    None => {
+                        // An error reply, not a crash: the destination decides what to do.
+                        log::error!("postcopy: page request for {gpa:#x} is outside guest RAM");
+                        let refusal = PageRefusal {
+                            gpa,
+                            reason: "outside guest RAM".into(),
+                        };
+                        tx.w.record(Section::PageRefused, &refusal)
+                            .and_then(|_| tx.w.flush())
+                            .map_err(|e| broken(e.to_string()))?;
+                    }
                 },
                 Incoming::Complete(v) => complete = Some(v),
                 Incoming::Broken(e) => return Err(broken(e)),
