@@ -275,14 +275,14 @@ pub fn parse_balloon(text: &str) -> Result<BalloonConfig, ConfigError> {
         let (k, v) = kv?;
         match k {
             "size" => {
-                b.size = parse_size(v).filter(|n| n.is_multiple_of(4096)).ok_or_else(|| {
-                    ConfigError::BadValue {
+                b.size = parse_size(v)
+                    .filter(|n| n.is_multiple_of(4096))
+                    .ok_or_else(|| ConfigError::BadValue {
                         option: "balloon",
                         key: "size",
                         value: v.to_string(),
                         what: "size in whole 4 KiB pages (e.g. 64M)",
-                    }
-                })?
+                    })?
             }
             "deflate-on-oom" => b.deflate_on_oom = parse_switch("balloon", "deflate-on-oom", v)?,
             _ => {
