@@ -1,10 +1,12 @@
-//! Migration benchmarks: `tern-migrate-bench` prints a table. Needs `cargo build --release --workspace` first
-//! (it runs the `tern` next to itself). Everything is measured side by side in one run.
+//! Migration benchmarks: `tern-migrate-bench [precopy|postcopy]` prints tables (both by default).
+//! Needs `cargo build --release --workspace` first (it runs the `tern` next to itself). Everything
+//! is measured side by side in one run.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -44,6 +46,29 @@ fn raw_socket_copy() -> Result<f64> {
 
 struct Tern {
     child: Child,
+    /// Every line tern printed so far, stdout (the guest) and stderr interleaved.
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Tern {
+    /// The first line so far that `matches`, waiting up to `timeout` for one.
+    fn wait_line(&self, timeout: Duration, matches: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.find_line(&matches) {
+                return Some(l);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn find_line(&self, matches: impl Fn(&str) -> bool) -> Option<String> {
+        let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        lines.iter().find(|l| matches(l)).cloned()
+    }
 }
 
 impl Drop for Tern {
@@ -53,7 +78,8 @@ impl Drop for Tern {
     }
 }
 
-/// Starts tern and waits until its stderr (or stdout, for the guest) shows `ready`.
+/// Starts tern and waits until its stderr (or stdout, for the guest) shows `ready`. Its output
+/// keeps being collected (so tern never blocks on a full pipe) for [`Tern::wait_line`].
 fn start(args: &[&str], ready: &str) -> Result<Tern> {
     let mut child = Command::new(tern_binary()?)
         .args(args)
@@ -64,27 +90,23 @@ fn start(args: &[&str], ready: &str) -> Result<Tern> {
         .context("starting tern")?;
     let out = child.stdout.take().context("stdout")?;
     let err = child.stderr.take().context("stderr")?;
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let lines = Arc::new(Mutex::new(Vec::new()));
     for stream in [Box::new(out) as Box<dyn Read + Send>, Box::new(err)] {
-        let tx = tx.clone();
+        let lines = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
+                lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             }
         });
     }
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if l.contains(ready) => break,
-            Ok(_) => {}
-            Err(_) => bail!("tern {args:?} never printed `{ready}`"),
-        }
+    let tern = Tern { child, lines };
+    if tern
+        .wait_line(Duration::from_secs(300), |l| l.contains(ready))
+        .is_none()
+    {
+        bail!("tern {args:?} never printed `{ready}`");
     }
-    // Keep draining so tern never blocks on a full pipe.
-    std::thread::spawn(move || while rx.recv().is_ok() {});
-    Ok(Tern { child })
+    Ok(tern)
 }
 
 fn remote(sock: &Path, args: &[&str]) -> Result<serde_json::Value> {
@@ -111,19 +133,37 @@ fn migrate_once(
     guest_args: &[&str],
     ready: &str,
 ) -> Result<serde_json::Value> {
+    let run = migrate_run(dir, name, guest_args, ready, &["--serial", "off"])?;
+    Ok(run.status)
+}
+
+/// One migration between two live tern processes, both still running after it.
+struct Migration {
+    status: serde_json::Value,
+    src: Tern,
+    dst: Tern,
+}
+
+/// Starts the source (`guest_args`, until its output shows `ready`) and a destination
+/// (`--incoming` plus `dst_args`), migrates once and returns the source's final figures.
+fn migrate_run(
+    dir: &Path,
+    name: &str,
+    guest_args: &[&str],
+    ready: &str,
+    dst_args: &[&str],
+) -> Result<Migration> {
     let sock = dir.join(format!("{name}.sock"));
     let mig = format!("unix:{}", dir.join(format!("{name}.mig")).display());
     let sock_s = sock.to_string_lossy().into_owned();
     let mut args: Vec<&str> = guest_args.to_vec();
     args.extend_from_slice(&["--api-socket", &sock_s]);
     let src = start(&args, ready)?;
-    let _dst = start(
-        &["--incoming", &mig, "--serial", "off"],
-        "waiting for an incoming migration",
-    )?;
-    let status = remote(&sock, &["migrate", &mig]);
-    drop(src);
-    status
+    let mut dargs = vec!["--incoming", mig.as_str()];
+    dargs.extend_from_slice(dst_args);
+    let dst = start(&dargs, "waiting for an incoming migration")?;
+    let status = remote(&sock, &["migrate", &mig])?;
+    Ok(Migration { status, src, dst })
 }
 
 fn row(what: &str, s: &serde_json::Value) {
@@ -139,8 +179,32 @@ fn row(what: &str, s: &serde_json::Value) {
 }
 
 fn main() -> Result<()> {
+    let what = std::env::args().nth(1);
+    let (pre, post) = match what.as_deref() {
+        None | Some("all") => (true, true),
+        Some("precopy") => (true, false),
+        Some("postcopy") => (false, true),
+        Some(other) => bail!("usage: tern-migrate-bench [all|precopy|postcopy] (got `{other}`)"),
+    };
     let dir: PathBuf = std::env::temp_dir().join(format!("tern-mbench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let result = (|| {
+        if pre {
+            precopy_tables(&dir)?;
+        }
+        if post {
+            if pre {
+                println!();
+            }
+            postcopy_table(&dir)?;
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn precopy_tables(dir: &Path) -> Result<()> {
     let raw = raw_socket_copy()?;
     println!("| raw copy of 1 GiB through a Unix socket | {raw:.0} MB/s |");
     println!("|---|---|");
@@ -148,7 +212,7 @@ fn main() -> Result<()> {
     println!("| workload | total ms | downtime ms | MB/s | MB sent | iterations | full pages |");
     println!("|---|---|---|---|---|---|---|");
     let idle = migrate_once(
-        &dir,
+        dir,
         "idle1g",
         &[
             "--memory",
@@ -162,7 +226,7 @@ fn main() -> Result<()> {
     for ws in [64, 256] {
         let cmd = format!("suite=dirty mib={ws} static=16");
         let s = migrate_once(
-            &dir,
+            dir,
             &format!("dirty{ws}"),
             &["--memory", "size=1G", "--cmdline", &cmd],
             "dirty round=",
@@ -170,7 +234,7 @@ fn main() -> Result<()> {
         row(&format!("dirty working set {ws} MiB (300 ms budget)"), &s);
     }
     let big = migrate_once(
-        &dir,
+        dir,
         "zero8g",
         &["--memory", "size=8G", "--cmdline", "suite=idle"],
         "idle: halting",
@@ -182,6 +246,252 @@ fn main() -> Result<()> {
         "1 GiB idle migration throughput / raw socket copy: {:.0} %",
         ratio * 100.0
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Where the `apf` suite's lazy pages start: far above what the background push reaches before the
+/// guest touches them (it waits 300 ms after the switch), so its first touches all miss.
+const APF_LAZY: u64 = 0x3000_0000;
+const APF_PAGES: u64 = 4096;
+
+/// What the `apf` suite expects at guest physical address `x` (each u64).
+fn apf_pattern(x: u64) -> u64 {
+    x.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x7465_726E_6170_6621
+}
+
+/// The source's lazy-memory file: the suite's pattern over its pages, zeros (a hole) elsewhere.
+fn write_apf_image(path: &Path) -> Result<()> {
+    let mut f = std::fs::File::create(path).context("creating the lazy image")?;
+    f.seek(SeekFrom::Start(APF_LAZY))?;
+    let mut w = BufWriter::new(f);
+    for q in 0..APF_PAGES * 4096 / 8 {
+        w.write_all(&apf_pattern(APF_LAZY + q * 8).to_le_bytes())?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// `key=N` from a guest report line.
+fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Faults and blocked µs from the postcopy figures' `blocked` list: (vCPU threads, other threads).
+/// The other threads are kernel workers: KVM's async page fault work.
+fn blocked(p: &serde_json::Value) -> ((u64, f64), (u64, f64)) {
+    let (mut vcpu, mut other) = ((0, 0.0), (0, 0.0));
+    for t in p["blocked"].as_array().into_iter().flatten() {
+        let n = t[1].as_u64().unwrap_or(0);
+        let us = t[2].as_f64().unwrap_or(0.0);
+        let sum = if t[0].as_str().is_some_and(|s| s.starts_with("vcpu")) {
+            &mut vcpu
+        } else {
+            &mut other
+        };
+        sum.0 += n;
+        sum.1 += us;
+    }
+    (vcpu, other)
+}
+
+/// The `apf` suite's figures, as the guest printed them on the destination.
+struct ApfReport {
+    async_pf: u64,
+    toucher_ms: u64,
+    compute: u64,
+    compute_during_waits: u64,
+}
+
+fn postcopy_row(what: &str, mode: &str, s: &serde_json::Value, guest: Option<&ApfReport>) {
+    let p = &s["postcopy"];
+    let ((vf, vus), (of, ous)) = blocked(p);
+    let requested = p["pages_requested"].as_u64().unwrap_or(0);
+    let latency = if requested == 0 {
+        "–".to_string()
+    } else {
+        format!(
+            "{:.0} / {:.0}",
+            p["request_latency_p50_us"].as_f64().unwrap_or(f64::NAN),
+            p["request_latency_p99_us"].as_f64().unwrap_or(f64::NAN)
+        )
+    };
+    let g = |f: fn(&ApfReport) -> u64| guest.map_or("–".to_string(), |r| f(r).to_string());
+    println!(
+        "| {what} | {mode} | {:.0} | {:.1} | {} | {requested} / {} | {latency} | {vf} / {:.1} | {of} / {:.1} | {} | {} | {} | {} |",
+        s["total_ms"].as_f64().unwrap_or(f64::NAN),
+        s["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+        p["missing_at_switch"].as_u64().unwrap_or(0),
+        p["pages_pushed"].as_u64().unwrap_or(0),
+        vus / 1e3,
+        ous / 1e3,
+        g(|r| r.async_pf),
+        g(|r| r.toucher_ms),
+        g(|r| r.compute),
+        g(|r| r.compute_during_waits),
+    );
+}
+
+/// A postcopy migration's final figures; fails if it ended without a postcopy phase.
+fn postcopy_status(m: &Migration, what: &str) -> Result<serde_json::Value> {
+    if m.status["postcopy"].is_null() {
+        bail!(
+            "{what}: the migration ended without a postcopy phase: {}",
+            m.status
+        );
+    }
+    Ok(m.status.clone())
+}
+
+/// The `apf` suite through a pure postcopy with async PF `mode` on both sides. Returns the
+/// source's final figures, the guest's report, whether the guest enabled async PF (on the
+/// source, before the switch) and the source's lazy-memory summary line.
+fn apf_postcopy(
+    dir: &Path,
+    image: &Path,
+    mode: &str,
+) -> Result<(serde_json::Value, ApfReport, bool, String)> {
+    let memory = format!("size=1G,lazy-from={}", image.display());
+    let cmdline =
+        format!("suite=apf pages={APF_PAGES} lazy={APF_LAZY:#x} delay_ms=300 hold_ms=60000");
+    let m = migrate_run(
+        dir,
+        &format!("apf-{mode}"),
+        &[
+            "--memory",
+            &memory,
+            "--async-pf",
+            mode,
+            "--postcopy",
+            "--postcopy-after-iterations",
+            "0",
+            "--cmdline",
+            &cmdline,
+        ],
+        "tern-guest: apf cpuid",
+        // The destination's async-PF mode is its own option: the stream does not carry it.
+        &["--postcopy", "--async-pf", mode],
+    )?;
+    let status = postcopy_status(&m, &format!("apf, async PF {mode}"))?;
+    let wait = Duration::from_secs(60);
+    let detail = m
+        .dst
+        .wait_line(wait, |l| l.starts_with("tern-guest: apf detail:"));
+    let failed = |t: &Tern| t.find_line(|l| l.starts_with("tern-guest:") && l.contains("FAIL"));
+    if let Some(f) = failed(&m.dst).or_else(|| failed(&m.src)) {
+        bail!("apf, async PF {mode}: the guest failed: {f}");
+    }
+    let (Some(report), Some(detail)) = (
+        m.dst.find_line(|l| l.starts_with("tern-guest: apf pages=")),
+        detail,
+    ) else {
+        if m.src
+            .find_line(|l| l.starts_with("tern-guest: apf pages="))
+            .is_some()
+        {
+            bail!("apf, async PF {mode}: the guest touched its pages before the switch");
+        }
+        bail!("apf, async PF {mode}: no report from the guest on the destination");
+    };
+    let get = |line: &str, k: &str| {
+        field(line, k).with_context(|| format!("no `{k}=` in the guest's `{line}`"))
+    };
+    let r = ApfReport {
+        async_pf: get(&report, "async")?,
+        toucher_ms: get(&detail, "ms")?,
+        compute: get(&report, "compute")?,
+        compute_during_waits: get(&report, "compute_during_waits")?,
+    };
+    let enabled = m
+        .src
+        .find_line(|l| l.contains("async PF enabled"))
+        .is_some();
+    // The source reads its own (lazy) memory for the push: printed as it exits after the END.
+    let lazy = m
+        .src
+        .wait_line(Duration::from_secs(10), |l| {
+            l.starts_with("tern: lazy memory:")
+        })
+        .unwrap_or_default();
+    Ok((status, r, enabled, lazy))
+}
+
+fn postcopy_table(dir: &Path) -> Result<()> {
+    println!(
+        "| workload | async PF | total ms | downtime ms | missing at switch | requested / pushed \
+         | request p50 / p99 µs | vCPU threads blocked: faults / ms | other threads (KVM async \
+         PF workers): faults / ms | guest async PFs | toucher ms | compute | compute during waits |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let idle = migrate_run(
+        dir,
+        "pc-idle",
+        &[
+            "--memory",
+            "size=1200M",
+            "--postcopy",
+            "--postcopy-after-iterations",
+            "0",
+            "--cmdline",
+            "suite=idle fill=1024",
+        ],
+        "idle: halting",
+        &["--postcopy", "--serial", "off"],
+    )?;
+    let s = postcopy_status(&idle, "1 GiB filled, idle")?;
+    drop(idle);
+    postcopy_row("1 GiB filled, idle, pure postcopy", "unused", &s, None);
+
+    let image = dir.join("apf-lazy.img");
+    write_apf_image(&image)?;
+    let mut notes = Vec::new();
+    for mode in ["off", "kvm", "tern"] {
+        let (s, r, enabled, lazy) = apf_postcopy(dir, &image, mode)?;
+        let what = format!("apf {APF_PAGES} pages (1 GiB, lazy source), pure postcopy");
+        postcopy_row(&what, mode, &s, Some(&r));
+        let ((vcpu_faults, _), _) = blocked(&s["postcopy"]);
+        if enabled && r.async_pf == 0 {
+            notes.push(format!(
+                "async PF {mode}: the guest enabled async PF before the switch but got no \
+                 PAGE_NOT_PRESENT after it; {vcpu_faults} faults blocked the vCPU thread"
+            ));
+        }
+        if let Some(l) = lazy.strip_prefix("tern: lazy memory: ") {
+            notes.push(format!(
+                "async PF {mode}, the source's own lazy memory: {l}"
+            ));
+        }
+    }
+
+    let dirty = migrate_run(
+        dir,
+        "pc-dirty",
+        &[
+            "--memory",
+            "size=1G",
+            "--postcopy",
+            "--postcopy-after-iterations",
+            "1",
+            "--downtime-ms",
+            "1",
+            "--cmdline",
+            "suite=dirty mib=256 static=16",
+        ],
+        "dirty round=",
+        &["--postcopy", "--serial", "off"],
+    )?;
+    let s = postcopy_status(&dirty, "dirty 256 MiB")?;
+    drop(dirty);
+    postcopy_row(
+        "dirty working set 256 MiB, switch after 1 precopy iteration",
+        "unused",
+        &s,
+        None,
+    );
+    println!();
+    for n in notes {
+        println!("- {n}");
+    }
     Ok(())
 }
