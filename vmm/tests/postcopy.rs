@@ -154,8 +154,20 @@ fn apf_pattern(addr: u64) -> u64 {
 
 #[test]
 fn apf_suite_sees_not_present_and_ready_during_pure_postcopy() {
+    apf_during_pure_postcopy("kvm");
+}
+
+/// tern mode: the guest's async-PF MSRs live in tern's controller, travel in the vCPU state and
+/// are taken over by the destination's controller, which injects NOT_PRESENT/READY for postcopy
+/// faults.
+#[test]
+fn tern_mode_apf_survives_the_switch_and_serves_postcopy_faults() {
+    apf_during_pure_postcopy("tern");
+}
+
+fn apf_during_pure_postcopy(mode: &str) {
     use std::io::{Seek, SeekFrom, Write};
-    let dir = scratch("postcopy-apf");
+    let dir = scratch(&format!("postcopy-apf-{mode}"));
     // The source's lazy memory supplies the suite's expected contents; after the switch the
     // destination fetches them through postcopy, with KVM's async page faults in the guest.
     let image = dir.join("lazy.img");
@@ -183,10 +195,12 @@ fn apf_suite_sees_not_present_and_ready_during_pure_postcopy() {
         "--postcopy",
         "--postcopy-after-iterations",
         "0",
+        "--async-pf",
+        mode,
         "--cmdline",
         "suite=apf pages=64 delay_ms=300 hold_ms=4000 expect_async=1",
     ]);
-    let mut dst = Running::spawn(&["--incoming", &mig, "--postcopy"]);
+    let mut dst = Running::spawn(&["--incoming", &mig, "--postcopy", "--async-pf", mode]);
     assert!(
         dst.wait_stderr(WAIT, "waiting for an incoming migration"),
         "{}",

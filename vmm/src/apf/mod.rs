@@ -157,8 +157,48 @@ impl ApfController {
         }
     }
 
-    /// Handles a guest MSR write; Err means the guest gets #GP.
+    /// The guest-visible async-PF MSRs of vCPU `id` (INT, EN), for a migration: in tern mode
+    /// KVM never sees them, so the vCPU state saved from KVM has them disabled.
+    pub fn saved_msrs(&self, id: u8) -> Option<[(u32, u64); 2]> {
+        let v = self.vcpu(id)?;
+        Some([
+            (MSR_KVM_ASYNC_PF_INT, v.vector),
+            (MSR_KVM_ASYNC_PF_EN, v.en),
+        ])
+    }
+
+    /// Takes over the async-PF MSRs of a migrated vCPU (INT before EN, as the guest would write
+    /// them). Enabling wakes every waiter, as KVM does on restore: tasks parked at the source
+    /// touch their page again and fault here if it is still missing. Like KVM, the wake-all is
+    /// only queued here and delivered from the vCPU's own thread once it runs (its shared area
+    /// may still be a missing postcopy page, which only a running listener can bring).
+    pub fn restore_msrs(&self, id: u8, msrs: &[(u32, u64)]) -> Result<(), String> {
+        for index in [MSR_KVM_ASYNC_PF_INT, MSR_KVM_ASYNC_PF_EN] {
+            if let Some(&(_, value)) = msrs.iter().find(|(i, _)| *i == index) {
+                self.write(id, index, value, false).map_err(|e| {
+                    format!("vcpu {id}: async-PF MSR {index:#x} = {value:#x} refused: {e:?}")
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles a guest MSR write (on the vCPU's thread); Err means the guest gets #GP.
     pub fn wrmsr(&self, id: u8, index: u32, data: u64) -> Result<(), Refused> {
+        self.write(id, index, data, true)
+    }
+
+    /// An MSR write; `deliver`: send a PAGE_READY it queues now, not at the next service.
+    fn write(&self, id: u8, index: u32, data: u64, deliver: bool) -> Result<(), Refused> {
+        self.update(id, index, data)?;
+        if deliver {
+            self.flush_ready(id);
+        }
+        Ok(())
+    }
+
+    /// The state change of an MSR write (under the vCPU's lock; no guest memory access here).
+    fn update(&self, id: u8, index: u32, data: u64) -> Result<(), Refused> {
         let Some(mut v) = self.vcpu(id) else {
             return Err(Refused::Reserved);
         };
@@ -181,14 +221,12 @@ impl ApfController {
                 if v.enabled() {
                     // As KVM does on (re-)enable: wake every waiter the guest may still have.
                     v.ready_queue.push_back(WAKE_ALL);
-                    self.deliver_ready(id, &mut v);
                 }
             }
             MSR_KVM_ASYNC_PF_ACK => {
                 if data & 1 != 0 {
                     self.stats.acks.fetch_add(1, Ordering::Relaxed);
                     v.outstanding = false;
-                    self.deliver_ready(id, &mut v);
                 }
             }
             _ => return Err(Refused::Reserved),
@@ -196,48 +234,83 @@ impl ApfController {
         Ok(())
     }
 
-    /// Sends the next queued PAGE_READY if none is outstanding.
-    fn deliver_ready(&self, id: u8, v: &mut VcpuApf) {
-        if v.outstanding || !v.enabled() {
-            return;
-        }
-        let Some(token) = v.ready_queue.pop_front() else {
-            return;
+    /// Sends the next queued PAGE_READY if none is outstanding. Guest memory is written without
+    /// the vCPU's lock held: the shared area may be a missing page (lazy or postcopy), and the
+    /// thread that brings it reports the fault to this controller first.
+    fn flush_ready(&self, id: u8) {
+        let (token, area, vector) = {
+            let Some(mut v) = self.vcpu(id) else { return };
+            if v.outstanding || !v.enabled() {
+                return;
+            }
+            let Some(token) = v.ready_queue.pop_front() else {
+                return;
+            };
+            v.outstanding = true;
+            (token, v.area(), v.vector)
         };
-        if let Err(e) = self.mem.write_obj(token, GuestAddress(v.area() + 4)) {
-            log::warn!("vcpu {id}: async PF area write failed: {e}");
-            return;
-        }
         let msi = kvm_msi {
             address_lo: APIC_MSI_BASE | (u32::from(id) << 12),
-            data: v.vector as u32,
+            data: vector as u32,
             ..Default::default()
         };
-        match self.vm_fd.signal_msi(msi) {
+        let sent = self
+            .mem
+            .write_obj(token, GuestAddress(area + 4))
+            .map_err(|e| format!("async PF area write failed: {e}"))
+            .and_then(|_| {
+                self.vm_fd
+                    .signal_msi(msi)
+                    .map_err(|e| format!("PAGE_READY interrupt failed: {e}"))
+            });
+        match sent {
             Ok(_) => {
-                v.outstanding = true;
                 self.stats.ready.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => log::warn!("vcpu {id}: PAGE_READY interrupt failed: {e}"),
+            Err(e) => {
+                log::warn!("vcpu {id}: {e}");
+                if let Some(mut v) = self.vcpu(id) {
+                    v.outstanding = false;
+                }
+            }
         }
+    }
+
+    fn is_present(&self, gpa: u64) -> bool {
+        devices::bus::lock(&self.present).contains(&gpa)
     }
 
     /// Runs on the vCPU's own thread after it was kicked out of KVM_RUN: turns waiting faults into
     /// PAGE_NOT_PRESENT where the guest can take one; otherwise the vCPU simply waits.
     pub fn service(&self, id: u8, fd: &VcpuFd) {
-        let Some(mut v) = self.vcpu(id) else { return };
-        while let Some((token, gpa)) = v.mailbox.pop_front() {
-            if devices::bus::lock(&self.present).contains(&gpa) {
+        loop {
+            let (token, gpa, area, enabled) = {
+                let Some(mut v) = self.vcpu(id) else { return };
+                let Some((token, gpa)) = v.mailbox.pop_front() else {
+                    break;
+                };
+                (token, gpa, v.area(), v.enabled())
+            };
+            if self.is_present(gpa) {
                 continue;
             }
             log::debug!("apf: vcpu {id} deciding on token {token:#x} for {gpa:#x}");
-            if !v.enabled() || !self.page_not_present(fd, v.area(), token) {
+            // Unlocked: the injection writes the guest's shared area (see flush_ready).
+            if !enabled || !self.page_not_present(fd, area, token) {
                 self.stats.blocked.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             self.stats.not_present.fetch_add(1, Ordering::Relaxed);
-            v.injected.push((token, gpa));
+            let Some(mut v) = self.vcpu(id) else { return };
+            if self.is_present(gpa) {
+                // It landed while we injected: `placed` has been and gone.
+                v.ready_queue.push_back(token);
+            } else {
+                v.injected.push((token, gpa));
+            }
         }
+        // Also a PAGE_READY queued while this thread was away (e.g. the wake-all of a restore).
+        self.flush_ready(id);
     }
 
     /// Injects PAGE_NOT_PRESENT if the vCPU is at CPL3 with IF=1 and no event is in flight.
@@ -297,18 +370,20 @@ impl FaultObserver for ApfController {
     fn placed(&self, gpa: u64) {
         devices::bus::lock(&self.present).insert(gpa);
         for (id, m) in self.vcpus.iter().enumerate() {
-            let mut v = devices::bus::lock(m);
-            let before = v.injected.len();
-            let tokens: Vec<u32> = v
-                .injected
-                .iter()
-                .filter(|(_, g)| *g == gpa)
-                .map(|(t, _)| *t)
-                .collect();
-            v.injected.retain(|(_, g)| *g != gpa);
-            if v.injected.len() != before {
-                v.ready_queue.extend(tokens);
-                self.deliver_ready(id as u8, &mut v);
+            let woken = {
+                let mut v = devices::bus::lock(m);
+                let tokens: Vec<u32> = v
+                    .injected
+                    .iter()
+                    .filter(|(_, g)| *g == gpa)
+                    .map(|(t, _)| *t)
+                    .collect();
+                v.injected.retain(|(_, g)| *g != gpa);
+                v.ready_queue.extend(&tokens);
+                !tokens.is_empty()
+            };
+            if woken {
+                self.flush_ready(id as u8);
             }
         }
     }

@@ -5,6 +5,11 @@ pub const MSR_KVM_ASYNC_PF_EN: u32 = 0x4b56_4d02;
 pub const MSR_KVM_ASYNC_PF_INT: u32 = 0x4b56_4d06;
 pub const MSR_KVM_ASYNC_PF_ACK: u32 = 0x4b56_4d07;
 
+/// The MSRs tern owns in tern mode (ACK has no state).
+pub fn is_async_pf_msr(index: u32) -> bool {
+    matches!(index, MSR_KVM_ASYNC_PF_EN | MSR_KVM_ASYNC_PF_INT)
+}
+
 pub const EN_ENABLED: u64 = 1 << 0;
 pub const EN_DELIVERY_AS_INT: u64 = 1 << 3;
 /// Bits 4 and 5 are reserved: a value with them set names a misaligned area.

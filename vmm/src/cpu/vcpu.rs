@@ -203,6 +203,8 @@ impl Vcpu {
                 if !self.paused(&port) {
                     return;
                 }
+                // A restore may have left async-PF work for this thread.
+                self.after_kick();
                 continue;
             }
             syscall.before_run(&self.fd, &self.ctx.mem);

@@ -232,7 +232,16 @@ impl MigratableVm for VmInner {
     fn save_state(&self) -> VmResult<VmState> {
         let mut vcpus = Vec::new();
         for v in &self.vcpus {
-            vcpus.push(v.save().map_err(VmSideError)?);
+            let mut s = v.save().map_err(VmSideError)?;
+            if let Some(apf) = &self.apf {
+                // tern owns these MSRs: KVM's copy is the disabled one.
+                for (index, value) in apf.saved_msrs(s.id).unwrap_or_default() {
+                    s.msrs.retain(|(i, _)| *i != index);
+                    s.msrs.push((index, value));
+                }
+                s.msrs = crate::cpu::state::restore_order(std::mem::take(&mut s.msrs));
+            }
+            vcpus.push(s);
         }
         let clock = self.vm_fd.get_clock().map_err(side("KVM_GET_CLOCK"))?;
         let master = self.irqchip(KVM_IRQCHIP_PIC_MASTER)?;
@@ -301,8 +310,25 @@ impl MigratableVm for VmInner {
         self.vm_fd
             .set_pit2(&pit_from(&state.pit))
             .map_err(side("KVM_SET_PIT2"))?;
-        for (v, s) in self.vcpus.iter().zip(state.vcpus) {
+        for (v, mut s) in self.vcpus.iter().zip(state.vcpus) {
+            let Some(apf) = &self.apf else {
+                v.restore(s).map_err(VmSideError)?;
+                continue;
+            };
+            // tern mode: the async-PF MSRs go to tern's controller, not to KVM (whose own async
+            // PF must stay off). After the LAPIC is restored: enabling may send a PAGE_READY.
+            let (id, apf_msrs): (u8, Vec<(u32, u64)>) = (
+                s.id,
+                s.msrs
+                    .iter()
+                    .copied()
+                    .filter(|(i, _)| crate::apf::msr::is_async_pf_msr(*i))
+                    .collect(),
+            );
+            s.msrs
+                .retain(|(i, _)| !crate::apf::msr::is_async_pf_msr(*i));
             v.restore(s).map_err(VmSideError)?;
+            apf.restore_msrs(id, &apf_msrs).map_err(VmSideError)?;
         }
         let mut serial = devices::bus::lock(&self.com1);
         for (name, s) in &state.devices.serial {
