@@ -39,6 +39,10 @@ pub trait FaultObserver: Send + Sync {
     fn fault(&self, tid: u32, gpa: u64);
     /// Guest page `gpa` is now present.
     fn placed(&self, gpa: u64);
+    /// PAGE_NOT_PRESENT events this observer delivered so far.
+    fn async_faults(&self) -> u64 {
+        0
+    }
 }
 
 /// An error from the VMM side of the seam, as text: the migration only reports it.

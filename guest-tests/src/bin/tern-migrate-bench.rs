@@ -2,7 +2,7 @@
 //! Needs `cargo build --release --workspace` first (it runs the `tern` next to itself). Everything
 //! is measured side by side in one run.
 
-use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -249,27 +249,10 @@ fn precopy_tables(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Where the `apf` suite's lazy pages start: far above what the background push reaches before the
+/// Where the `apf` suite's pages start: far above what the background push reaches before the
 /// guest touches them (it waits 300 ms after the switch), so its first touches all miss.
 const APF_LAZY: u64 = 0x3000_0000;
 const APF_PAGES: u64 = 4096;
-
-/// What the `apf` suite expects at guest physical address `x` (each u64).
-fn apf_pattern(x: u64) -> u64 {
-    x.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x7465_726E_6170_6621
-}
-
-/// The source's lazy-memory file: the suite's pattern over its pages, zeros (a hole) elsewhere.
-fn write_apf_image(path: &Path) -> Result<()> {
-    let mut f = std::fs::File::create(path).context("creating the lazy image")?;
-    f.seek(SeekFrom::Start(APF_LAZY))?;
-    let mut w = BufWriter::new(f);
-    for q in 0..APF_PAGES * 4096 / 8 {
-        w.write_all(&apf_pattern(APF_LAZY + q * 8).to_le_bytes())?;
-    }
-    w.flush()?;
-    Ok(())
-}
 
 /// `key=N` from a guest report line.
 fn field(line: &str, key: &str) -> Option<u64> {
@@ -344,23 +327,19 @@ fn postcopy_status(m: &Migration, what: &str) -> Result<serde_json::Value> {
     Ok(m.status.clone())
 }
 
-/// The `apf` suite through a pure postcopy with async PF `mode` on both sides. Returns the
-/// source's final figures, the guest's report, whether the guest enabled async PF (on the
-/// source, before the switch) and the source's lazy-memory summary line.
-fn apf_postcopy(
-    dir: &Path,
-    image: &Path,
-    mode: &str,
-) -> Result<(serde_json::Value, ApfReport, bool, String)> {
-    let memory = format!("size=1G,lazy-from={}", image.display());
+/// The `apf` suite through a pure postcopy with async PF `mode` on both sides (the guest fills
+/// its pages itself, so the source serves them from ordinary memory). Returns the source's final
+/// figures, the guest's report and whether the guest enabled async PF (on the source, before
+/// the switch).
+fn apf_postcopy(dir: &Path, mode: &str) -> Result<(serde_json::Value, ApfReport, bool)> {
     let cmdline =
-        format!("suite=apf pages={APF_PAGES} lazy={APF_LAZY:#x} delay_ms=300 hold_ms=60000");
+        format!("suite=apf pages={APF_PAGES} lazy={APF_LAZY:#x} fill=1 delay_ms=300 hold_ms=60000");
     let m = migrate_run(
         dir,
         &format!("apf-{mode}"),
         &[
             "--memory",
-            &memory,
+            "size=1G",
             "--async-pf",
             mode,
             "--postcopy",
@@ -370,7 +349,7 @@ fn apf_postcopy(
             &cmdline,
         ],
         "tern-guest: apf cpuid",
-        // The destination's async-PF mode is its own option: the stream does not carry it.
+        // The mode is each process's own option (the guest's async-PF MSRs travel either way).
         &["--postcopy", "--async-pf", mode],
     )?;
     let status = postcopy_status(&m, &format!("apf, async PF {mode}"))?;
@@ -407,14 +386,7 @@ fn apf_postcopy(
         .src
         .find_line(|l| l.contains("async PF enabled"))
         .is_some();
-    // The source reads its own (lazy) memory for the push: printed as it exits after the END.
-    let lazy = m
-        .src
-        .wait_line(Duration::from_secs(10), |l| {
-            l.starts_with("tern: lazy memory:")
-        })
-        .unwrap_or_default();
-    Ok((status, r, enabled, lazy))
+    Ok((status, r, enabled))
 }
 
 fn postcopy_table(dir: &Path) -> Result<()> {
@@ -443,23 +415,16 @@ fn postcopy_table(dir: &Path) -> Result<()> {
     drop(idle);
     postcopy_row("1 GiB filled, idle, pure postcopy", "unused", &s, None);
 
-    let image = dir.join("apf-lazy.img");
-    write_apf_image(&image)?;
     let mut notes = Vec::new();
     for mode in ["off", "kvm", "tern"] {
-        let (s, r, enabled, lazy) = apf_postcopy(dir, &image, mode)?;
-        let what = format!("apf {APF_PAGES} pages (1 GiB, lazy source), pure postcopy");
+        let (s, r, enabled) = apf_postcopy(dir, mode)?;
+        let what = format!("apf {APF_PAGES} pages (1 GiB), pure postcopy");
         postcopy_row(&what, mode, &s, Some(&r));
         let ((vcpu_faults, _), _) = blocked(&s["postcopy"]);
         if enabled && r.async_pf == 0 {
             notes.push(format!(
                 "async PF {mode}: the guest enabled async PF before the switch but got no \
                  PAGE_NOT_PRESENT after it; {vcpu_faults} faults blocked the vCPU thread"
-            ));
-        }
-        if let Some(l) = lazy.strip_prefix("tern: lazy memory: ") {
-            notes.push(format!(
-                "async PF {mode}, the source's own lazy memory: {l}"
             ));
         }
     }

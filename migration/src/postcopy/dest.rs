@@ -102,7 +102,8 @@ pub struct PostcopyFigures {
     pub latency_log2_us: Vec<u64>,
     /// Per faulting thread (vCPU threads named vcpuN): faults and total time blocked (µs).
     pub blocked: Vec<(String, u64, f64)>,
-    /// Faults taken by kernel workers rather than vCPU threads: KVM's async page faults.
+    /// Async page faults: taken by KVM's workers rather than vCPU threads (kvm mode), or
+    /// PAGE_NOT_PRESENT injected by tern (tern mode).
     pub async_faults: u64,
 }
 
@@ -331,7 +332,8 @@ impl Listener {
             request_latency_p99_us: pct(0.99),
             latency_log2_us: hist,
             blocked,
-            async_faults: t.async_faults,
+            // KVM mode: faults its async-PF workers took; tern mode: what tern injected.
+            async_faults: t.async_faults + self.observer.as_ref().map_or(0, |o| o.async_faults()),
         }
     }
 }
@@ -374,11 +376,16 @@ impl FaultWorker {
         let now = Instant::now();
         {
             let mut t = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
-            t.faults += 1;
-            if !self.vcpu_tids.contains(&f.tid) {
-                t.async_faults += 1;
+            let waiters = t.waiters.entry(gpa).or_default();
+            // A thread kicked out of its wait (tern-mode async PF) faults on the page again:
+            // still the same wait.
+            if !waiters.iter().any(|(tid, _)| *tid == f.tid) {
+                waiters.push((f.tid, now));
+                t.faults += 1;
+                if !self.vcpu_tids.contains(&f.tid) {
+                    t.async_faults += 1;
+                }
             }
-            t.waiters.entry(gpa).or_default().push((f.tid, now));
         }
         if let Some(o) = &self.observer {
             o.fault(f.tid, gpa);

@@ -13,8 +13,9 @@ use crate::{DirtyBitmap, MigratableVm, RamRegion, PAGE_SIZE};
 
 use super::{ranges, DiscardRecord, PageRefusal, PageRequest};
 
-/// The background push checks for page requests after this many pages or this long.
-const PUSH_BATCH_PAGES: usize = 64;
+/// A background push batch ends after this many pages or this long, or as soon as a page
+/// request arrives.
+const PUSH_BATCH_PAGES: usize = 16;
 const PUSH_BATCH_TIME: Duration = Duration::from_millis(1);
 
 /// What the return path brings during postcopy.
@@ -105,9 +106,11 @@ pub(crate) fn switch<W: Write>(
     let (mut requested, mut pushed, mut left) = (0u64, 0u64, missing_total);
     let mut cursor = (0usize, 0usize);
     let mut complete = None;
+    // An event that arrived during a push batch (it ends the batch early).
+    let mut early: Option<Incoming> = None;
     while left > 0 {
         // Requests first: the guest is waiting for those.
-        while let Ok(ev) = events.try_recv() {
+        while let Some(ev) = early.take().or_else(|| events.try_recv().ok()) {
             match ev {
                 Incoming::Request(gpa) => match region_page(regions, gpa) {
                     Some((ri, p)) if missing[ri].get(p) => {
@@ -142,6 +145,10 @@ pub(crate) fn switch<W: Write>(
         let mut n = 0;
         let batch_start = Instant::now();
         while n < PUSH_BATCH_PAGES && left > 0 && batch_start.elapsed() < PUSH_BATCH_TIME {
+            if let Ok(ev) = events.try_recv() {
+                early = Some(ev);
+                break;
+            }
             let (ri, from) = cursor;
             let Some(p) = missing[ri].next_set_from(from) else {
                 cursor = ((ri + 1) % regions.len(), 0);

@@ -367,6 +367,10 @@ impl FaultObserver for ApfController {
         }
     }
 
+    fn async_faults(&self) -> u64 {
+        self.stats.not_present.load(Ordering::Relaxed)
+    }
+
     fn placed(&self, gpa: u64) {
         devices::bus::lock(&self.present).insert(gpa);
         for (id, m) in self.vcpus.iter().enumerate() {

@@ -10,6 +10,9 @@
 //! then PASS if every page held the pattern and, with `expect_async=1`, A > 0 and M == A.
 //! Without async PF every first touch just blocks the vCPU (A = 0, C = 0).
 //!
+//! `fill=1` writes the pattern itself first (no lazy file needed): for a migration that should
+//! carry the pages from ordinary memory (postcopy benchmarks).
+//!
 //! `selftest=1` needs no lazy memory: the pages are touched unchecked, then the tasks fake the
 //! host's side (`selftest.rs`) to exercise NOT_PRESENT/READY pairs, a READY before its
 //! NOT_PRESENT, and a wake-all.
@@ -57,6 +60,7 @@ fn run(env: &Env) -> Result<(), Fail> {
     let delay_ms = env.arg_u64("delay_ms", 0)?;
     // Keep the VM alive this long after the result (e.g. until a postcopy has ended).
     let hold_ms = env.arg_u64("hold_ms", 0)?;
+    let fill = env.arg_u64("fill", 0)? != 0;
     if pages == 0 || pages > MAX_PAGES {
         return Err(crate::fail!("pages={pages} must be in 1..={MAX_PAGES}"));
     }
@@ -69,6 +73,12 @@ fn run(env: &Env) -> Result<(), Fail> {
     }
     if !env.boot.ram_regions().any(|(s, e)| s <= lazy && end <= e) {
         return Err(crate::fail!("[{lazy:#x}, {end:#x}) is not RAM"));
+    }
+    if fill {
+        for x in (lazy..end).step_by(8) {
+            // SAFETY: checked above: RAM above the image, identity mapped, user-writable.
+            unsafe { core::ptr::write_volatile(x as *mut u64, apf_pattern(x)) };
+        }
     }
     LAZY.store(lazy, Ordering::Relaxed);
     PAGES.store(pages, Ordering::Relaxed);
