@@ -204,7 +204,10 @@ fn run(env: &Env) -> Result<(), Fail> {
             s.matched
         ));
     }
-    spin_ms(hold_ms);
+    if hold_ms > 0 {
+        crate::report!("apf: all checks passed, holding {hold_ms} ms");
+        spin_ms(hold_ms);
+    }
     Ok(())
 }
 
