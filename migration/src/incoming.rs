@@ -129,7 +129,7 @@ pub fn receive(
 ) -> Result<Received, MigrationError> {
     // Two stages: a reader thread receives and checks sections while this thread places pages
     // (populating fresh memory is the slow part here), with payload buffers handed back.
-    let (frames_tx, frames_rx) = mpsc::sync_channel::<Result<Frame, StreamError>>(4);
+    let (frames_tx, frames_rx) = mpsc::sync_channel::<Result<Frame, StreamError>>(2);
     let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
     std::thread::Builder::new()
         .name("migration-reader".into())

@@ -54,10 +54,12 @@ pub struct Channel {
 }
 
 const BUF: usize = 1 << 20;
+/// Smaller on the reading side: what sits read-ahead here delays a requested postcopy page.
+const READ_BUF: usize = 128 << 10;
 
 fn split<S: Read + Write + Send + 'static>(a: S, b: S) -> Channel {
     Channel {
-        reader: Some(Box::new(BufReader::with_capacity(BUF, a))),
+        reader: Some(Box::new(BufReader::with_capacity(READ_BUF, a))),
         writer: Some(Box::new(BufWriter::with_capacity(BUF, b))),
     }
 }
