@@ -28,20 +28,6 @@ fn pattern_file(name: &str) -> PathBuf {
     path
 }
 
-/// The numbers of the `apf pages=...` report line.
-fn figures(stdout: &str) -> Option<std::collections::HashMap<String, u64>> {
-    let line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("tern-guest: apf pages="))?;
-    Some(
-        format!("pages={line}")
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-            .collect(),
-    )
-}
-
 fn run_apf(mode: &str, expect_async: bool) -> std::collections::HashMap<String, u64> {
     let file = pattern_file(&format!("apf-{mode}"));
     let memory = format!("size=256M,lazy-from={},lazy-delay-us=1000", file.display());
@@ -62,7 +48,8 @@ fn run_apf(mode: &str, expect_async: bool) -> std::collections::HashMap<String, 
     );
     assert_eq!(o.code, Some(0), "{}", o.describe());
     assert_eq!(o.last_guest_line(), "apf PASS", "{}", o.describe());
-    figures(&o.stdout).unwrap_or_else(|| panic!("no apf report\n{}", o.describe()))
+    common::report_fields(o.stdout.lines(), "tern-guest: apf pages=")
+        .unwrap_or_else(|| panic!("no apf report\n{}", o.describe()))
 }
 
 fn assert_async_pairs(f: &std::collections::HashMap<String, u64>) {

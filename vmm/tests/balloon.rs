@@ -5,32 +5,18 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{remote, run_tern, scratch, Running};
+use common::{remote, remote_json, report_fields, run_tern, scratch, wait_socket, Running};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(120);
 const PAGES_16M: u64 = 4096;
 
-fn json(sock: &str, args: &[&str]) -> Value {
-    let o = remote(sock, args);
-    assert_eq!(o.code, Some(0), "{}", o.describe());
-    serde_json::from_str(o.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", o.describe()))
-}
-
-fn wait_socket(sock: &str) {
-    let deadline = Instant::now() + WAIT;
-    while !std::path::Path::new(sock).exists() {
-        assert!(Instant::now() < deadline, "no API socket at {sock}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Polls `status` until `pred` holds for its balloon object; returns that status.
 fn wait_balloon(sock: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    wait_socket(sock);
+    wait_socket(sock, WAIT);
     let deadline = Instant::now() + WAIT;
     loop {
-        let s = json(sock, &["status"]);
+        let s = remote_json(sock, &["status"]);
         if pred(&s["balloon"]) {
             return s;
         }
@@ -44,15 +30,9 @@ fn wait_balloon(sock: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value 
 
 /// The `balloon cycle=...` report's fields.
 fn cycle_report(lines: &[String]) -> Option<std::collections::HashMap<String, u64>> {
-    let l = lines
-        .iter()
-        .find_map(|l| l.strip_prefix("tern-guest: balloon cycle="))?;
-    Some(
-        format!("cycle={l}")
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-            .collect(),
+    report_fields(
+        lines.iter().map(String::as_str),
+        "tern-guest: balloon cycle=",
     )
 }
 
@@ -78,7 +58,7 @@ fn inflated_pages_go_back_to_the_host_and_return_zeroed() {
     assert_eq!(b["stats"]["discarded_pages"], PAGES_16M, "{s}");
     assert_eq!(b["deflate_on_oom"], true, "{s}");
     assert_eq!(b["discards_inhibited"], false, "{s}");
-    json(&sock, &["balloon", "0"]);
+    remote_json(&sock, &["balloon", "0"]);
     assert_eq!(vm.wait_exit(WAIT), Some(0), "{}", vm.describe());
     let r = cycle_report(&vm.stdout_lines()).unwrap_or_else(|| panic!("{}", vm.describe()));
     assert_eq!(
@@ -101,7 +81,7 @@ fn balloon_commands_fail_clearly() {
         "--cmdline",
         "suite=idle",
     ]);
-    wait_socket(&sock);
+    wait_socket(&sock, WAIT);
     let o = remote(&sock, &["balloon", "16M"]);
     assert_ne!(o.code, Some(0));
     assert!(o.stderr.contains("has no balloon"), "{}", o.describe());
@@ -156,21 +136,21 @@ fn balloon_inflation_during_postcopy_is_deferred_and_applied_after_end() {
         "{}",
         src.describe()
     );
-    json(&a, &["migrate", "--detach", &mig]);
+    remote_json(&a, &["migrate", "--detach", &mig]);
     // The destination's API socket opens once it has the VM (after the switch).
-    wait_socket(&b);
+    wait_socket(&b, WAIT);
     let deadline = Instant::now() + WAIT;
-    while json(&b, &["migrate-status"])["phase"] != "RUNNING" {
+    while remote_json(&b, &["migrate-status"])["phase"] != "RUNNING" {
         assert!(Instant::now() < deadline, "{}", dst.describe());
         std::thread::sleep(Duration::from_millis(20));
     }
 
     // During postcopy: the guest inflates, nothing is discarded yet.
-    json(&b, &["balloon", "16M"]);
+    remote_json(&b, &["balloon", "16M"]);
     let s = wait_balloon(&b, "inflation on the destination", |b| {
         b["actual_bytes"] == 16u64 << 20
     });
-    let phase = json(&b, &["migrate-status"])["phase"].clone();
+    let phase = remote_json(&b, &["migrate-status"])["phase"].clone();
     assert_eq!(
         phase, "RUNNING",
         "postcopy ended too early for this test: {s}"
@@ -184,7 +164,7 @@ fn balloon_inflation_during_postcopy_is_deferred_and_applied_after_end() {
     assert_eq!(src.wait_exit(WAIT), Some(0), "{}", src.describe());
     let deadline = Instant::now() + WAIT;
     let status = loop {
-        let m = json(&b, &["migrate-status"]);
+        let m = remote_json(&b, &["migrate-status"]);
         if m["phase"] == "END" {
             break m;
         }
@@ -195,7 +175,7 @@ fn balloon_inflation_during_postcopy_is_deferred_and_applied_after_end() {
         status["postcopy"]["balloon_pages_discarded_at_end"], PAGES_16M,
         "{status}"
     );
-    let s = json(&b, &["status"]);
+    let s = remote_json(&b, &["status"]);
     let bal = &s["balloon"];
     assert_eq!(bal["discards_inhibited"], false, "{s}");
     assert_eq!(bal["deferred_pages"], 0, "{s}");
@@ -203,7 +183,7 @@ fn balloon_inflation_during_postcopy_is_deferred_and_applied_after_end() {
 
     // The guest takes its pages back: every one was discarded (reads zero), none lost data
     // it still needed (the guest never used them while ballooned).
-    json(&b, &["balloon", "0"]);
+    remote_json(&b, &["balloon", "0"]);
     assert_eq!(dst.wait_exit(WAIT), Some(0), "{}", dst.describe());
     let r = cycle_report(&dst.stdout_lines()).unwrap_or_else(|| panic!("{}", dst.describe()));
     assert_eq!(

@@ -13,10 +13,7 @@ use serde_json::Value;
 const TIMEOUT: Duration = Duration::from_secs(240);
 
 fn balloon(sock: &str) -> Value {
-    let o = remote(sock, &["status"]);
-    assert_eq!(o.code, Some(0), "{}", o.describe());
-    let s: Value = serde_json::from_str(o.stdout.trim()).expect("status JSON");
-    s["balloon"].clone()
+    common::remote_json(sock, &["status"])["balloon"].clone()
 }
 
 fn wait_actual(sock: &str, vm: &Running, mib: u64) -> Value {

@@ -247,20 +247,12 @@ fn apf_during_pure_postcopy(mode: &str) {
         "{}",
         dst.describe()
     );
-    let report = out
-        .iter()
-        .find(|l| l.starts_with("tern-guest: apf pages="))
+    let report = common::report_fields(out.iter().map(String::as_str), "tern-guest: apf pages=")
         .unwrap_or_else(|| panic!("{}", dst.describe()));
-    let field = |k: &str| -> u64 {
-        report
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    assert!(field("async") >= 1, "{report}");
-    assert_eq!(field("matched"), field("async"), "{report}");
-    assert!(field("compute_during_waits") > 0, "{report}");
+    let field = |k: &str| -> u64 { report.get(k).copied().unwrap_or(0) };
+    assert!(field("async") >= 1, "{report:?}");
+    assert_eq!(field("matched"), field("async"), "{report:?}");
+    assert!(field("compute_during_waits") > 0, "{report:?}");
     assert!(
         dst.stderr_text()
             .contains("migration completed (destination)"),

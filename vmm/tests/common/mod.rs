@@ -192,6 +192,37 @@ pub fn remote(sock: &str, args: &[&str]) -> Outcome {
     run_tern(&all, Duration::from_secs(180))
 }
 
+/// Runs a `tern remote` command that must succeed; returns its JSON result.
+pub fn remote_json(sock: &str, args: &[&str]) -> serde_json::Value {
+    let o = remote(sock, args);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    serde_json::from_str(o.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", o.describe()))
+}
+
+/// Waits until a tern has created its API socket at `sock`.
+pub fn wait_socket(sock: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !std::path::Path::new(sock).exists() {
+        assert!(Instant::now() < deadline, "no API socket at {sock}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The `key=N` fields of the first guest line that starts with `prefix` (e.g.
+/// `tern-guest: apf pages=`), including the one the prefix begins.
+pub fn report_fields<'a>(
+    lines: impl IntoIterator<Item = &'a str>,
+    prefix: &str,
+) -> Option<std::collections::HashMap<String, u64>> {
+    let line = lines.into_iter().find(|l| l.starts_with(prefix))?;
+    Some(
+        line.split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+            .collect(),
+    )
+}
+
 /// A fresh scratch directory for one test.
 pub fn scratch(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("tern-{name}-{}", std::process::id()));
