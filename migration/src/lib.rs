@@ -81,7 +81,9 @@ pub trait MigratableVm: Send + Sync {
     }
     fn restore_state(&self, state: VmState) -> VmResult<()>;
     /// Postcopy: stop giving guest pages back to the host (balloon inflation is recorded
-    /// instead), or start again and apply what was recorded. A discarded page would look missing
-    /// on the destination and be fetched again.
-    fn inhibit_discards(&self, _on: bool) {}
+    /// instead), or start again and apply what was recorded; returns how many pages that
+    /// discarded. A discarded page would look missing on the destination and be fetched again.
+    fn inhibit_discards(&self, _on: bool) -> u64 {
+        0
+    }
 }

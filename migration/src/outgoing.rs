@@ -107,6 +107,17 @@ impl<W: Write> PageSender<W> {
         Ok(())
     }
 
+    /// The end figures both ways of finishing share: bytes, pages, total time, throughput.
+    pub(crate) fn record_completion(&self, s: &mut crate::progress::MigrationStatus, total_s: f64) {
+        s.state = "completed".into();
+        s.bytes = self.w.bytes;
+        s.pages_full = self.batch.full;
+        s.pages_zero = self.batch.zero;
+        s.remaining_bytes = 0;
+        s.total_ms = total_s * 1e3;
+        s.throughput_mbps = self.w.bytes as f64 / total_s / 1e6;
+    }
+
     pub(crate) fn flush_batch(&mut self) -> Result<(), MigrationError> {
         // Counters stay in the batch; only the payload is taken.
         if !self.batch.is_empty() {
@@ -396,14 +407,8 @@ fn stop_and_copy<W: Write>(
     let total = start.elapsed().as_secs_f64();
     let downtime = paused_at.elapsed().as_secs_f64();
     status.update(|s| {
-        s.state = "completed".into();
-        s.bytes = tx.w.bytes;
-        s.pages_full = tx.batch.full;
-        s.pages_zero = tx.batch.zero;
-        s.remaining_bytes = 0;
-        s.total_ms = total * 1e3;
+        tx.record_completion(s, total);
         s.downtime_ms = downtime * 1e3;
-        s.throughput_mbps = tx.w.bytes as f64 / total / 1e6;
     });
     progress.show(&status.get(), true);
     progress.finish();

@@ -139,10 +139,6 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         &mut self.device
     }
 
-    pub fn irq(&self) -> &IrqLine {
-        &self.irq
-    }
-
     /// The device changed its config space (e.g. the host set a new balloon target): tell the
     /// driver, if one is running.
     pub fn config_changed(&mut self) {

@@ -185,14 +185,8 @@ pub(crate) fn switch<W: Write>(
     }
     let total = start.elapsed().as_secs_f64();
     status.update(|s| {
-        s.state = "completed".into();
+        tx.record_completion(s, total);
         s.phase = "END".into();
-        s.bytes = tx.w.bytes;
-        s.pages_full = tx.batch.full;
-        s.pages_zero = tx.batch.zero;
-        s.remaining_bytes = 0;
-        s.total_ms = total * 1e3;
-        s.throughput_mbps = tx.w.bytes as f64 / total / 1e6;
         let mut figures = complete.unwrap_or(serde_json::Value::Null);
         // Pause here to resume there: only the destination knows when it resumed.
         s.downtime_ms = figures["downtime_ms"].as_f64().unwrap_or(f64::NAN);

@@ -209,10 +209,7 @@ fn spawn_postcopy_tail(vm: &Vm, tail: incoming::PostcopyTail, rp: ReturnPath, t0
                 Ok(()) => {
                     // END: RAM is unregistered, so balloon discards are safe again.
                     let figures = tail.listener.finish();
-                    let discarded = inner
-                        .balloon
-                        .as_ref()
-                        .map_or(0, |b| crate::balloon::inhibit_discards(b, false));
+                    let discarded = inner.inhibit_discards(false);
                     let downtime = status.get().downtime_ms;
                     let mut json = serde_json::to_value(&figures).unwrap_or_default();
                     json["downtime_ms"] = downtime.into();

@@ -341,10 +341,10 @@ impl MigratableVm for VmInner {
         self.restore_balloon(&state.devices.other)
     }
 
-    fn inhibit_discards(&self, on: bool) {
-        if let Some(b) = &self.balloon {
-            crate::balloon::inhibit_discards(b, on);
-        }
+    fn inhibit_discards(&self, on: bool) -> u64 {
+        self.balloon
+            .as_ref()
+            .map_or(0, |b| crate::balloon::inhibit_discards(b, on))
     }
 }
 
