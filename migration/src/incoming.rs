@@ -58,6 +58,9 @@ pub enum Received {
     },
 }
 
+/// How often the listener looks at the fault thread's health while no pages arrive.
+const FAULT_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What is left of a postcopy stream after RUN: pages until the end section.
 pub struct PostcopyTail {
     frames: mpsc::Receiver<Result<Frame, StreamError>>,
@@ -69,10 +72,21 @@ impl PostcopyTail {
     /// Places arriving pages until the end section; returns when every page is Received.
     pub fn run(&self, status: &StatusCell) -> Result<(), MigrationError> {
         loop {
-            let frame = self
-                .frames
-                .recv()
-                .map_err(|_| StreamError::Truncated("stream: the reader stopped".into()))??;
+            let frame = match self.frames.recv_timeout(FAULT_CHECK) {
+                Ok(frame) => frame?,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(why) = self.listener.fault_error() {
+                        return Err(MigrationError::PostcopyBroken(why));
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(StreamError::Truncated("stream: the reader stopped".into()).into())
+                }
+            };
+            if let Some(why) = self.listener.fault_error() {
+                return Err(MigrationError::PostcopyBroken(why));
+            }
             match frame.kind {
                 Section::Ram => {
                     for rec in parse_ram(&frame.payload) {
@@ -86,6 +100,7 @@ impl PostcopyTail {
                     status.update(|s| s.remaining_bytes = (left * PAGE_SIZE) as u64);
                 }
                 Section::End => break,
+                Section::Heartbeat => {}
                 Section::PageRefused => {
                     let r: crate::postcopy::PageRefusal = frame.decode()?;
                     return Err(MigrationError::PostcopyBroken(format!(
@@ -183,6 +198,8 @@ fn apply(
                 let _ = spare.send(frame.payload);
             }
             Section::IterationDone => iteration = frame.decode()?,
+            Section::Heartbeat => {}
+            Section::Cancel => return Err(MigrationError::Cancelled),
             Section::Vcpus => vcpus = Some(frame.decode::<Vec<VcpuState>>()?),
             Section::Clock => clock = Some(frame.decode::<ClockState>()?),
             Section::Irqchip => {

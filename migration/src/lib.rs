@@ -6,6 +6,7 @@ pub mod bitmap;
 pub mod incoming;
 pub mod outgoing;
 pub mod pagestate;
+pub mod peer;
 pub mod postcopy;
 pub mod progress;
 pub mod state;

@@ -5,10 +5,11 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::progress::{mb, ProgressLine, StatusCell};
+use crate::peer::PeerReader;
+use crate::progress::{mb, MigrationState, ProgressLine, StatusCell};
 use crate::state::{EndRecord, VmState};
 use crate::stream::{RamBatch, Section, StreamError, StreamReader, StreamWriter};
-use crate::transport::{self, Endpoint};
+use crate::transport::{self, Endpoint, ACK_TIMEOUT};
 use crate::{DirtyBitmap, MigratableVm, RamRegion, VmSideError, PAGE_SIZE};
 
 #[derive(Debug, Clone)]
@@ -52,8 +53,24 @@ pub enum MigrationError {
     Rejected(String),
     #[error("no answer from the destination: {0}")]
     NoAnswer(String),
-    #[error("postcopy failed after the switch: {0}; the guest stays paused here with all its memory (postcopy recovery is not implemented)")]
+    #[error("postcopy failed after the switch: {0}; the guest stays paused here with all its memory (state postcopy-paused)")]
     PostcopyBroken(String),
+    #[error("the destination did not confirm it resumed the guest: {0}; it may be running there, so this copy stays paused (state postmigrate)")]
+    Unconfirmed(String),
+    #[error("the migration was cancelled (migrate-cancel on the source)")]
+    Cancelled,
+}
+
+impl MigrationError {
+    /// The state a failure leaves the source in: whether the destination may own the guest.
+    fn end_state(&self) -> MigrationState {
+        match self {
+            MigrationError::PostcopyBroken(_) => MigrationState::PostcopyPaused,
+            MigrationError::Unconfirmed(_) => MigrationState::Postmigrate,
+            MigrationError::Cancelled => MigrationState::Cancelled,
+            _ => MigrationState::Failed,
+        }
+    }
 }
 
 /// Writes pages into RAM sections, batching and counting.
@@ -61,6 +78,8 @@ pub(crate) struct PageSender<W: Write> {
     pub(crate) w: StreamWriter<W>,
     pub(crate) batch: RamBatch,
     page: Vec<u8>,
+    /// Checked between batches until the switch: `migrate-cancel` ends precopy there.
+    pub(crate) cancel: Option<StatusCell>,
 }
 
 impl<W: Write> PageSender<W> {
@@ -109,7 +128,7 @@ impl<W: Write> PageSender<W> {
 
     /// The end figures both ways of finishing share: bytes, pages, total time, throughput.
     pub(crate) fn record_completion(&self, s: &mut crate::progress::MigrationStatus, total_s: f64) {
-        s.state = "completed".into();
+        s.state = MigrationState::Completed;
         s.bytes = self.w.bytes;
         s.pages_full = self.batch.full;
         s.pages_zero = self.batch.zero;
@@ -123,6 +142,30 @@ impl<W: Write> PageSender<W> {
         if !self.batch.is_empty() {
             self.w.section(Section::Ram, self.batch.payload())?;
             self.batch.clear();
+        }
+        self.check_cancel()
+    }
+
+    /// Ends the migration if `migrate-cancel` came: the destination hears it and drops the guest.
+    pub(crate) fn check_cancel(&mut self) -> Result<(), MigrationError> {
+        let mut cancelled = false;
+        if let Some(c) = &self.cancel {
+            // Progress within a pass too (a first pass of a large guest takes seconds).
+            let bytes = self.w.bytes;
+            c.update(|s| {
+                s.bytes = bytes;
+                cancelled = s.cancel_requested;
+            });
+        }
+        if cancelled {
+            let told = self
+                .w
+                .section(Section::Cancel, &[])
+                .and_then(|_| self.w.flush());
+            if let Err(e) = told {
+                log::warn!("cannot tell the destination the migration was cancelled: {e}");
+            }
+            return Err(MigrationError::Cancelled);
         }
         Ok(())
     }
@@ -146,7 +189,7 @@ pub(crate) fn send_state<W: Write>(
 /// ADVISE: asks the destination whether it can do postcopy; fails the migration cleanly when not.
 fn advise<W: Write>(
     w: &mut StreamWriter<W>,
-    reader: Option<&mut StreamReader<Box<dyn std::io::Read + Send>>>,
+    reader: Option<&PeerReader>,
 ) -> Result<(), MigrationError> {
     let Some(rx) = reader else {
         return Err(MigrationError::Rejected(
@@ -155,9 +198,7 @@ fn advise<W: Write>(
     };
     w.section(Section::Advise, &[])?;
     w.flush()?;
-    let answer = rx
-        .read_section()
-        .map_err(|e| MigrationError::NoAnswer(e.to_string()))?;
+    let answer = rx.next(ACK_TIMEOUT).map_err(MigrationError::NoAnswer)?;
     match answer.kind {
         Section::Advise => Ok(()),
         Section::Abort => Err(MigrationError::Rejected(
@@ -191,7 +232,7 @@ pub fn migrate(
     let start = Instant::now();
     status.update(|s| {
         *s = Default::default();
-        s.state = "active".into();
+        s.state = MigrationState::Active;
         s.role = "source".into();
         s.endpoint = endpoint.to_string();
     });
@@ -199,19 +240,41 @@ pub fn migrate(
     let result = run(vm, endpoint, params, status, start, &mut paused);
     if let Err(e) = &result {
         let _ = vm.stop_dirty_log();
-        // After a postcopy switch the destination ran the guest: resuming here would fork it.
-        if paused && !matches!(e, MigrationError::PostcopyBroken(_)) {
+        let end = e.end_state();
+        // Once the switch was sent the destination may run the guest: resuming here could run
+        // it twice. Only a failure before it (or the destination's explicit refusal) gives the
+        // guest back to this side.
+        if paused && !end.guest_may_run_elsewhere() {
+            vm.inhibit_discards(false);
             if let Err(re) = vm.resume() {
                 log::error!("cannot resume the guest after a failed migration: {re}");
             }
         }
         status.update(|s| {
-            s.state = "failed".into();
+            s.state = end;
             s.error = Some(e.to_string());
             s.total_ms = start.elapsed().as_secs_f64() * 1e3;
         });
     }
     result
+}
+
+/// Marks the switch as started unless a cancel came first (one lock: `migrate-cancel` sees
+/// either a cancelled precopy or a switch it must refuse).
+fn begin_switch<W: Write>(
+    tx: &mut PageSender<W>,
+    status: &StatusCell,
+) -> Result<(), MigrationError> {
+    let mut cancelled = false;
+    status.update(|s| {
+        cancelled = s.cancel_requested;
+        s.switching = !cancelled;
+    });
+    if cancelled {
+        tx.check_cancel()?;
+    }
+    tx.cancel = None;
+    Ok(())
 }
 
 fn run(
@@ -234,12 +297,19 @@ fn run(
         w: StreamWriter::new(writer),
         batch: RamBatch::default(),
         page: vec![0u8; PAGE_SIZE],
+        cancel: Some(status.clone()),
     };
     tx.w.header()?;
     tx.w.record(Section::Config, &vm.config())?;
-    let mut reader = channel.reader.take().map(StreamReader::new);
+    let mut reader = match channel.reader.take() {
+        Some(r) => Some(
+            PeerReader::start(StreamReader::new(r))
+                .map_err(|e| MigrationError::NoAnswer(format!("starting the return path: {e}")))?,
+        ),
+        None => None,
+    };
     if params.postcopy {
-        advise(&mut tx.w, reader.as_mut())?;
+        advise(&mut tx.w, reader.as_ref())?;
         status.update(|s| s.phase = "precopy".into());
     }
     let regions = vm.ram_regions();
@@ -261,6 +331,7 @@ fn run(
 
     // Pure postcopy: switch before sending anything; every page is fetched or pushed after RUN.
     if params.postcopy && params.postcopy_after_iterations == Some(0) {
+        begin_switch(&mut tx, status)?;
         let reader = reader
             .take()
             .ok_or_else(|| MigrationError::NoAnswer("postcopy needs a return path".into()))?;
@@ -311,6 +382,7 @@ fn run(
                     .is_some_and(|n| iteration >= n)
                 || start.elapsed() >= params.timeout);
         if switch {
+            begin_switch(&mut tx, status)?;
             let Some(reader) = reader.take() else {
                 return Err(MigrationError::NoAnswer(
                     "postcopy needs a return path".into(),
@@ -333,6 +405,7 @@ fn run(
                 );
             }
             // The pages found dirty here are sent during the downtime, with the final set.
+            begin_switch(&mut tx, status)?;
             return stop_and_copy(
                 vm,
                 tx,
@@ -365,7 +438,7 @@ fn stop_and_copy<W: Write>(
     mut tx: PageSender<W>,
     regions: &[RamRegion],
     mut pending: Vec<DirtyBitmap>,
-    reader: Option<StreamReader<Box<dyn std::io::Read + Send>>>,
+    reader: Option<PeerReader>,
     status: &StatusCell,
     start: Instant,
     paused: &mut bool,
@@ -385,19 +458,20 @@ fn stop_and_copy<W: Write>(
     vm.stop_dirty_log()?;
     send_state(&mut tx.w, &vm.save_state()?)?;
     tx.w.record(Section::End, &EndRecord { paused_at_unix_ns })?;
+    // A failed write delivers no whole end section (its checksum comes last): the guest is
+    // still only here. From a completed flush on, the destination may run it.
     tx.w.flush()?;
-    if let Some(mut rx) = reader {
-        let answer = rx
-            .read_section()
-            .map_err(|e| MigrationError::NoAnswer(e.to_string()))?;
+    if let Some(rx) = reader {
+        let answer = rx.next(ACK_TIMEOUT).map_err(MigrationError::Unconfirmed)?;
         match answer.kind {
             Section::Resumed => {}
+            // The destination says it did not run the guest: it is safe to run it here again.
             Section::Abort => {
                 let why: String = answer.decode().unwrap_or_else(|e| e.to_string());
                 return Err(MigrationError::Rejected(why));
             }
             other => {
-                return Err(MigrationError::NoAnswer(format!(
+                return Err(MigrationError::Unconfirmed(format!(
                     "unexpected {} section",
                     other.name()
                 )))

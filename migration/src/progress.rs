@@ -6,11 +6,48 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+/// Where a migration stands, and who owns the guest.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationState {
+    #[default]
+    None,
+    Active,
+    /// Done; on the source the guest lives on at the destination.
+    Completed,
+    /// Failed before the switch: the source kept (and resumed) its guest.
+    Failed,
+    /// Cancelled before the switch: the source resumed its guest, the destination dropped it.
+    Cancelled,
+    /// Source only: the switch was sent but the destination never confirmed it resumed (or the
+    /// answer was lost). It may run the guest, so this copy stays paused for good.
+    Postmigrate,
+    /// Postcopy broke after the switch: the destination runs the guest with pages missing and
+    /// the source holds them; both sides stay paused.
+    PostcopyPaused,
+}
+
+impl MigrationState {
+    /// Whether this side may run its guest again on its own: never once the other side may own it.
+    pub fn guest_may_run_elsewhere(self) -> bool {
+        matches!(
+            self,
+            MigrationState::Postmigrate | MigrationState::PostcopyPaused
+        )
+    }
+}
+
+impl std::fmt::Display for MigrationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = serde_json::to_value(self).unwrap_or_default();
+        f.write_str(v.as_str().unwrap_or("?"))
+    }
+}
+
 /// A snapshot of a migration's progress, as `migrate-status` returns it.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct MigrationStatus {
-    /// none, active, completed, failed.
-    pub state: String,
+    pub state: MigrationState,
     pub role: String,
     pub endpoint: String,
     pub iteration: u32,
@@ -28,6 +65,10 @@ pub struct MigrationStatus {
     pub phase: String,
     /// `migrate-start-postcopy` was asked for.
     pub postcopy_requested: bool,
+    /// `migrate-cancel` was asked for (honoured only before the switch).
+    pub cancel_requested: bool,
+    /// Source: the switch (stop-and-copy end or postcopy RUN) is under way; cancel is refused.
+    pub switching: bool,
     /// Postcopy figures (destination: measured; source: as the destination reported them).
     pub postcopy: Option<serde_json::Value>,
 }
@@ -44,7 +85,7 @@ impl StatusCell {
         f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
     }
     pub fn is_active(&self) -> bool {
-        self.get().state == "active"
+        self.get().state == MigrationState::Active
     }
 }
 

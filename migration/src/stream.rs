@@ -38,6 +38,11 @@ pub enum Section {
     Run = 12,
     /// Postcopy: the source cannot serve a page request (the payload says which and why).
     PageRefused = 13,
+    /// Either way: the peer is alive (sent at least every second while a migration waits on
+    /// its peer), so silence means a dead peer rather than a slow migration.
+    Heartbeat = 14,
+    /// Source: the migration was cancelled before the switch; the destination drops it.
+    Cancel = 15,
     /// Return path: the destination resumed the guest.
     Resumed = 0x40,
     /// Return path: the destination gave up; the payload says why.
@@ -65,6 +70,8 @@ impl Section {
             Discard,
             Run,
             PageRefused,
+            Heartbeat,
+            Cancel,
             Resumed,
             Abort,
             PageRequest,
@@ -91,6 +98,8 @@ impl Section {
             Section::Discard => "postcopy discard",
             Section::Run => "postcopy run",
             Section::PageRefused => "page refused",
+            Section::Heartbeat => "heartbeat",
+            Section::Cancel => "cancel",
             Section::PageRequest => "page request",
             Section::Complete => "postcopy complete",
         }

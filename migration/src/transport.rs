@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::peer::peer_timeout;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
     Unix(PathBuf),
@@ -70,7 +72,7 @@ pub fn connect(ep: &Endpoint) -> io::Result<Channel> {
         Endpoint::Unix(p) => {
             let s = UnixStream::connect(p)?;
             s.set_write_timeout(Some(STALL_TIMEOUT))?;
-            s.set_read_timeout(Some(ACK_TIMEOUT))?;
+            s.set_read_timeout(Some(peer_timeout()))?;
             let r = s.try_clone()?;
             Ok(split(r, s))
         }
@@ -78,7 +80,7 @@ pub fn connect(ep: &Endpoint) -> io::Result<Channel> {
             let s = TcpStream::connect(a)?;
             s.set_nodelay(true)?;
             s.set_write_timeout(Some(STALL_TIMEOUT))?;
-            s.set_read_timeout(Some(ACK_TIMEOUT))?;
+            s.set_read_timeout(Some(peer_timeout()))?;
             let r = s.try_clone()?;
             Ok(split(r, s))
         }
@@ -100,6 +102,9 @@ pub fn accept(ep: &Endpoint) -> io::Result<Channel> {
             let l = UnixListener::bind(p)?;
             let (s, _) = l.accept()?;
             let _ = std::fs::remove_file(p);
+            // The source writes all the time or sends heartbeats: silence is a dead source.
+            s.set_read_timeout(Some(peer_timeout()))?;
+            s.set_write_timeout(Some(STALL_TIMEOUT))?;
             let r = s.try_clone()?;
             Ok(split(r, s))
         }
@@ -107,6 +112,8 @@ pub fn accept(ep: &Endpoint) -> io::Result<Channel> {
             let l = TcpListener::bind(a)?;
             let (s, _) = l.accept()?;
             s.set_nodelay(true)?;
+            s.set_read_timeout(Some(peer_timeout()))?;
+            s.set_write_timeout(Some(STALL_TIMEOUT))?;
             let r = s.try_clone()?;
             Ok(split(r, s))
         }

@@ -85,6 +85,23 @@ pub struct Userfaultfd {
     pub features: u64,
 }
 
+/// EAGAIN from COPY/ZEROPAGE means the address space is changing under us; it settles within
+/// microseconds. Retry with a short sleep, but give up (an error, never a spin) after ~1 s.
+fn again(retries: &mut u32, e: io::Error) -> io::Result<()> {
+    const MAX_RETRIES: u32 = 10_000;
+    *retries += 1;
+    if *retries > MAX_RETRIES {
+        return Err(io::Error::new(
+            e.kind(),
+            format!("{e} (still after {MAX_RETRIES} retries)"),
+        ));
+    }
+    if *retries > 10 {
+        std::thread::sleep(std::time::Duration::from_micros(100));
+    }
+    Ok(())
+}
+
 fn ioctl<T>(fd: RawFd, req: libc::c_ulong, arg: &mut T) -> io::Result<()> {
     // SAFETY: `arg` is a live, correctly laid out (repr(C)) argument for `req`.
     let rc = unsafe { libc::ioctl(fd, req, arg as *mut T) };
@@ -141,6 +158,7 @@ impl Userfaultfd {
 
     /// Atomically places `data` (page-sized) at `dst` and wakes the waiters.
     pub fn copy(&self, dst: u64, data: &[u8]) -> io::Result<Placed> {
+        let mut retries = 0u32;
         loop {
             let mut c = UffdioCopy {
                 dst,
@@ -155,8 +173,8 @@ impl Userfaultfd {
                     self.wake(dst, data.len() as u64)?;
                     return Ok(Placed::AlreadyThere);
                 }
-                // The address space changed under us (e.g. a concurrent discard): retry.
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
+                // The address space changed under us (e.g. a concurrent discard): retry, a while.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => again(&mut retries, e)?,
                 Err(e) => return Err(e),
             }
         }
@@ -164,6 +182,7 @@ impl Userfaultfd {
 
     /// Atomically maps the zero page at `dst` and wakes the waiters.
     pub fn zeropage(&self, dst: u64, len: u64) -> io::Result<Placed> {
+        let mut retries = 0u32;
         loop {
             let mut z = UffdioZeropage {
                 range: UffdioRange { start: dst, len },
@@ -176,7 +195,7 @@ impl Userfaultfd {
                     self.wake(dst, len)?;
                     return Ok(Placed::AlreadyThere);
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => again(&mut retries, e)?,
                 Err(e) => return Err(e),
             }
         }

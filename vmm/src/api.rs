@@ -1,7 +1,7 @@
 //! The control API: newline-delimited JSON on a Unix socket (see docs/api.md).
 //!
 //! Request: `{"command": "status" | "pause" | "resume" | "migrate" | "migrate-status" |
-//! "migrate-start-postcopy" | "balloon" | "quit", "uri": "unix:PATH" (migrate only), "bytes": N
+//! "migrate-start-postcopy" | "migrate-cancel" | "balloon" | "quit", "uri": "unix:PATH" (migrate only), "bytes": N
 //! (balloon only)}`. Response: `{"ok": true, "result": ...}` or
 //! `{"ok": false, "error": "..."}`.
 
@@ -33,6 +33,9 @@ pub struct Request {
     /// balloon: the new target size in bytes.
     #[serde(default)]
     pub bytes: Option<u64>,
+    /// resume: even where the guest may run elsewhere (a parked source).
+    #[serde(default)]
+    pub force: bool,
 }
 
 fn reply(stream: &UnixStream, result: Result<Value, String>) -> std::io::Result<()> {
@@ -101,8 +104,10 @@ impl ApiServer {
         };
         let on_done: flows::OnDone = match waiter {
             Some(s) => Box::new(move |status| {
-                let result = match status.state.as_str() {
-                    "completed" => serde_json::to_value(status).map_err(|e| e.to_string()),
+                let result = match status.state {
+                    migration::progress::MigrationState::Completed => {
+                        serde_json::to_value(status).map_err(|e| e.to_string())
+                    }
                     _ => Err(status
                         .error
                         .clone()
@@ -138,8 +143,11 @@ impl ApiServer {
                 let bytes = req.bytes.ok_or("balloon needs \"bytes\"")?;
                 crate::balloon::set_target(b, bytes, vm.record.memory_size)
             }
-            "pause" => flows::set_paused(vm, true).map(|_| json!({"state": "paused"})),
-            "resume" => flows::set_paused(vm, false).map(|_| json!({"state": "running"})),
+            "pause" => flows::set_paused(vm, true, false).map(|_| json!({"state": "paused"})),
+            "resume" => {
+                flows::set_paused(vm, false, req.force).map(|_| json!({"state": "running"}))
+            }
+            "migrate-cancel" => flows::cancel_outgoing(vm).map(|_| json!({"cancelling": true})),
             "migrate-status" => serde_json::to_value(vm.migration.get()).map_err(|e| e.to_string()),
             "migrate-start-postcopy" => {
                 let active = vm.migration.is_active();

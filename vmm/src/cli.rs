@@ -53,8 +53,14 @@ pub enum RemoteCommand {
     Status,
     /// Pause all vCPUs.
     Pause,
-    /// Resume all vCPUs.
-    Resume,
+    /// Resume all vCPUs. Refused where the guest may run elsewhere (a source in postmigrate, either
+    /// side of a broken postcopy).
+    Resume {
+        /// Resume a parked source anyway: only when you know the destination never ran the guest
+        /// (it is gone), or the guest runs twice.
+        #[arg(long)]
+        force: bool,
+    },
     /// Migrate the guest to unix:PATH, tcp:HOST:PORT or file:PATH (a snapshot); waits for the end.
     Migrate {
         uri: String,
@@ -67,6 +73,9 @@ pub enum RemoteCommand {
     /// Switch the running migration to postcopy (needs --postcopy on both sides; harmless when
     /// no migration runs).
     MigrateStartPostcopy,
+    /// Cancel the running outgoing migration before its switch: the guest keeps running here and
+    /// the destination drops what it received. Refused once the switch has begun.
+    MigrateCancel,
     /// Set the balloon's target: how much memory the guest should give back (e.g. 64M; 0
     /// gives it all back to the guest). Needs --balloon.
     Balloon { size: String },

@@ -22,9 +22,10 @@ pub fn run(socket: &Path, cmd: &RemoteCommand) -> Result<()> {
     let request = match cmd {
         RemoteCommand::Status => json!({"command": "status"}),
         RemoteCommand::Pause => json!({"command": "pause"}),
-        RemoteCommand::Resume => json!({"command": "resume"}),
+        RemoteCommand::Resume { force } => json!({"command": "resume", "force": force}),
         RemoteCommand::MigrateStatus => json!({"command": "migrate-status"}),
         RemoteCommand::MigrateStartPostcopy => json!({"command": "migrate-start-postcopy"}),
+        RemoteCommand::MigrateCancel => json!({"command": "migrate-cancel"}),
         RemoteCommand::Quit => json!({"command": "quit"}),
         RemoteCommand::Balloon { size } => {
             let Some(bytes) = crate::config::parse_size(size) else {

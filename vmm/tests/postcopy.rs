@@ -321,12 +321,13 @@ fn page_request_outside_ram_gets_an_error_reply() {
     assert!(refusal.reason.contains("outside guest RAM"), "{refusal:?}");
     drop((rx, tx));
 
-    // The source: still there, migration failed, guest paused (postcopy cannot resume it here).
+    // The source: still there, postcopy-paused (the destination may run the guest), guest
+    // paused, and `resume` refused: running it here could run it twice.
     let deadline = std::time::Instant::now() + WAIT;
     let status = loop {
         let o = remote(&a, &["migrate-status"]);
         assert_eq!(o.code, Some(0), "{}\n{}", o.describe(), src.describe());
-        if o.stdout.contains("\"state\":\"failed\"") {
+        if o.stdout.contains("\"state\":\"postcopy-paused\"") {
             break o.stdout;
         }
         assert!(std::time::Instant::now() < deadline, "{}", o.stdout);
@@ -339,6 +340,11 @@ fn page_request_outside_ram_gets_an_error_reply() {
         "{}",
         o.describe()
     );
+    for args in [&["resume"][..], &["resume", "--force"][..]] {
+        let o = remote(&a, args);
+        assert_ne!(o.code, Some(0), "{}", o.describe());
+        assert!(o.stderr.contains("refused"), "{}", o.describe());
+    }
     assert!(
         src.child.try_wait().unwrap().is_none(),
         "{}",

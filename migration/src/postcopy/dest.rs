@@ -119,6 +119,17 @@ struct Tracker {
     faults: u64,
 }
 
+impl Tracker {
+    /// The page is here: every thread that waited on it stops waiting now.
+    fn end_wait(&mut self, gpa: u64, now: Instant) {
+        for (tid, at) in self.waiters.remove(&gpa).unwrap_or_default() {
+            let e = self.blocked.entry(tid).or_default();
+            e.0 += 1;
+            e.1 += now.duration_since(at).as_secs_f64() * 1e6;
+        }
+    }
+}
+
 /// The destination's postcopy machinery.
 pub struct Listener {
     uffd: Arc<Userfaultfd>,
@@ -132,6 +143,9 @@ pub struct Listener {
     pushed: AtomicU64,
     stop: Arc<AtomicBool>,
     fault_thread: Option<JoinHandle<()>>,
+    /// Why the fault thread stopped, if it did: the vCPUs would wait forever, so the
+    /// listener must stop the VM and say it.
+    fault_error: Arc<Mutex<Option<String>>>,
 }
 
 type ReturnPath = Arc<Mutex<StreamWriter<Box<dyn Write + Send>>>>;
@@ -194,6 +208,7 @@ impl Listener {
         }
         let tracker = Arc::new(Mutex::new(Tracker::default()));
         let stop = Arc::new(AtomicBool::new(false));
+        let fault_error = Arc::new(Mutex::new(None));
         let observer = vm.fault_observer();
         let worker = FaultWorker {
             uffd: uffd.clone(),
@@ -204,6 +219,7 @@ impl Listener {
             vcpu_tids: vcpu_tids.clone(),
             return_path,
             stop: stop.clone(),
+            fault_error: fault_error.clone(),
         };
         let fault_thread = std::thread::Builder::new()
             .name("postcopy-faults".into())
@@ -220,7 +236,16 @@ impl Listener {
             pushed: AtomicU64::new(0),
             stop,
             fault_thread: Some(fault_thread),
+            fault_error,
         })
+    }
+
+    /// Why the fault thread stopped serving faults, if it did.
+    pub fn fault_error(&self) -> Option<String> {
+        self.fault_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn complete(&self) -> bool {
@@ -267,11 +292,7 @@ impl Listener {
                 self.pushed.fetch_add(1, Ordering::Relaxed);
             }
         }
-        for (tid, at) in t.waiters.remove(&gpa).unwrap_or_default() {
-            let e = t.blocked.entry(tid).or_default();
-            e.0 += 1;
-            e.1 += now.duration_since(at).as_secs_f64() * 1e6;
-        }
+        t.end_wait(gpa, now);
         drop(t);
         if let Some(o) = &self.observer {
             o.placed(gpa);
@@ -347,6 +368,7 @@ struct FaultWorker {
     vcpu_tids: Vec<u32>,
     return_path: ReturnPath,
     stop: Arc<AtomicBool>,
+    fault_error: Arc<Mutex<Option<String>>>,
 }
 
 impl FaultWorker {
@@ -354,22 +376,31 @@ impl FaultWorker {
         let mut faults: Vec<Fault> = Vec::new();
         while !self.stop.load(Ordering::SeqCst) {
             if let Err(e) = self.uffd.wait_faults(50, &mut faults) {
-                log::error!("postcopy: userfaultfd read failed: {e}");
+                self.fail(format!("userfaultfd read failed: {e}"));
                 return;
             }
             for f in &faults {
-                self.handle(f);
+                if let Err(e) = self.handle(f) {
+                    self.fail(e);
+                    return;
+                }
             }
         }
     }
 
-    fn handle(&self, f: &Fault) {
+    /// Records why faults are no longer served (the listener stops the VM with it).
+    fn fail(&self, why: String) {
+        log::error!("postcopy: {why}");
+        *self.fault_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    fn handle(&self, f: &Fault) -> Result<(), String> {
         let hva = f.address & !(PAGE_SIZE as u64 - 1);
         let Some(&(gpa0, hva0, _, first)) =
             self.spans.iter().find(|s| hva >= s.1 && hva < s.1 + s.2)
         else {
             log::error!("postcopy: fault outside guest RAM at {:#x}", f.address);
-            return;
+            return Ok(());
         };
         let gpa = gpa0 + (hva - hva0);
         let page = first + ((hva - hva0) / PAGE_SIZE as u64) as usize;
@@ -403,13 +434,28 @@ impl FaultWorker {
             let sent = w
                 .record(Section::PageRequest, &PageRequest { gpa })
                 .and_then(|_| w.flush());
+            drop(w);
             if let Err(e) = sent {
-                log::error!("postcopy: page request for {gpa:#x} failed: {e}");
+                // Not requested after all: a later fault (or a recovery) asks again.
+                self.states
+                    .transition(page, PageState::Requested, PageState::Missing);
+                self.tracker
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .requested_at
+                    .remove(&gpa);
+                return Err(format!("page request for {gpa:#x} could not be sent: {e}"));
             }
         } else if self.states.get(page) == PageState::Received {
-            // Placed between the fault and now: the copy already woke it, but be sure.
+            // Placed between the fault and now: the copy already woke it, but be sure, and
+            // this wait is over.
             let _ = self.uffd.wake(hva, PAGE_SIZE as u64);
+            self.tracker
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .end_wait(gpa, Instant::now());
         }
+        Ok(())
     }
 }
 

@@ -1,13 +1,13 @@
 //! Postcopy, source side: the switch (sent map masked with the dirty bitmap gives the discard
 //! list), the device state as one package, then background push with page requests served first.
 
-use std::io::{Read, Write};
-use std::sync::mpsc;
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::outgoing::{send_state, MigrationError, PageSender};
+use crate::peer::{PeerEvent, PeerReader, HEARTBEAT_INTERVAL};
 use crate::progress::StatusCell;
-use crate::stream::{Section, StreamReader};
+use crate::stream::{Frame, Section};
 use crate::transport::ACK_TIMEOUT;
 use crate::{DirtyBitmap, MigratableVm, RamRegion, PAGE_SIZE};
 
@@ -22,7 +22,32 @@ const PUSH_BATCH_TIME: Duration = Duration::from_millis(1);
 enum Incoming {
     Request(u64),
     Complete(serde_json::Value),
+    /// The destination gave up before it ran the guest: this side still owns it.
+    Refused(String),
     Broken(String),
+}
+
+impl From<PeerEvent> for Incoming {
+    fn from(ev: PeerEvent) -> Self {
+        match ev {
+            PeerEvent::Frame(f) => Incoming::from_frame(f),
+            PeerEvent::Broken(e) => Incoming::Broken(e),
+        }
+    }
+}
+
+impl Incoming {
+    fn from_frame(f: Frame) -> Self {
+        match f.kind {
+            Section::PageRequest => match f.decode::<PageRequest>() {
+                Ok(r) => Incoming::Request(r.gpa),
+                Err(e) => Incoming::Broken(e.to_string()),
+            },
+            Section::Complete => Incoming::Complete(f.decode().unwrap_or(serde_json::Value::Null)),
+            Section::Abort => Incoming::Refused(f.decode().unwrap_or_else(|e| e.to_string())),
+            other => Incoming::Broken(format!("unexpected {} section", other.name())),
+        }
+    }
 }
 
 fn region_page(regions: &[RamRegion], gpa: u64) -> Option<(usize, usize)> {
@@ -41,7 +66,7 @@ pub(crate) fn switch<W: Write>(
     regions: &[RamRegion],
     sent: Vec<DirtyBitmap>,
     mut pending: Vec<DirtyBitmap>,
-    mut rx: StreamReader<Box<dyn Read + Send>>,
+    rx: PeerReader,
     status: &StatusCell,
     start: Instant,
     paused: &mut bool,
@@ -74,6 +99,8 @@ pub(crate) fn switch<W: Write>(
     )?;
     send_state(&mut tx.w, &vm.save_state()?)?;
     tx.w.record(Section::Run, &crate::state::EndRecord { paused_at_unix_ns })?;
+    // Until this flush completes no whole RUN went out (its checksum comes last): a failure
+    // before here leaves the guest with this side. From here on the destination may run it.
     tx.w.flush()?;
     let missing_total: usize = missing.iter().map(|m| m.count()).sum();
     status.update(|s| {
@@ -81,27 +108,10 @@ pub(crate) fn switch<W: Write>(
         s.remaining_bytes = (missing_total * PAGE_SIZE) as u64;
     });
     let broken = |e: String| MigrationError::PostcopyBroken(e);
-    let (events_tx, events) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("return-path".into())
-        .spawn(move || loop {
-            let ev = match rx.read_section() {
-                Ok(f) if f.kind == Section::PageRequest => match f.decode::<PageRequest>() {
-                    Ok(r) => Incoming::Request(r.gpa),
-                    Err(e) => Incoming::Broken(e.to_string()),
-                },
-                Ok(f) if f.kind == Section::Complete => {
-                    Incoming::Complete(f.decode().unwrap_or(serde_json::Value::Null))
-                }
-                Ok(f) => Incoming::Broken(format!("unexpected {} section", f.kind.name())),
-                Err(e) => Incoming::Broken(e.to_string()),
-            };
-            let last = !matches!(ev, Incoming::Request(_));
-            if events_tx.send(ev).is_err() || last {
-                return;
-            }
-        })
-        .map_err(|e| broken(format!("starting the return-path thread: {e}")))?;
+    let refused =
+        |why: String| MigrationError::Rejected(format!("{why} (it did not run the guest)"));
+    let next_event = || rx.try_next().map(Incoming::from);
+    let mut last_sent = Instant::now();
 
     let (mut requested, mut pushed, mut left) = (0u64, 0u64, missing_total);
     let mut cursor = (0usize, 0usize);
@@ -110,7 +120,7 @@ pub(crate) fn switch<W: Write>(
     let mut early: Option<Incoming> = None;
     while left > 0 {
         // Requests first: the guest is waiting for those.
-        while let Some(ev) = early.take().or_else(|| events.try_recv().ok()) {
+        while let Some(ev) = early.take().or_else(next_event) {
             match ev {
                 Incoming::Request(gpa) => match region_page(regions, gpa) {
                     Some((ri, p)) if missing[ri].get(p) => {
@@ -137,6 +147,7 @@ pub(crate) fn switch<W: Write>(
                     }
                 },
                 Incoming::Complete(v) => complete = Some(v),
+                Incoming::Refused(why) => return Err(refused(why)),
                 Incoming::Broken(e) => return Err(broken(e)),
             }
         }
@@ -145,7 +156,7 @@ pub(crate) fn switch<W: Write>(
         let mut n = 0;
         let batch_start = Instant::now();
         while n < PUSH_BATCH_PAGES && left > 0 && batch_start.elapsed() < PUSH_BATCH_TIME {
-            if let Ok(ev) = events.try_recv() {
+            if let Some(ev) = next_event() {
                 early = Some(ev);
                 break;
             }
@@ -162,6 +173,14 @@ pub(crate) fn switch<W: Write>(
             pushed += 1;
             n += 1;
         }
+        if n > 0 {
+            last_sent = Instant::now();
+        } else if last_sent.elapsed() >= HEARTBEAT_INTERVAL {
+            // Nothing to send for a while (slow pages): tell the destination this side lives.
+            tx.w.section(Section::Heartbeat, &[])
+                .map_err(|e| broken(e.to_string()))?;
+            last_sent = Instant::now();
+        }
         tx.flush_batch().map_err(|e| broken(e.to_string()))?;
         tx.w.flush().map_err(|e| broken(e.to_string()))?;
         status.update(|s| {
@@ -176,11 +195,13 @@ pub(crate) fn switch<W: Write>(
     let deadline = Instant::now() + ACK_TIMEOUT;
     while complete.is_none() {
         let left = deadline.saturating_duration_since(Instant::now());
-        match events.recv_timeout(left.max(Duration::from_millis(1))) {
+        match rx
+            .next(left.max(Duration::from_millis(1)))
+            .map(Incoming::from_frame)
+        {
             Ok(Incoming::Complete(v)) => complete = Some(v),
             Ok(Incoming::Request(_)) => {}
-            Ok(Incoming::Broken(e)) => return Err(broken(e)),
-            Err(_) => return Err(broken("no completion from the destination".into())),
+            Ok(Incoming::Refused(e) | Incoming::Broken(e)) | Err(e) => return Err(broken(e)),
         }
     }
     let total = start.elapsed().as_secs_f64();

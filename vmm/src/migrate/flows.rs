@@ -6,7 +6,8 @@ use std::time::Instant;
 use devices::VmExitReason;
 use migration::incoming::{self, Received, ReturnPath};
 use migration::outgoing::{self, MigrationError, Params};
-use migration::progress::{summary, unix_ns, MigrationStatus};
+use migration::peer::Heartbeat;
+use migration::progress::{summary, unix_ns, MigrationState, MigrationStatus};
 use migration::stream::StreamReader;
 use migration::stream::{Section, StreamWriter};
 use migration::transport::{self, Endpoint};
@@ -32,7 +33,7 @@ pub fn start_outgoing(
     // Marked active here, not in the thread, so a second request right after is refused too.
     vm.migration.update(|s| {
         *s = Default::default();
-        s.state = "active".into();
+        s.state = MigrationState::Active;
     });
     let vm = vm.clone();
     std::thread::Builder::new()
@@ -49,8 +50,14 @@ pub fn start_outgoing(
                     )));
                 }
                 Err(e) => {
+                    let here = if status.state.guest_may_run_elsewhere() {
+                        "the guest stays paused here"
+                    } else {
+                        "guest keeps running here"
+                    };
                     eprintln!(
-                        "tern: error: migration to {endpoint} failed, guest keeps running: {e}"
+                        "tern: error: migration to {endpoint} failed ({}), {here}: {e}",
+                        status.state
                     );
                     on_done(&status);
                 }
@@ -106,6 +113,15 @@ pub fn receive(
         .take()
         .map(|w| Arc::new(Mutex::new(StreamWriter::new(w))));
     let mut rx = StreamReader::new(reader);
+    // The source hears from this side at least every second until the migration ends here.
+    let mut heartbeat = match &return_path {
+        Some(rp) => Some(Heartbeat::start(rp.clone()).map_err(|e| {
+            IncomingError::Migration(MigrationError::NoAnswer(format!(
+                "starting the heartbeat: {e}"
+            )))
+        })?),
+        None => None,
+    };
     let result = (|| {
         let record = incoming::read_config(&mut rx)?;
         let cfg = VmConfig {
@@ -136,7 +152,7 @@ pub fn receive(
         }
         let status = vm.inner.migration.clone();
         status.update(|s| {
-            s.state = "active".into();
+            s.state = MigrationState::Active;
             s.role = "destination".into();
             s.endpoint = endpoint.to_string();
         });
@@ -168,7 +184,7 @@ pub fn receive(
             s.throughput_mbps = s.bytes as f64 / t0.elapsed().as_secs_f64() / 1e6;
             match tail {
                 Some(_) => s.phase = "RUNNING".into(),
-                None => s.state = "completed".into(),
+                None => s.state = MigrationState::Completed,
             }
         });
         Ok::<_, IncomingError>((vm, tail))
@@ -185,8 +201,9 @@ pub fn receive(
         }
     };
     match (tail, return_path) {
-        (Some(tail), Some(rp)) => spawn_postcopy_tail(&vm, tail, rp, t0),
+        (Some(tail), Some(rp)) => spawn_postcopy_tail(&vm, tail, rp, t0, heartbeat.take()),
         (None, Some(rp)) => {
+            drop(heartbeat.take());
             if let Err(e) = incoming::answer(&rp, Ok(())) {
                 log::warn!("cannot answer the source: {e}");
             }
@@ -199,13 +216,21 @@ pub fn receive(
 
 /// RUNNING -> END: places the pages still arriving while the guest runs. If the connection drops,
 /// the guest pauses here and the state says why.
-fn spawn_postcopy_tail(vm: &Vm, tail: incoming::PostcopyTail, rp: ReturnPath, t0: Instant) {
+fn spawn_postcopy_tail(
+    vm: &Vm,
+    tail: incoming::PostcopyTail,
+    rp: ReturnPath,
+    t0: Instant,
+    heartbeat: Option<Heartbeat>,
+) {
     let inner = vm.inner.clone();
     let spawned = std::thread::Builder::new()
         .name("postcopy-listen".into())
         .spawn(move || {
             let status = inner.migration.clone();
-            match tail.run(&status) {
+            let outcome = tail.run(&status);
+            drop(heartbeat);
+            match outcome {
                 Ok(()) => {
                     // END: RAM is unregistered, so balloon discards are safe again.
                     let figures = tail.listener.finish();
@@ -215,7 +240,7 @@ fn spawn_postcopy_tail(vm: &Vm, tail: incoming::PostcopyTail, rp: ReturnPath, t0
                     json["downtime_ms"] = downtime.into();
                     json["balloon_pages_discarded_at_end"] = discarded.into();
                     status.update(|s| {
-                        s.state = "completed".into();
+                        s.state = MigrationState::Completed;
                         s.phase = "END".into();
                         s.remaining_bytes = 0;
                         s.total_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -231,7 +256,7 @@ fn spawn_postcopy_tail(vm: &Vm, tail: incoming::PostcopyTail, rp: ReturnPath, t0
                     let left = tail.listener.pages_left();
                     let paused = inner.pause().is_ok();
                     let msg = format!(
-                        "postcopy broke: {e}; {left} pages never arrived; guest {}",
+                        "postcopy broke: {e}; {left} pages never arrived; guest {} (state postcopy-paused: the source holds the missing pages)",
                         if paused {
                             "paused"
                         } else {
@@ -240,7 +265,7 @@ fn spawn_postcopy_tail(vm: &Vm, tail: incoming::PostcopyTail, rp: ReturnPath, t0
                     );
                     eprintln!("tern: error: {msg}");
                     status.update(|s| {
-                        s.state = "failed".into();
+                        s.state = MigrationState::PostcopyPaused;
                         s.error = Some(msg);
                     });
                 }
@@ -249,6 +274,26 @@ fn spawn_postcopy_tail(vm: &Vm, tail: incoming::PostcopyTail, rp: ReturnPath, t0
     if let Err(e) = spawned {
         eprintln!("tern: error: cannot start the postcopy listener: {e}");
     }
+}
+
+/// `migrate-cancel`: stops a running outgoing migration before its switch.
+pub fn cancel_outgoing(vm: &VmInner) -> Result<(), String> {
+    let mut verdict = Ok(());
+    vm.migration.update(|s| {
+        verdict = if s.state != MigrationState::Active || s.role != "source" {
+            Err("no outgoing migration is running".into())
+        } else if s.switching {
+            Err(
+                "refused: the switch has begun, the guest is moving to (or already runs on) the \
+destination; cancelling now could lose it"
+                    .into(),
+            )
+        } else {
+            s.cancel_requested = true;
+            Ok(())
+        };
+    });
+    verdict
 }
 
 /// Parameters for outgoing migrations, from the command line.
@@ -268,10 +313,28 @@ pub fn params(
     }
 }
 
-/// Pauses or resumes the guest from the control API (refused while migrating).
-pub fn set_paused(vm: &VmInner, pause: bool) -> Result<(), String> {
-    if vm.migration.is_active() {
+/// Pauses or resumes the guest from the control API: refused while migrating, and `resume` is
+/// refused where the guest may run elsewhere (only `force` overrides that, on a parked source).
+pub fn set_paused(vm: &VmInner, pause: bool, force: bool) -> Result<(), String> {
+    let status = vm.migration.get();
+    if status.state == MigrationState::Active {
         return Err("a migration is in progress".into());
+    }
+    if !pause && status.state.guest_may_run_elsewhere() {
+        let source = status.role == "source";
+        if !(force && status.state == MigrationState::Postmigrate && source) {
+            return Err(format!(
+                "refused: the migration ended in state {} and the guest may be running on the {} \
+side; resuming here could run it twice{}",
+                status.state,
+                if source { "destination" } else { "source" },
+                if source && status.state == MigrationState::Postmigrate {
+                    " (use --force only if you know the destination never ran it)"
+                } else {
+                    ""
+                }
+            ));
+        }
     }
     let r = if pause { vm.pause() } else { vm.resume() };
     r.map_err(|e| e.to_string())

@@ -1,0 +1,140 @@
+//! A fault-injection relay for migration tests: it sits between source and destination on Unix
+//! sockets and can cut the connection, swallow one direction, or stop forwarding, at a chosen
+//! byte count or on demand.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Which way bytes flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// Source to destination: the migration stream.
+    Forward,
+    /// Destination to source: the return path.
+    Back,
+}
+
+/// What the relay does to the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Forward everything (cut on demand with [`Proxy::cut`]).
+    Pass,
+    /// Close both directions once this many bytes went forward.
+    CutForwardAfter(u64),
+    /// Read and drop everything going this way (a lost reply, lost heartbeats).
+    Swallow(Dir),
+}
+
+#[derive(Default)]
+struct Shared {
+    forward: AtomicU64,
+    back: AtomicU64,
+    cut: AtomicBool,
+    sockets: Mutex<Vec<UnixStream>>,
+}
+
+impl Shared {
+    fn cut_now(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for s in self.sockets.lock().unwrap().iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+pub struct Proxy {
+    pub path: PathBuf,
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    /// Listens on `listen` and relays the first connection to `target`.
+    pub fn start(listen: &Path, target: &Path, plan: Plan) -> Proxy {
+        let listener = UnixListener::bind(listen).expect("proxy bind");
+        let shared = Arc::new(Shared::default());
+        let s = shared.clone();
+        let target = target.to_path_buf();
+        std::thread::spawn(move || {
+            let Ok((src, _)) = listener.accept() else {
+                return;
+            };
+            let dst = UnixStream::connect(&target).expect("proxy connect to the destination");
+            {
+                let mut v = s.sockets.lock().unwrap();
+                v.push(src.try_clone().unwrap());
+                v.push(dst.try_clone().unwrap());
+            }
+            let (s1, s2) = (s.clone(), s.clone());
+            let (src2, dst2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+            std::thread::spawn(move || pump(src, dst, Dir::Forward, plan, &s1));
+            std::thread::spawn(move || pump(dst2, src2, Dir::Back, plan, &s2));
+        });
+        Proxy {
+            path: listen.to_path_buf(),
+            shared,
+        }
+    }
+
+    /// Cuts both directions now.
+    pub fn cut(&self) {
+        self.shared.cut_now();
+    }
+
+    pub fn bytes(&self, dir: Dir) -> u64 {
+        match dir {
+            Dir::Forward => self.shared.forward.load(Ordering::SeqCst),
+            Dir::Back => self.shared.back.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Waits until `n` bytes went `dir` (false on timeout).
+    pub fn wait_bytes(&self, dir: Dir, n: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.bytes(dir) < n {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+}
+
+fn pump(mut from: UnixStream, mut to: UnixStream, dir: Dir, plan: Plan, s: &Shared) {
+    let mut buf = vec![0u8; 64 << 10];
+    let counter = match dir {
+        Dir::Forward => &s.forward,
+        Dir::Back => &s.back,
+    };
+    loop {
+        if s.cut.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut want = buf.len();
+        if let (Plan::CutForwardAfter(limit), Dir::Forward) = (plan, dir) {
+            let done = counter.load(Ordering::SeqCst);
+            if done >= limit {
+                s.cut_now();
+                return;
+            }
+            want = want.min((limit - done) as usize);
+        }
+        let n = match from.read(&mut buf[..want]) {
+            Ok(0) | Err(_) => {
+                // One side left: so does the relay (as a broken connection would).
+                s.cut_now();
+                return;
+            }
+            Ok(n) => n,
+        };
+        if plan != Plan::Swallow(dir) && to.write_all(&buf[..n]).is_err() {
+            s.cut_now();
+            return;
+        }
+        counter.fetch_add(n as u64, Ordering::SeqCst);
+    }
+}
