@@ -133,6 +133,22 @@ impl PeerReader {
         }
     }
 
+    /// After a failed write: did the destination give up first (an Abort still on its way)?
+    /// Then it never ran the guest, and the failure is its refusal, not a broken switch.
+    pub(crate) fn abort_within(&self, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(PeerEvent::Frame(f)) if f.kind == Section::Abort => {
+                    return Some(f.decode().unwrap_or_else(|e| e.to_string()))
+                }
+                Ok(PeerEvent::Frame(_)) => {}
+                Ok(PeerEvent::Broken(_)) | Err(_) => return None,
+            }
+        }
+    }
+
     /// A section that is already here, if any.
     pub(crate) fn try_next(&self) -> Option<PeerEvent> {
         match self.rx.try_recv() {

@@ -107,9 +107,14 @@ pub(crate) fn switch<W: Write>(
         s.phase = "postcopy".into();
         s.remaining_bytes = (missing_total * PAGE_SIZE) as u64;
     });
-    let broken = |e: String| MigrationError::PostcopyBroken(e);
     let refused =
         |why: String| MigrationError::Rejected(format!("{why} (it did not run the guest)"));
+    // A write that fails because the destination gave up before running the guest is its
+    // refusal (the guest is still only here), not a broken postcopy.
+    let broken = |e: String| match rx.abort_within(Duration::from_millis(500)) {
+        Some(why) => refused(why),
+        None => MigrationError::PostcopyBroken(e),
+    };
     let next_event = || rx.try_next().map(Incoming::from);
     let mut last_sent = Instant::now();
 

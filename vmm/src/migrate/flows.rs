@@ -162,16 +162,25 @@ pub fn receive(
         };
         let received =
             incoming::receive(rx, &*vm.inner, &status, t0, return_path.clone(), &options)?;
-        let (state, paused_at, tail) = match received {
+        let (state, paused_at, postcopy) = match received {
             Received::Precopy { state, paused_at } => {
                 vm.inner.inhibit_discards(false);
-                (state, paused_at, None)
+                (state, paused_at, false)
             }
             Received::Postcopy {
                 state,
                 paused_at,
                 tail,
-            } => (state, paused_at, Some(tail)),
+            } => {
+                // Pages must land while the state loads: restoring the vCPUs' MSRs makes KVM
+                // touch guest pages (kvmclock, steal time, PV EOI, async-PF areas of a Linux
+                // guest) that may still be missing, and only the tail places them.
+                let rp = return_path.clone().ok_or_else(|| {
+                    MigrationError::Rejected("postcopy needs a return path".into())
+                })?;
+                spawn_postcopy_tail(&vm, tail, rp, t0, heartbeat.take());
+                (state, paused_at, true)
+            }
         };
         vm.inner.restore_state(state)?;
         vm.inner.resume()?;
@@ -179,17 +188,21 @@ pub fn receive(
             .map(|p| unix_ns().saturating_sub(p) as f64 / 1e6)
             .unwrap_or(0.0);
         status.update(|s| {
-            s.total_ms = t0.elapsed().as_secs_f64() * 1e3;
             s.downtime_ms = downtime_ms;
-            s.throughput_mbps = s.bytes as f64 / t0.elapsed().as_secs_f64() / 1e6;
-            match tail {
-                Some(_) => s.phase = "RUNNING".into(),
-                None => s.state = MigrationState::Completed,
+            if postcopy {
+                // The tail may have finished already (a small guest).
+                if s.state == MigrationState::Active {
+                    s.phase = "RUNNING".into();
+                }
+            } else {
+                s.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+                s.throughput_mbps = s.bytes as f64 / t0.elapsed().as_secs_f64() / 1e6;
+                s.state = MigrationState::Completed;
             }
         });
-        Ok::<_, IncomingError>((vm, tail))
+        Ok::<_, IncomingError>((vm, postcopy))
     })();
-    let (vm, tail) = match result {
+    let (vm, postcopy) = match result {
         Ok(v) => v,
         Err(e) => {
             if let Some(rp) = &return_path {
@@ -200,16 +213,14 @@ pub fn receive(
             return Err(e);
         }
     };
-    match (tail, return_path) {
-        (Some(tail), Some(rp)) => spawn_postcopy_tail(&vm, tail, rp, t0, heartbeat.take()),
-        (None, Some(rp)) => {
-            drop(heartbeat.take());
-            if let Err(e) = incoming::answer(&rp, Ok(())) {
+    if !postcopy {
+        drop(heartbeat.take());
+        if let Some(rp) = &return_path {
+            if let Err(e) = incoming::answer(rp, Ok(())) {
                 log::warn!("cannot answer the source: {e}");
             }
-            eprintln!("tern: {}", summary(&vm.inner.migration.get()));
         }
-        _ => eprintln!("tern: {}", summary(&vm.inner.migration.get())),
+        eprintln!("tern: {}", summary(&vm.inner.migration.get()));
     }
     Ok(vm)
 }
