@@ -351,3 +351,64 @@ fn page_request_outside_ram_gets_an_error_reply() {
         src.describe()
     );
 }
+
+/// A vCPU blocks on a missing page only as long as that page takes to arrive: its total blocked
+/// time stays within a small multiple of (its faults x the request p99). A lost or delayed
+/// wake-up (a fault on a page already in flight, a copy that does not wake) would show up as
+/// waits of up to a second per fault.
+#[test]
+fn vcpu_blocked_time_follows_the_page_latency_in_pure_postcopy() {
+    let dir = scratch("postcopy-blocked");
+    let a = dir.join("a.sock").to_string_lossy().into_owned();
+    let mig = format!("unix:{}", dir.join("mig.sock").display());
+    let src = Running::spawn(&[
+        "--memory",
+        "size=512M",
+        "--cmdline",
+        "suite=dirty mib=192",
+        "--api-socket",
+        &a,
+        "--postcopy",
+        "--postcopy-after-iterations",
+        "0",
+    ]);
+    assert!(
+        src.wait_stdout(WAIT, |l| dirty_round(l).is_some_and(|r| r >= 2))
+            .is_some(),
+        "{}",
+        src.describe()
+    );
+    let dst = Running::spawn(&["--incoming", &mig, "--postcopy"]);
+    assert!(dst.wait_stderr(WAIT, "waiting for an incoming migration"));
+    let v = common::remote_json(&a, &["migrate", &mig]);
+    let p = &v["postcopy"];
+    let p99_us = p["request_latency_p99_us"].as_f64().unwrap_or(0.0);
+    let blocked = p["blocked"].as_array().cloned().unwrap_or_default();
+    let vcpu0 = blocked
+        .iter()
+        .find(|b| b[0] == "vcpu0")
+        .unwrap_or_else(|| panic!("vcpu0 never blocked: {v}"));
+    let (faults, total_us) = (
+        vcpu0[1].as_f64().unwrap_or(0.0),
+        vcpu0[2].as_f64().unwrap_or(0.0),
+    );
+    assert!(faults >= 10.0, "the guest barely faulted: {v}");
+    // Generous for a loaded machine, far below one lost wake-up (~1 s) per few faults.
+    let bound = 4.0 * faults * p99_us.max(1000.0);
+    assert!(
+        total_us <= bound,
+        "vcpu0 blocked {total_us:.0} us over {faults} faults, request p99 {p99_us:.0} us: {v}"
+    );
+    // The guest made progress on the destination and verified its memory.
+    assert!(
+        dst.wait_stdout(WAIT, |l| dirty_round(l).is_some())
+            .is_some(),
+        "{}",
+        dst.describe()
+    );
+    assert!(
+        !dst.stdout_lines().iter().any(|l| l.contains("FAIL")),
+        "{}",
+        dst.describe()
+    );
+}
