@@ -2,7 +2,7 @@
 //! booted to its userspace marker with 1 and 2 vCPUs; and the build script's own checks.
 //!
 //! Slow: the first run on a machine builds the kernel (minutes; cached afterwards), and each boot
-//! takes about a minute here because guest kernel code is emulated (design.md §1).
+//! takes about a minute here because guest kernel code is emulated (docs/machine-kvm.md).
 
 mod common;
 

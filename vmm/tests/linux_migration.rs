@@ -1,5 +1,5 @@
 //! A real Linux guest migrates between two tern processes while it runs, and finishes on the
-//! destination. Slow (a Linux boot takes about a minute here; design.md §1).
+//! destination. Slow (a Linux boot takes about a minute here; docs/machine-kvm.md).
 
 mod common;
 

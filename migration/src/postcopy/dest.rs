@@ -489,7 +489,7 @@ mod tests {
 
     #[test]
     fn probe_finds_userfaultfd_here() {
-        // This machine has userfaultfd (design.md); the probe must say so.
+        // This machine has userfaultfd (docs/machine-kvm.md); the probe must say so.
         assert_eq!(probe_userfaultfd(), Ok(()));
     }
 }

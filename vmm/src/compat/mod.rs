@@ -1,4 +1,4 @@
-//! Nested-KVM compatibility: on this machine's hypervisor (design.md §1) a few instructions reach
+//! Nested-KVM compatibility: on this machine's hypervisor (docs/machine-kvm.md) a few instructions reach
 //! KVM's instruction emulator, which cannot run them, and KVM_RUN returns an emulation failure.
 //! This module completes the ones measured to be safe to complete (int3, fwait, ldmxcsr, stmxcsr)
 //! and turns every other failure into a clear error. `syscall` completes user-mode SYSCALL, which
@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 pub use syscall::{DebugOutcome, SyscallAssist};
 
 /// Whether this host's KVM runs guest kernel mode through its instruction emulator, as this
-/// machine's does (design.md §1): its KVM is `kvm_pvm`, or the CPU has neither VMX nor SVM.
+/// machine's does (docs/machine-kvm.md): its KVM is `kvm_pvm`, or the CPU has neither VMX nor SVM.
 /// `TERN_COMPAT=on|off` overrides the detection (tests, and hosts this check misjudges).
 /// Workarounds that would cost something on a normal host (the SYSCALL assist, masking the
 /// hypercall-based PV features) are taken only when this is true.

@@ -1,4 +1,4 @@
-//! SYSCALL completion for this machine's hypervisor (design.md §1).
+//! SYSCALL completion for this machine's hypervisor (docs/machine-kvm.md).
 //!
 //! A 64-bit `syscall` executed by guest user code (CPL3) is not completed by the hypervisor here:
 //! the vCPU arrives at the guest's MSR_LSTAR target with RIP switched but CS/SS still those of

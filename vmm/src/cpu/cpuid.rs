@@ -71,7 +71,7 @@ pub fn template(kvm: &Kvm, pv: PvFeatures) -> Result<(CpuId, PvFeatures), kvm_io
     for e in cpuid.as_mut_slice() {
         match e.function {
             LEAF_FEATURES => {
-                // cmpxchg16b and xsave fail in this machine's instruction emulator (design.md §1);
+                // cmpxchg16b and xsave fail in this machine's instruction emulator (docs/machine-kvm.md);
                 // advertising them would invite guests to use them.
                 e.ecx &= !(ECX_CX16 | ECX_XSAVE | ECX_OSXSAVE);
                 e.ecx |= ECX_HYPERVISOR;

@@ -249,7 +249,7 @@ impl MigratableVm for VmInner {
         let ioapic = self.irqchip(KVM_IRQCHIP_IOAPIC)?;
         let pit = self.vm_fd.get_pit2().map_err(side("KVM_GET_PIT2"))?;
         let serial = devices::bus::lock(&self.com1);
-        // SAFETY (all three): each union member read matches the chip_id KVM filled in.
+        // SAFETY: (all three) each union member read matches the chip_id KVM filled in.
         let (pic_master, pic_slave, ioapic) = unsafe {
             (
                 pic_to(&master.chip.pic),

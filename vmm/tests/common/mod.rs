@@ -79,7 +79,7 @@ pub fn run_tern(args: &[&str], timeout: Duration) -> Outcome {
     }
 }
 
-/// Generous: guest kernel code is emulated on the CI machine (design.md §1).
+/// Generous: guest kernel code is emulated on the CI machine (docs/machine-kvm.md).
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A tern process whose output lines are collected as they arrive.
