@@ -69,6 +69,11 @@ pub struct PostcopyTail {
 }
 
 impl PostcopyTail {
+    /// The postcopy machinery, for a recovery after this connection broke.
+    pub fn into_listener(self) -> Listener {
+        self.listener
+    }
+
     /// Places arriving pages until the end section; returns when every page is Received.
     pub fn run(&self, status: &StatusCell) -> Result<(), MigrationError> {
         loop {
@@ -135,7 +140,7 @@ pub struct Options {
 
 /// Receives RAM and device state into `vm` until the end section (precopy) or RUN (postcopy).
 pub fn receive(
-    mut r: StreamReader<Box<dyn Read + Send>>,
+    r: StreamReader<Box<dyn Read + Send>>,
     vm: &dyn MigratableVm,
     status: &StatusCell,
     start: Instant,
@@ -144,6 +149,16 @@ pub fn receive(
 ) -> Result<Received, MigrationError> {
     // Two stages: a reader thread receives and checks sections while this thread places pages
     // (populating fresh memory is the slow part here), with payload buffers handed back.
+    let (frames_rx, spare_tx) = spawn_reader(r)?;
+    apply(frames_rx, spare_tx, vm, status, start, return_path, options)
+}
+
+type Frames = mpsc::Receiver<Result<Frame, StreamError>>;
+
+/// The reader thread: sections in order (bounded queue), payload buffers back for reuse.
+fn spawn_reader(
+    mut r: StreamReader<Box<dyn Read + Send>>,
+) -> Result<(Frames, mpsc::Sender<Vec<u8>>), MigrationError> {
     let (frames_tx, frames_rx) = mpsc::sync_channel::<Result<Frame, StreamError>>(2);
     let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
     std::thread::Builder::new()
@@ -159,7 +174,66 @@ pub fn receive(
             }
         })
         .map_err(|e| MigrationError::NoAnswer(format!("starting the reader thread: {e}")))?;
-    apply(frames_rx, spare_tx, vm, status, start, return_path, options)
+    Ok((frames_rx, spare_tx))
+}
+
+/// Postcopy recovery, destination side: `r`/`w` are a new connection from the source. Checks it
+/// recovers this VM, sends the runs of pages still missing here, re-sends the outstanding
+/// requests, and returns the tail that places what comes (the VM may run again).
+pub fn recover(
+    mut r: StreamReader<Box<dyn Read + Send>>,
+    w: Box<dyn Write + Send>,
+    listener: Listener,
+    this_vm: &VmConfigRecord,
+) -> Result<(PostcopyTail, usize), Box<(MigrationError, Listener)>> {
+    let hello = (|| {
+        r.header()?;
+        let rec: VmConfigRecord = r.read_section()?.expect(Section::Recover)?.decode()?;
+        if rec.ram != this_vm.ram || rec.vcpus != this_vm.vcpus {
+            return Err(MigrationError::Rejected(
+                "the recovering source holds a different VM (RAM layout or vCPUs differ)".into(),
+            ));
+        }
+        Ok(())
+    })();
+    if let Err(e) = hello {
+        return Err(Box::new((e, listener)));
+    }
+    let resent = match listener.reconnect(w) {
+        Ok(n) => n,
+        Err(e) => return Err(Box::new((e.into(), listener))),
+    };
+    let missing = listener.not_received();
+    let told = (|| {
+        let rp = listener.return_path();
+        let mut g = rp.lock().unwrap_or_else(|e| e.into_inner());
+        // Chunks well under the section limit (a run is at most ~45 bytes of JSON).
+        for chunk in missing.chunks(50_000) {
+            g.record(
+                Section::Missing,
+                &DiscardRecord {
+                    ranges: chunk.to_vec(),
+                },
+            )?;
+        }
+        g.section(Section::Recover, &[])?;
+        g.flush()
+    })();
+    if let Err(e) = told {
+        return Err(Box::new((e.into(), listener)));
+    }
+    let (frames, spare) = match spawn_reader(r) {
+        Ok(v) => v,
+        Err(e) => return Err(Box::new((e, listener))),
+    };
+    Ok((
+        PostcopyTail {
+            frames,
+            spare,
+            listener,
+        },
+        resent,
+    ))
 }
 
 fn apply(

@@ -43,6 +43,10 @@ pub enum Section {
     Heartbeat = 14,
     /// Source: the migration was cancelled before the switch; the destination drops it.
     Cancel = 15,
+    /// Either way, postcopy recovery: the source reconnects to a paused postcopy (its payload:
+    /// the configuration record, so a wrong peer is refused); the destination ends its list of
+    /// missing pages with it.
+    Recover = 16,
     /// Return path: the destination resumed the guest.
     Resumed = 0x40,
     /// Return path: the destination gave up; the payload says why.
@@ -51,6 +55,8 @@ pub enum Section {
     PageRequest = 0x42,
     /// Return path (postcopy): every page arrived; the figures follow.
     Complete = 0x43,
+    /// Return path (postcopy recovery): runs of pages the destination still lacks.
+    Missing = 0x44,
 }
 
 impl Section {
@@ -72,10 +78,12 @@ impl Section {
             PageRefused,
             Heartbeat,
             Cancel,
+            Recover,
             Resumed,
             Abort,
             PageRequest,
             Complete,
+            Missing,
         ]
         .into_iter()
         .find(|s| *s as u8 == v)
@@ -100,6 +108,8 @@ impl Section {
             Section::PageRefused => "page refused",
             Section::Heartbeat => "heartbeat",
             Section::Cancel => "cancel",
+            Section::Recover => "postcopy recover",
+            Section::Missing => "missing pages",
             Section::PageRequest => "page request",
             Section::Complete => "postcopy complete",
         }

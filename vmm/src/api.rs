@@ -1,7 +1,7 @@
 //! The control API: newline-delimited JSON on a Unix socket (see docs/api.md).
 //!
 //! Request: `{"command": "status" | "pause" | "resume" | "migrate" | "migrate-status" |
-//! "migrate-start-postcopy" | "migrate-cancel" | "balloon" | "quit", "uri": "unix:PATH" (migrate only), "bytes": N
+//! "migrate-start-postcopy" | "migrate-cancel" | "migrate-recover" | "balloon" | "quit", "uri": "unix:PATH" (migrate only), "bytes": N
 //! (balloon only)}`. Response: `{"ok": true, "result": ...}` or
 //! `{"ok": false, "error": "..."}`.
 
@@ -36,6 +36,9 @@ pub struct Request {
     /// resume: even where the guest may run elsewhere (a parked source).
     #[serde(default)]
     pub force: bool,
+    /// migrate: reconnect a paused postcopy instead of starting a migration.
+    #[serde(default)]
+    pub resume: bool,
 }
 
 fn reply(stream: &UnixStream, result: Result<Value, String>) -> std::io::Result<()> {
@@ -118,7 +121,12 @@ impl ApiServer {
             None => Box::new(|_| {}),
         };
         let detach = req.detach;
-        match flows::start_outgoing(&self.vm, ep, self.params.clone(), on_done) {
+        let started = if req.resume {
+            crate::migrate::recovery::reconnect(&self.vm, ep, on_done)
+        } else {
+            flows::start_outgoing(&self.vm, ep, self.params.clone(), on_done)
+        };
+        match started {
             Ok(()) if detach => Some(Ok(json!({"started": uri}))),
             Ok(()) => None,
             Err(e) => Some(Err(e)),
@@ -148,6 +156,13 @@ impl ApiServer {
                 flows::set_paused(vm, false, req.force).map(|_| json!({"state": "running"}))
             }
             "migrate-cancel" => flows::cancel_outgoing(vm).map(|_| json!({"cancelling": true})),
+            "migrate-recover" => {
+                let uri = req.uri.ok_or("migrate-recover needs \"uri\"")?;
+                let ep = uri
+                    .parse::<migration::transport::Endpoint>()
+                    .map_err(|e| e.to_string())?;
+                crate::migrate::recovery::listen(vm, ep).map(|_| json!({"listening": uri}))
+            }
             "migrate-status" => serde_json::to_value(vm.migration.get()).map_err(|e| e.to_string()),
             "migrate-start-postcopy" => {
                 let active = vm.migration.is_active();

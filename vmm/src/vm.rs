@@ -98,6 +98,9 @@ pub struct VmInner {
     pub lazy: Option<LazyMemory>,
     pub vcpu_tids: Arc<Mutex<Vec<u32>>>,
     pub balloon: Option<crate::balloon::SharedBalloon>,
+    /// A destination's postcopy machinery while postcopy is paused (broken connection), kept
+    /// for `migrate-recover`.
+    pub postcopy_paused: Mutex<Option<migration::postcopy::Listener>>,
 }
 
 pub struct Vm {
@@ -283,6 +286,7 @@ impl Vm {
                 lazy,
                 vcpu_tids: tids,
                 balloon,
+                postcopy_paused: Mutex::new(None),
             }),
             console_input: matches!(cfg.serial, SerialConfig::Tty),
             serial2,

@@ -146,6 +146,8 @@ pub struct Listener {
     /// Why the fault thread stopped, if it did: the vCPUs would wait forever, so the
     /// listener must stop the VM and say it.
     fault_error: Arc<Mutex<Option<String>>>,
+    /// Shared with the fault thread; recovery swaps the connection inside it.
+    return_path: ReturnPath,
 }
 
 type ReturnPath = Arc<Mutex<StreamWriter<Box<dyn Write + Send>>>>;
@@ -217,7 +219,7 @@ impl Listener {
             tracker: tracker.clone(),
             observer: observer.clone(),
             vcpu_tids: vcpu_tids.clone(),
-            return_path,
+            return_path: return_path.clone(),
             stop: stop.clone(),
             fault_error: fault_error.clone(),
         };
@@ -237,7 +239,52 @@ impl Listener {
             stop,
             fault_thread: Some(fault_thread),
             fault_error,
+            return_path,
         })
+    }
+
+    /// Runs of pages not received yet (Missing or Requested): what a recovering source must send.
+    pub fn not_received(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for &(gpa, _, len, first) in &self.spans {
+            let n = (len / PAGE_SIZE as u64) as usize;
+            for i in 0..n {
+                if self.states.get(first + i) == PageState::Received {
+                    continue;
+                }
+                let page_gpa = gpa + (i * PAGE_SIZE) as u64;
+                match out.last_mut() {
+                    Some((start, k)) if *start + *k * PAGE_SIZE as u64 == page_gpa => *k += 1,
+                    _ => out.push((page_gpa, 1)),
+                }
+            }
+        }
+        out
+    }
+
+    /// Recovery: the new connection's writer replaces the broken one, the fault thread's error
+    /// is forgotten, and every page a thread still waits for is requested again on it.
+    pub fn reconnect(&self, w: Box<dyn Write + Send>) -> Result<usize, StreamError> {
+        let mut rp = self.return_path.lock().unwrap_or_else(|e| e.into_inner());
+        *rp = StreamWriter::new(w);
+        *self.fault_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let mut resent = 0;
+        for &(gpa, _, len, first) in &self.spans {
+            for i in 0..(len / PAGE_SIZE as u64) as usize {
+                if self.states.get(first + i) == PageState::Requested {
+                    let gpa = gpa + (i * PAGE_SIZE) as u64;
+                    rp.record(Section::PageRequest, &PageRequest { gpa })?;
+                    resent += 1;
+                }
+            }
+        }
+        rp.flush()?;
+        Ok(resent)
+    }
+
+    /// The shared return path (recovery answers on it).
+    pub fn return_path(&self) -> ReturnPath {
+        self.return_path.clone()
     }
 
     /// Why the fault thread stopped serving faults, if it did.
@@ -380,9 +427,10 @@ impl FaultWorker {
                 return;
             }
             for f in &faults {
+                // A request that cannot be sent stays Requested: the listener pauses the VM
+                // with the reason, and a recovery sends it again. The thread keeps serving.
                 if let Err(e) = self.handle(f) {
                     self.fail(e);
-                    return;
                 }
             }
         }
@@ -436,14 +484,6 @@ impl FaultWorker {
                 .and_then(|_| w.flush());
             drop(w);
             if let Err(e) = sent {
-                // Not requested after all: a later fault (or a recovery) asks again.
-                self.states
-                    .transition(page, PageState::Requested, PageState::Missing);
-                self.tracker
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .requested_at
-                    .remove(&gpa);
                 return Err(format!("page request for {gpa:#x} could not be sent: {e}"));
             }
         } else if self.states.get(page) == PageState::Received {

@@ -178,7 +178,7 @@ pub fn receive(
                 let rp = return_path.clone().ok_or_else(|| {
                     MigrationError::Rejected("postcopy needs a return path".into())
                 })?;
-                spawn_postcopy_tail(&vm, tail, rp, t0, heartbeat.take());
+                spawn_postcopy_tail(&vm.inner, tail, rp, t0, heartbeat.take());
                 (state, paused_at, true)
             }
         };
@@ -227,14 +227,14 @@ pub fn receive(
 
 /// RUNNING -> END: places the pages still arriving while the guest runs. If the connection drops,
 /// the guest pauses here and the state says why.
-fn spawn_postcopy_tail(
-    vm: &Vm,
+pub(crate) fn spawn_postcopy_tail(
+    vm: &Arc<VmInner>,
     tail: incoming::PostcopyTail,
     rp: ReturnPath,
     t0: Instant,
     heartbeat: Option<Heartbeat>,
 ) {
-    let inner = vm.inner.clone();
+    let inner = vm.clone();
     let spawned = std::thread::Builder::new()
         .name("postcopy-listen".into())
         .spawn(move || {
@@ -275,6 +275,7 @@ fn spawn_postcopy_tail(
                         }
                     );
                     eprintln!("tern: error: {msg}");
+                    *devices::bus::lock(&inner.postcopy_paused) = Some(tail.into_listener());
                     status.update(|s| {
                         s.state = MigrationState::PostcopyPaused;
                         s.error = Some(msg);

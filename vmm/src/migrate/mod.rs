@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod flows;
+pub mod recovery;
 
 use std::sync::atomic::Ordering;
 
