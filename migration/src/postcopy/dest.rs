@@ -98,10 +98,13 @@ pub struct PostcopyFigures {
     pub pages_pushed: u64,
     pub request_latency_p50_us: f64,
     pub request_latency_p99_us: f64,
+    pub request_latency_max_us: f64,
     /// Request latencies, log2 buckets: index i counts latencies in [2^i, 2^(i+1)) µs.
     pub latency_log2_us: Vec<u64>,
     /// Per faulting thread (vCPU threads named vcpuN): faults and total time blocked (µs).
     pub blocked: Vec<(String, u64, f64)>,
+    /// vCPU threads' single waits for a page, log2 buckets as `latency_log2_us`.
+    pub vcpu_blocked_log2_us: Vec<u64>,
     /// Async page faults: taken by KVM's workers rather than vCPU threads (kvm mode), or
     /// PAGE_NOT_PRESENT injected by tern (tern mode).
     pub async_faults: u64,
@@ -115,17 +118,39 @@ struct Tracker {
     waiters: HashMap<u64, Vec<(u32, Instant)>>,
     latencies_us: Vec<f64>,
     blocked: HashMap<u32, (u64, f64)>,
+    /// Histogram of single vCPU-thread waits (log2 µs).
+    vcpu_waits_log2: Vec<u64>,
+    vcpu_tids: Vec<u32>,
     async_faults: u64,
     faults: u64,
+}
+
+/// log2 bucket of a duration in µs: [2^i, 2^(i+1)).
+fn log2_bucket(us: f64) -> usize {
+    (us.max(1.0).log2() as usize).min(23)
+}
+
+fn trim(mut hist: Vec<u64>) -> Vec<u64> {
+    while hist.last() == Some(&0) {
+        hist.pop();
+    }
+    hist
 }
 
 impl Tracker {
     /// The page is here: every thread that waited on it stops waiting now.
     fn end_wait(&mut self, gpa: u64, now: Instant) {
         for (tid, at) in self.waiters.remove(&gpa).unwrap_or_default() {
+            let us = now.duration_since(at).as_secs_f64() * 1e6;
             let e = self.blocked.entry(tid).or_default();
             e.0 += 1;
-            e.1 += now.duration_since(at).as_secs_f64() * 1e6;
+            e.1 += us;
+            if self.vcpu_tids.contains(&tid) {
+                if self.vcpu_waits_log2.is_empty() {
+                    self.vcpu_waits_log2 = vec![0; 24];
+                }
+                self.vcpu_waits_log2[log2_bucket(us)] += 1;
+            }
         }
     }
 }
@@ -208,7 +233,10 @@ impl Listener {
             uffd.register(s.1, s.2)
                 .map_err(|e| format!("UFFDIO_REGISTER: {e}"))?;
         }
-        let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let tracker = Arc::new(Mutex::new(Tracker {
+            vcpu_tids: vcpu_tids.clone(),
+            ..Default::default()
+        }));
         let stop = Arc::new(AtomicBool::new(false));
         let fault_error = Arc::new(Mutex::new(None));
         let observer = vm.fault_observer();
@@ -373,12 +401,9 @@ impl Listener {
         };
         let mut hist = vec![0u64; 24];
         for us in &lat {
-            let b = (us.max(1.0).log2() as usize).min(hist.len() - 1);
-            hist[b] += 1;
+            hist[log2_bucket(*us)] += 1;
         }
-        while hist.last() == Some(&0) {
-            hist.pop();
-        }
+        let hist = trim(hist);
         let mut blocked: Vec<(String, u64, f64)> = t
             .blocked
             .iter()
@@ -398,8 +423,10 @@ impl Listener {
             pages_pushed: self.pushed.load(Ordering::Relaxed),
             request_latency_p50_us: pct(0.5),
             request_latency_p99_us: pct(0.99),
+            request_latency_max_us: lat.last().copied().unwrap_or(0.0),
             latency_log2_us: hist,
             blocked,
+            vcpu_blocked_log2_us: trim(t.vcpu_waits_log2.clone()),
             // KVM mode: faults its async-PF workers took; tern mode: what tern injected.
             async_faults: t.async_faults + self.observer.as_ref().map_or(0, |o| o.async_faults()),
         }
