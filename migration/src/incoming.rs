@@ -20,11 +20,16 @@ fn prepare_dense_range(vm: &dyn MigratableVm, payload: &[u8]) {
     let (mut lo, mut hi, mut n) = (u64::MAX, 0u64, 0u64);
     for rec in parse_ram(payload).flatten() {
         if let PageRecord::Full(gpa, _) = rec {
+            // A page at the very top of the address space is not RAM: write_ram refuses it.
+            let Some(end) = gpa.checked_add(PAGE_SIZE as u64) else {
+                return;
+            };
             lo = lo.min(gpa);
-            hi = hi.max(gpa + PAGE_SIZE as u64);
+            hi = hi.max(end);
             n += 1;
         }
     }
+    // n is at most the pages of one section, so n * 4096 * 2 cannot overflow.
     if n > 0 && n * PAGE_SIZE as u64 * 2 >= hi - lo {
         vm.prepare_ram(lo, hi - lo);
     }
@@ -34,6 +39,14 @@ fn prepare_dense_range(vm: &dyn MigratableVm, payload: &[u8]) {
 pub fn read_config<R: Read>(r: &mut StreamReader<R>) -> Result<VmConfigRecord, StreamError> {
     r.header()?;
     r.read_section()?.expect(Section::Config)?.decode()
+}
+
+fn refused(section: Section, why: &'static str) -> MigrationError {
+    StreamError::Refused {
+        section: section.name(),
+        why,
+    }
+    .into()
 }
 
 fn missing(what: &'static str) -> MigrationError {
@@ -246,6 +259,8 @@ fn apply(
     options: &Options,
 ) -> Result<Received, MigrationError> {
     let mut listener: Option<Listener> = None;
+    // Postcopy goes ADVISE (accepted here) -> DISCARD -> state -> RUN, in that order only.
+    let mut advised = false;
     let zero = vec![0u8; PAGE_SIZE];
     let (mut vcpus, mut clock, mut irqchip, mut pit, mut devices) = (None, None, None, None, None);
     let (mut full, mut zeros, mut iteration, mut bytes) = (0u64, 0u64, 0u32, 0u64);
@@ -255,6 +270,14 @@ fn apply(
             .map_err(|_| StreamError::Truncated("stream: the reader stopped".into()))??;
         bytes += frame.payload.len() as u64 + 9;
         match frame.kind {
+            // The pages are already registered with userfaultfd: writing one here would wait
+            // for a fault nobody serves (and the source sends none between DISCARD and RUN).
+            Section::Ram if listener.is_some() => {
+                return Err(refused(
+                    Section::Ram,
+                    "no pages may come between the postcopy discard and RUN",
+                ))
+            }
             Section::Ram => {
                 prepare_dense_range(vm, &frame.payload);
                 for rec in parse_ram(&frame.payload) {
@@ -288,6 +311,9 @@ fn apply(
                     .map(|e| e.paused_at_unix_ns);
                 break paused_at;
             }
+            Section::Advise if advised => {
+                return Err(refused(Section::Advise, "postcopy was already advised"))
+            }
             Section::Advise => {
                 status.update(|s| s.phase = "ADVISE".into());
                 let verdict = if options.postcopy {
@@ -312,7 +338,12 @@ fn apply(
                 w.flush()?;
                 drop(w);
                 verdict.map_err(MigrationError::Rejected)?;
+                advised = true;
             }
+            Section::Discard if !advised || listener.is_some() => return Err(refused(
+                Section::Discard,
+                "it must follow one accepted postcopy advise (the destination needs --postcopy)",
+            )),
             Section::Discard => {
                 status.update(|s| s.phase = "DISCARD".into());
                 let discard: DiscardRecord = frame.decode()?;

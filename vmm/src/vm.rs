@@ -206,6 +206,9 @@ impl Vm {
             None => None,
         };
 
+        if !(1..=crate::config::MAX_VCPUS).contains(&cfg.vcpus) {
+            return Err(VmError::Incompatible(format!("{} vCPUs", cfg.vcpus)));
+        }
         let mut fds = Vec::new();
         for id in 0..cfg.vcpus {
             fds.push(Vcpu::create_fd(&vm_fd, id)?);
@@ -213,7 +216,9 @@ impl Vm {
         let policy = StatePolicy {
             msrs: kvm
                 .get_msr_index_list()
-                .map(|l| readable_msrs(&fds[0], l.as_slice()))
+                .ok()
+                .zip(fds.first())
+                .map(|(l, fd)| readable_msrs(fd, l.as_slice()))
                 .unwrap_or_default(),
             use_xsave: xsave_fits(&vm_fd),
         };

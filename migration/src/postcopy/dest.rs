@@ -177,6 +177,32 @@ pub struct Listener {
 
 type ReturnPath = Arc<Mutex<StreamWriter<Box<dyn Write + Send>>>>;
 
+/// Checks one discard run (first gpa, page count) from the stream against the RAM spans (gpa,
+/// hva, len, first page index); returns (hva, byte length, first page index, page count).
+fn check_discard(
+    spans: &[(u64, u64, u64, usize)],
+    gpa: u64,
+    n: u64,
+) -> Result<(u64, usize, usize, usize), String> {
+    let outside = || format!("discard range {gpa:#x}+{n} pages is outside guest RAM");
+    if n == 0 || !gpa.is_multiple_of(PAGE_SIZE as u64) {
+        return Err(format!(
+            "discard range {gpa:#x}+{n} pages is empty or not page-aligned"
+        ));
+    }
+    // Checked: a huge count must not wrap to a short (or empty) length.
+    let len = n.checked_mul(PAGE_SIZE as u64).ok_or_else(outside)?;
+    let end = gpa.checked_add(len).ok_or_else(outside)?;
+    let &(sgpa, shva, _, first) = spans
+        .iter()
+        .find(|s| gpa >= s.0 && end <= s.0 + s.2)
+        .ok_or_else(outside)?;
+    let offset = gpa - sgpa;
+    let first = first + (offset / PAGE_SIZE as u64) as usize;
+    // Within one span, so both fit a usize (the span is mapped).
+    Ok((shva + offset, len as usize, first, n as usize))
+}
+
 impl Listener {
     /// DISCARD and LISTEN: drops the listed pages, registers RAM with userfaultfd (before any
     /// vCPU runs) and starts the fault thread that turns faults into page requests.
@@ -196,31 +222,23 @@ impl Listener {
             pages += r.pages();
         }
         let states = Arc::new(PageStates::all_received(pages));
-        let find = |gpa: u64| {
-            spans
-                .iter()
-                .find(|s| gpa >= s.0 && gpa < s.0 + s.2)
-                .copied()
-        };
+        // Every run is checked before any page is dropped: a bad record leaves RAM untouched.
+        let runs = discard
+            .ranges
+            .iter()
+            .map(|&(gpa, n)| check_discard(&spans, gpa, n))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut missing = 0u64;
-        for &(gpa, n) in &discard.ranges {
-            let len = n * PAGE_SIZE as u64;
-            let span = find(gpa)
-                .filter(|s| gpa + len <= s.0 + s.2)
-                .ok_or_else(|| format!("discard range {gpa:#x}+{n} pages is outside guest RAM"))?;
-            let hva = span.1 + (gpa - span.0);
-            // SAFETY: the range lies inside one live guest mapping; dropping pages only makes
-            // them read as missing (userfaultfd) from now on.
-            if unsafe { libc::madvise(hva as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) }
-                != 0
-            {
+        for (hva, len, first, n) in runs {
+            // SAFETY: the range lies inside one live guest mapping (check_discard); dropping
+            // pages only makes them read as missing (userfaultfd) from now on.
+            if unsafe { libc::madvise(hva as *mut libc::c_void, len, libc::MADV_DONTNEED) } != 0 {
                 return Err(format!(
                     "MADV_DONTNEED: {}",
                     std::io::Error::last_os_error()
                 ));
             }
-            let first = span.3 + ((gpa - span.0) / PAGE_SIZE as u64) as usize;
-            for p in first..first + n as usize {
+            for p in first..first + n {
                 if states.transition(p, PageState::Received, PageState::Missing) {
                     missing += 1;
                 }
@@ -552,6 +570,33 @@ mod tests {
             ranges(&regions, &[a, b]),
             vec![(0x1000, 3), (0x7000, 1), (1 << 32, 1)]
         );
+    }
+
+    #[test]
+    fn discard_runs_are_checked_before_use() {
+        let spans = [
+            (0, 0x10_0000, 16 * 4096, 0),
+            (1 << 32, 0x90_0000, 8 * 4096, 16),
+        ];
+        assert_eq!(
+            check_discard(&spans, 0x2000, 3),
+            Ok((0x10_2000, 3 * 4096, 2, 3))
+        );
+        assert_eq!(
+            check_discard(&spans, (1 << 32) + 0x1000, 7),
+            Ok((0x90_1000, 7 * 4096, 17, 7))
+        );
+        // n * 4096 wraps to 0 for n = 2^52: that once passed the range check and spun.
+        let err = check_discard(&spans, 0x1000, 1 << 52).unwrap_err();
+        assert!(err.contains("outside guest RAM"), "{err}");
+        assert!(check_discard(&spans, 0x1000, u64::MAX).is_err());
+        assert!(check_discard(&spans, u64::MAX & !0xfff, 2).is_err());
+        assert!(
+            check_discard(&spans, 0xf000, 2).is_err(),
+            "past the span's end"
+        );
+        assert!(check_discard(&spans, 0x1800, 1).is_err(), "unaligned");
+        assert!(check_discard(&spans, 0x1000, 0).is_err(), "empty");
     }
 
     #[test]

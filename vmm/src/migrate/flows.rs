@@ -91,6 +91,52 @@ pub struct IncomingOptions {
     pub postcopy: bool,
 }
 
+/// The VM an incoming stream describes, through the command line's checks (and one more: the RAM
+/// layout must be the one tern builds for that size), before anything is created.
+fn config_from_record(
+    record: &migration::VmConfigRecord,
+    opts: &IncomingOptions,
+) -> Result<VmConfig, crate::vm::VmError> {
+    let refuse = |e: String| {
+        crate::vm::VmError::Incompatible(format!("the stream's configuration is refused: {e}"))
+    };
+    let memory = MemoryConfig {
+        size: record.memory_size,
+        mergeable: record.mergeable,
+        ..Default::default()
+    };
+    memory.check().map_err(|e| refuse(e.to_string()))?;
+    if let Some(host) = crate::config::host_memory_bytes() {
+        memory
+            .check_host_fits(host)
+            .map_err(|e| refuse(e.to_string()))?;
+    }
+    let layout: Vec<(u64, u64)> = crate::memory::ram_ranges(memory.size)
+        .into_iter()
+        .map(|(a, l)| (a.0, l))
+        .collect();
+    if record.ram != layout {
+        return Err(refuse(format!(
+            "RAM regions {:x?} do not match {} bytes of memory",
+            record.ram, memory.size
+        )));
+    }
+    let vcpus =
+        crate::config::check_vcpus(record.vcpus.into()).map_err(|e| refuse(e.to_string()))?;
+    Ok(VmConfig {
+        memory,
+        vcpus,
+        kernel: KernelImage::Builtin,
+        cmdline: String::new(),
+        initramfs: None,
+        serial: opts.serial.clone(),
+        serial2: crate::config::Serial2Config::Off,
+        async_pf: opts.async_pf,
+        // Built from the config record.
+        balloon: None,
+    })
+}
+
 /// Receives a VM from `endpoint` and resumes it. The returned VM runs like a booted one; after a
 /// postcopy switch its remaining pages keep arriving in the background.
 pub fn receive(
@@ -124,27 +170,7 @@ pub fn receive(
     };
     let result = (|| {
         let record = incoming::read_config(&mut rx)?;
-        let cfg = VmConfig {
-            memory: MemoryConfig {
-                size: record.memory_size,
-                mergeable: record.mergeable,
-                ..Default::default()
-            },
-            vcpus: record.vcpus,
-            kernel: KernelImage::Builtin,
-            cmdline: String::new(),
-            initramfs: None,
-            serial: opts.serial.clone(),
-            serial2: crate::config::Serial2Config::Off,
-            async_pf: opts.async_pf,
-            // Built from the config record.
-            balloon: None,
-        };
-        if let Some(host) = crate::config::host_memory_bytes() {
-            cfg.memory
-                .check_host_fits(host)
-                .map_err(|e| crate::vm::VmError::Incompatible(e.to_string()))?;
-        }
+        let cfg = config_from_record(&record, &opts)?;
         let vm = Vm::create(&cfg, Origin::Incoming(&record), start)?;
         if opts.postcopy {
             // Until END (or a precopy-only completion) a discarded page would look missing.
