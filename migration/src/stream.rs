@@ -52,6 +52,8 @@ pub enum Section {
     /// the configuration record, so a wrong peer is refused); the destination ends its list of
     /// missing pages with it.
     Recover = 16,
+    /// Postcopy preempt channel: the first section on the second connection.
+    Preempt = 17,
     /// Return path: the destination resumed the guest.
     Resumed = 0x40,
     /// Return path: the destination gave up; the payload says why.
@@ -84,6 +86,7 @@ impl Section {
             Heartbeat,
             Cancel,
             Recover,
+            Preempt,
             Resumed,
             Abort,
             PageRequest,
@@ -97,8 +100,8 @@ impl Section {
     /// The largest payload this kind of section may have.
     pub fn max_len(self) -> usize {
         match self {
-            Section::Ram | Section::Discard | Section::Vcpus => MAX_SECTION,
-            Section::Config | Section::Devices => MAX_STATE_RECORD,
+            Section::Ram | Section::Discard | Section::Vcpus | Section::Missing => MAX_SECTION,
+            Section::Config | Section::Devices | Section::Recover => MAX_STATE_RECORD,
             _ => MAX_SMALL_RECORD,
         }
     }
@@ -123,6 +126,7 @@ impl Section {
             Section::Heartbeat => "heartbeat",
             Section::Cancel => "cancel",
             Section::Recover => "postcopy recover",
+            Section::Preempt => "preempt channel",
             Section::Missing => "missing pages",
             Section::PageRequest => "page request",
             Section::Complete => "postcopy complete",

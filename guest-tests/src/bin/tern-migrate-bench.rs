@@ -494,10 +494,19 @@ fn random_access_table(dir: &Path) -> Result<()> {
          from 1 µs | touches/s before | touches/s during postcopy | total ms |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
+    for preempt in ["off", "on"] {
+        random_access_row(dir, preempt)?;
+    }
+    Ok(())
+}
+
+fn random_access_row(dir: &Path, preempt: &str) -> Result<()> {
     let m = migrate_run(
         dir,
-        "pc-random",
+        &format!("pc-random-{preempt}"),
         &[
+            "--postcopy-preempt",
+            preempt,
             "--memory",
             "size=1G",
             "--postcopy",
@@ -533,7 +542,7 @@ fn random_access_table(dir: &Path) -> Result<()> {
         .map(|v| v.to_string())
         .collect();
     println!(
-        "| one channel | {} / {} | {:.0} / {:.0} / {:.0} | {vf} | {:.1} ({:.0}) | {} | {:.0} | {:.0} | {:.0} |",
+        "| preempt channel {preempt} | {} / {} | {:.0} / {:.0} / {:.0} | {vf} | {:.1} ({:.0}) | {} | {:.0} | {:.0} | {:.0} |",
         p["pages_requested"].as_u64().unwrap_or(0),
         p["pages_pushed"].as_u64().unwrap_or(0),
         p["request_latency_p50_us"].as_f64().unwrap_or(f64::NAN),
