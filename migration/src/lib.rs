@@ -9,6 +9,7 @@ pub mod pagestate;
 pub mod peer;
 pub mod postcopy;
 pub mod progress;
+pub mod snapshot;
 pub mod state;
 pub mod stream;
 pub mod transport;

@@ -274,6 +274,19 @@ pub fn migrate(
     result
 }
 
+/// A snapshot cannot be cancelled once it starts (it is short and pauses the guest anyway).
+fn begin_switch_snapshot(status: &StatusCell) -> Result<(), MigrationError> {
+    let mut cancelled = false;
+    status.update(|s| {
+        cancelled = s.cancel_requested;
+        s.switching = !cancelled;
+    });
+    if cancelled {
+        return Err(MigrationError::Cancelled);
+    }
+    Ok(())
+}
+
 /// Marks the switch as started unless a cancel came first (one lock: `migrate-cancel` sees
 /// either a cancelled precopy or a switch it must refuse).
 fn begin_switch<W: Write>(
@@ -300,6 +313,13 @@ fn run(
     start: Instant,
     paused: &mut bool,
 ) -> Result<(), MigrationError> {
+    // A snapshot: the guest pauses once and is written whole, in the snapshot layout.
+    if let Endpoint::File(path) = endpoint {
+        begin_switch_snapshot(status)?;
+        vm.pause()?;
+        *paused = true;
+        return crate::snapshot::write(vm, path, status);
+    }
     let mut channel = transport::connect(endpoint).map_err(|source| MigrationError::Connect {
         endpoint: endpoint.to_string(),
         source,

@@ -16,6 +16,8 @@ use crate::PAGE_SIZE;
 
 pub const MAGIC: &[u8; 8] = b"TERNMIG\0";
 pub const VERSION: u32 = 1;
+/// Snapshot files (`file:` endpoints) have their own layout; see `snapshot.rs`.
+pub const SNAPSHOT_VERSION: u32 = 2;
 /// Largest section payload tern writes or accepts (RAM batches, the discard list, vCPU state).
 pub const MAX_SECTION: usize = 8 << 20;
 /// Largest configuration or device-state record: far above what tern writes (a few KiB), far
@@ -54,6 +56,8 @@ pub enum Section {
     Recover = 16,
     /// Postcopy preempt channel: the first section on the second connection.
     Preempt = 17,
+    /// Snapshot: (gpa u64 LE, crc32 u32 LE) of each stored page, in file order.
+    PageIndex = 18,
     /// Return path: the destination resumed the guest.
     Resumed = 0x40,
     /// Return path: the destination gave up; the payload says why.
@@ -87,6 +91,7 @@ impl Section {
             Cancel,
             Recover,
             Preempt,
+            PageIndex,
             Resumed,
             Abort,
             PageRequest,
@@ -100,7 +105,11 @@ impl Section {
     /// The largest payload this kind of section may have.
     pub fn max_len(self) -> usize {
         match self {
-            Section::Ram | Section::Discard | Section::Vcpus | Section::Missing => MAX_SECTION,
+            Section::Ram
+            | Section::Discard
+            | Section::Vcpus
+            | Section::Missing
+            | Section::PageIndex => MAX_SECTION,
             Section::Config | Section::Devices | Section::Recover => MAX_STATE_RECORD,
             _ => MAX_SMALL_RECORD,
         }
@@ -127,6 +136,7 @@ impl Section {
             Section::Cancel => "cancel",
             Section::Recover => "postcopy recover",
             Section::Preempt => "preempt channel",
+            Section::PageIndex => "page index",
             Section::Missing => "missing pages",
             Section::PageRequest => "page request",
             Section::Complete => "postcopy complete",
@@ -182,9 +192,13 @@ impl<W: Write> StreamWriter<W> {
     }
 
     pub fn header(&mut self) -> Result<(), StreamError> {
+        self.header_version(VERSION)
+    }
+
+    pub fn header_version(&mut self, version: u32) -> Result<(), StreamError> {
         let mut h = Vec::with_capacity(16);
         h.extend_from_slice(MAGIC);
-        h.extend_from_slice(&VERSION.to_le_bytes());
+        h.extend_from_slice(&version.to_le_bytes());
         h.extend_from_slice(&0u32.to_le_bytes());
         self.raw(&h)
     }
@@ -283,17 +297,25 @@ impl<R: Read> StreamReader<R> {
     }
 
     pub fn header(&mut self) -> Result<(), StreamError> {
+        match self.header_version()? {
+            VERSION => Ok(()),
+            SNAPSHOT_VERSION => Err(StreamError::Decode {
+                section: "stream header",
+                msg: "this is a snapshot file, not a migration stream (restore it with --incoming file:PATH)".into(),
+            }),
+            v => Err(StreamError::Version(v)),
+        }
+    }
+
+    /// Reads the header and returns its version, whatever it is.
+    pub fn header_version(&mut self) -> Result<u32, StreamError> {
         let mut h = [0u8; 16];
         read_exact_in(&mut self.r, &mut h, "stream header")?;
         self.bytes += 16;
         if &h[..8] != MAGIC {
             return Err(StreamError::BadMagic);
         }
-        let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-        if version != VERSION {
-            return Err(StreamError::Version(version));
-        }
-        Ok(())
+        Ok(u32::from_le_bytes([h[8], h[9], h[10], h[11]]))
     }
 
     /// Gives a payload buffer back for reuse.

@@ -155,6 +155,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "URI", conflicts_with_all = ["kernel", "initramfs", "cmdline", "cmdline_append", "memory", "cpus", "balloon"])]
     pub incoming: Option<String>,
 
+    /// `--incoming file:` only: `eager` reads all of the snapshot's RAM before the guest runs;
+    /// `lazy` runs it at once and serves pages from the file on first touch (and in the
+    /// background).
+    #[arg(long, value_enum, default_value = "eager", requires = "incoming")]
+    pub restore: crate::migrate::restore::RestoreMode,
+
     /// Outgoing migrations: stop the guest once the rest fits this downtime at the measured
     /// bandwidth.
     #[arg(long, value_name = "MS", default_value_t = 300)]

@@ -57,6 +57,7 @@ fn run(start: Instant) -> anyhow::Result<Outcome> {
                 serial: config::parse_serial(&args.serial)?,
                 async_pf: args.async_pf.parse().map_err(anyhow::Error::msg)?,
                 postcopy: args.postcopy,
+                restore: args.restore,
             };
             migrate::flows::receive(&ep, opts, start)?
         }

@@ -101,6 +101,8 @@ pub struct VmInner {
     /// A destination's postcopy machinery while postcopy is paused (broken connection), kept
     /// for `migrate-recover`.
     pub postcopy_paused: Mutex<Option<migration::postcopy::Listener>>,
+    /// A lazy snapshot restore's fault thread (`--incoming file: --restore lazy`).
+    pub restore_lazy: Mutex<Option<LazyMemory>>,
 }
 
 pub struct Vm {
@@ -201,7 +203,12 @@ impl Vm {
                     source,
                 })?;
                 let observer = apf.clone().map(|a| a as Arc<dyn FaultObserver>);
-                Some(lazy::start(&mem, Box::new(source), observer)?)
+                Some(lazy::start(
+                    &mem,
+                    Box::new(source),
+                    observer,
+                    lazy::LazyOptions::default(),
+                )?)
             }
             None => None,
         };
@@ -292,6 +299,7 @@ impl Vm {
                 vcpu_tids: tids,
                 balloon,
                 postcopy_paused: Mutex::new(None),
+                restore_lazy: Mutex::new(None),
             }),
             console_input: matches!(cfg.serial, SerialConfig::Tty),
             serial2,
