@@ -84,21 +84,24 @@ pub(crate) fn switch<W: Write>(
     let (events_tx, events) = mpsc::channel();
     std::thread::Builder::new()
         .name("return-path".into())
-        .spawn(move || loop {
-            let ev = match rx.read_section() {
-                Ok(f) if f.kind == Section::PageRequest => match f.decode::<PageRequest>() {
-                    Ok(r) => Incoming::Request(r.gpa),
+        .spawn(move || {
+            crate::thread_started("return-path");
+            loop {
+                let ev = match rx.read_section() {
+                    Ok(f) if f.kind == Section::PageRequest => match f.decode::<PageRequest>() {
+                        Ok(r) => Incoming::Request(r.gpa),
+                        Err(e) => Incoming::Broken(e.to_string()),
+                    },
+                    Ok(f) if f.kind == Section::Complete => {
+                        Incoming::Complete(f.decode().unwrap_or(serde_json::Value::Null))
+                    }
+                    Ok(f) => Incoming::Broken(format!("unexpected {} section", f.kind.name())),
                     Err(e) => Incoming::Broken(e.to_string()),
-                },
-                Ok(f) if f.kind == Section::Complete => {
-                    Incoming::Complete(f.decode().unwrap_or(serde_json::Value::Null))
+                };
+                let last = !matches!(ev, Incoming::Request(_));
+                if events_tx.send(ev).is_err() || last {
+                    return;
                 }
-                Ok(f) => Incoming::Broken(format!("unexpected {} section", f.kind.name())),
-                Err(e) => Incoming::Broken(e.to_string()),
-            };
-            let last = !matches!(ev, Incoming::Request(_));
-            if events_tx.send(ev).is_err() || last {
-                return;
             }
         })
         .map_err(|e| broken(format!("starting the return-path thread: {e}")))?;

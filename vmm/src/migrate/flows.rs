@@ -38,6 +38,7 @@ pub fn start_outgoing(
     std::thread::Builder::new()
         .name("migration".into())
         .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Migration);
             let result = outgoing::migrate(&*vm, &endpoint, &params, &vm.migration);
             let status = vm.migration.get();
             match result {
@@ -230,6 +231,7 @@ fn spawn_postcopy_tail(vm: &Vm, tail: incoming::PostcopyTail, rp: ReturnPath, t0
     let spawned = std::thread::Builder::new()
         .name("postcopy-listen".into())
         .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::PostcopyListen);
             let status = inner.migration.clone();
             match tail.run(&status) {
                 Ok(()) => {
