@@ -142,6 +142,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "kvm|tern|off", default_value = "kvm")]
     pub async_pf: String,
 
+    /// seccomp filters on every thread: on (a forbidden system call stops tern with a report
+    /// naming it), log (the kernel logs it and it runs), off.
+    #[arg(long, value_name = "on|log|off", default_value = "on")]
+    pub seccomp: String,
+
     /// Log level on stderr: error, warn, info, debug.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: String,

@@ -61,6 +61,8 @@ pub enum VmError {
     Lazy(#[from] lazy::LazyError),
     #[error("the incoming VM cannot be built here: {0}")]
     Incompatible(String),
+    #[error("{0}")]
+    Seccomp(String),
 }
 
 pub(crate) fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
@@ -315,6 +317,8 @@ impl Vm {
         if self.console_input {
             extra.push(Arc::new(Mutex::new(ConsoleInput::new(inner.com1.clone()))));
         }
+        crate::seccomp::install(crate::seccomp::ThreadKind::Main)
+            .map_err(|e| VmError::Seccomp(e.to_string()))?;
         let result = event_loop::run(inner.exit.clone(), extra);
         if result.is_err() {
             inner

@@ -108,7 +108,10 @@ pub fn start(
     };
     let thread = std::thread::Builder::new()
         .name("uffd-faults".into())
-        .spawn(move || worker.run())
+        .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Faults);
+            worker.run()
+        })
         .map_err(LazyError::Thread)?;
     Ok(LazyMemory {
         stats,

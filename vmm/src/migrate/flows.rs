@@ -39,6 +39,7 @@ pub fn start_outgoing(
     std::thread::Builder::new()
         .name("migration".into())
         .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Migration);
             let result = outgoing::migrate(&*vm, &endpoint, &params, &vm.migration);
             let status = vm.migration.get();
             match result {
@@ -273,6 +274,7 @@ pub(crate) fn spawn_postcopy_tail(
     let spawned = std::thread::Builder::new()
         .name("postcopy-listen".into())
         .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::PostcopyListen);
             let status = inner.migration.clone();
             let outcome = tail.run(&status);
             drop(heartbeat);
