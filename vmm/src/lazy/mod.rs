@@ -243,9 +243,14 @@ impl FaultWorker {
                 self.stats.prefaulted.fetch_add(1, Ordering::Relaxed);
                 placed += 1;
                 if next_prefault == prefault.len() {
-                    self.stats
-                        .prefault_done_ns
-                        .store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    let ns = started.elapsed().as_nanos() as u64;
+                    self.stats.prefault_done_ns.store(ns, Ordering::Relaxed);
+                    eprintln!(
+                        "tern: lazy memory: background pass placed {} pages in {:.1} ms ({} faults served first)",
+                        self.stats.prefaulted.load(Ordering::Relaxed),
+                        ns as f64 / 1e6,
+                        self.stats.faults.load(Ordering::Relaxed)
+                    );
                 }
             }
         }

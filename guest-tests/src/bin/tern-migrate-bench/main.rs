@@ -1,11 +1,12 @@
-//! Migration benchmarks: `tern-migrate-bench [precopy|postcopy|random|recovery]` prints tables
-//! (precopy and postcopy by default; the postcopy tables end with the random-access one; `random`
-//! and `recovery` run only that table).
+//! Migration benchmarks: `tern-migrate-bench [precopy|postcopy|random|recovery|restore]` prints
+//! tables (precopy and postcopy by default; the postcopy tables end with the random-access one;
+//! `random`, `recovery` and `restore` run only that table).
 //! Needs `cargo build --release --workspace` first (it runs the `tern` next to itself). Everything
 //! is measured side by side in one run.
 
 mod random;
 mod recovery;
+mod restore;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -196,9 +197,9 @@ fn main() -> Result<()> {
         None | Some("all") => (true, true),
         Some("precopy") => (true, false),
         Some("postcopy") => (false, true),
-        Some("random" | "recovery") => (false, false),
+        Some("random" | "recovery" | "restore") => (false, false),
         Some(other) => bail!(
-            "usage: tern-migrate-bench [all|precopy|postcopy|random|recovery] (got `{other}`)"
+            "usage: tern-migrate-bench [all|precopy|postcopy|random|recovery|restore] (got `{other}`)"
         ),
     };
     let dir: PathBuf = std::env::temp_dir().join(format!("tern-mbench-{}", std::process::id()));
@@ -207,6 +208,7 @@ fn main() -> Result<()> {
         match what.as_deref() {
             Some("random") => return random::random_access_table(&dir),
             Some("recovery") => return recovery::recovery_table(&dir),
+            Some("restore") => return restore::restore_table(&dir),
             _ => {}
         }
         if pre {
