@@ -7,7 +7,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{remote, run_tern, scratch, tern_path, wait_socket, Running, GUEST_TIMEOUT};
+use common::{remote, run_tern, scratch, tern_path, wait_socket, GUEST_TIMEOUT};
 
 /// 128 + SIGSYS.
 const FORBIDDEN: i32 = 159;
@@ -58,37 +58,54 @@ fn forbidden_calls_in_migration_threads_are_reported() {
     let dir = scratch("seccomp-migration");
     let snap = dir.join("guest.snap");
     let uri = format!("file:{}", snap.display());
-    let sock = dir.join("api.sock").to_string_lossy().into_owned();
-    let mut src = Running::spawn(&[
-        "--memory",
-        "size=64M",
-        "--cmdline",
-        "suite=idle",
-        "--api-socket",
-        &sock,
-    ]);
-    wait_socket(&sock, GUEST_TIMEOUT);
-    assert_eq!(remote(&sock, &["migrate", &uri]).code, Some(0));
-    assert_eq!(src.wait_exit(GUEST_TIMEOUT), Some(0));
-    // The destination's stream reader.
-    assert_reported("migration reader", &["--incoming", &uri]);
-
-    // The source's migration thread (started from an API client).
-    let src = Command::new(tern_path())
-        .args([
+    let spawn_source = |sock: &str, probe: Option<&str>| {
+        let mut c = Command::new(tern_path());
+        c.args([
             "--memory",
             "size=64M",
             "--cmdline",
             "suite=idle",
             "--api-socket",
-            &sock,
+            sock,
         ])
-        .env("TERN_TEST_SECCOMP_PROBE", "migration")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        if let Some(p) = probe {
+            c.env("TERN_TEST_SECCOMP_PROBE", p);
+        }
+        c.spawn().unwrap()
+    };
+
+    // The destination's stream reader (a live migration: snapshots are read without one).
+    let mig = dir.join("mig.sock");
+    let dst = Command::new(tern_path())
+        .args(["--incoming", &format!("unix:{}", mig.display())])
+        .env("TERN_TEST_SECCOMP_PROBE", "migration reader")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    wait_socket(&mig.to_string_lossy(), GUEST_TIMEOUT);
+    let sock = dir.join("a.sock").to_string_lossy().into_owned();
+    let mut src = spawn_source(&sock, None);
+    wait_socket(&sock, GUEST_TIMEOUT);
+    let _ = remote(&sock, &["migrate", &format!("unix:{}", mig.display())]);
+    let out = dst.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(FORBIDDEN), "{stderr}");
+    assert!(
+        stderr
+            .contains("seccomp: the migration reader thread made a forbidden system call: getppid"),
+        "{stderr}"
+    );
+    let _ = src.kill();
+    let _ = src.wait();
+
+    // The source's migration thread (started from an API client).
+    let sock = dir.join("b.sock").to_string_lossy().into_owned();
+    let src = spawn_source(&sock, Some("migration"));
     wait_socket(&sock, GUEST_TIMEOUT);
     let _ = remote(&sock, &["migrate", &uri]);
     let out = src.wait_with_output().unwrap();

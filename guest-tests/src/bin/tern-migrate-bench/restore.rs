@@ -28,11 +28,15 @@ fn restore(snap: &Path, mode: &str, output: &str) -> Result<Restored> {
     let t = start(&["--incoming", &uri, "--restore", mode], output)?;
     let first_output_ms = t0.elapsed().as_secs_f64() * 1e3;
     let running = t
-        .wait_line(Duration::from_secs(30), |l| l.contains("guest running after"))
+        .wait_line(Duration::from_secs(30), |l| {
+            l.contains("guest running after")
+        })
         .context("no restore line")?;
     let background_ms = if mode == "lazy" {
-        t.wait_line(Duration::from_secs(120), |l| l.contains("background pass placed"))
-            .and_then(|l| ms_after(&l, " in "))
+        t.wait_line(Duration::from_secs(120), |l| {
+            l.contains("background pass placed")
+        })
+        .and_then(|l| ms_after(&l, " in "))
     } else {
         None
     };
@@ -79,7 +83,10 @@ pub(super) fn restore_table(dir: &Path) -> Result<()> {
     )?;
     let s = remote(&sock, &["migrate", &format!("file:{}", snap.display())])?;
     drop(src);
-    let stored = format!("{} MiB", s["pages_full"].as_u64().unwrap_or(0) * 4096 >> 20);
+    let stored = format!(
+        "{} MiB",
+        (s["pages_full"].as_u64().unwrap_or(0) * 4096) >> 20
+    );
     rows("built-in, 1 GiB", &snap, "dirty round=", &stored)?;
 
     // Linux, booted to its userspace marker once (slow here), then restored.
@@ -87,7 +94,11 @@ pub(super) fn restore_table(dir: &Path) -> Result<()> {
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/build-guest.sh"))
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(k)).map(String::from);
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(String::from)
+    };
     let (Some(kernel), Some(initramfs)) = (get("KERNEL="), get("INITRAMFS=")) else {
         bail!("no Linux guest: {}", String::from_utf8_lossy(&out.stderr));
     };
@@ -110,7 +121,10 @@ pub(super) fn restore_table(dir: &Path) -> Result<()> {
     )?;
     let s = remote(&sock, &["migrate", &format!("file:{}", snap.display())])?;
     drop(src);
-    let stored = format!("{} MiB", s["pages_full"].as_u64().unwrap_or(0) * 4096 >> 20);
+    let stored = format!(
+        "{} MiB",
+        (s["pages_full"].as_u64().unwrap_or(0) * 4096) >> 20
+    );
     rows(
         "Linux 6.1, 256 MiB, at its userspace marker",
         &snap,
