@@ -191,6 +191,8 @@ fn page_request_outside_ram_is_refused() {
         total as u64
     );
     while r.read_section().unwrap().kind != Section::Run {}
+    // The push cannot have ended yet: it stalls on the socket buffers (~200 KiB) until this side
+    // reads, and the guest has 1.3 MB. So the source sees the request during its push.
     let outside = 1u64 << 40;
     w.record(Section::PageRequest, &PageRequest { gpa: outside })
         .unwrap();
