@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::fake_vm::marker_state;
 use common::{listen, params, spawn_dest, spawn_source, DestOptions, FakeVm, TempDir, LAYOUT};
-use migration::outgoing::MigrationError;
+use migration::error::MigrationError;
 use migration::progress::MigrationState;
 
 /// A source whose every page holds data.

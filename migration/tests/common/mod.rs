@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use migration::error::MigrationError;
 use migration::incoming::{self, Received, ReturnPath};
-use migration::outgoing::{self, MigrationError, Params};
+use migration::outgoing::{self, Params};
 use migration::peer::Heartbeat;
 use migration::postcopy::PostcopyFigures;
 use migration::progress::{MigrationStatus, StatusCell};
