@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
-use crate::outgoing::MigrationError;
+use crate::error::MigrationError;
 use crate::postcopy::preempt::AdviseRecord;
 use crate::postcopy::{probe_userfaultfd, DiscardRecord, Listener};
 use crate::progress::StatusCell;

@@ -3,6 +3,7 @@
 //! stream written to a file.
 
 pub mod bitmap;
+pub mod error;
 pub mod incoming;
 pub mod outgoing;
 pub mod pagestate;

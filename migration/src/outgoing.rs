@@ -3,15 +3,15 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use thiserror::Error;
-
+// Kept here too: users named it `outgoing::MigrationError` before it moved.
+pub use crate::error::MigrationError;
 use crate::peer::PeerReader;
 use crate::postcopy::preempt::AdviseRecord;
 use crate::progress::{mb, MigrationState, ProgressLine, StatusCell};
 use crate::state::{EndRecord, VmState};
 use crate::stream::{RamBatch, Section, StreamError, StreamReader, StreamWriter};
 use crate::transport::{self, Endpoint, ACK_TIMEOUT};
-use crate::{DirtyBitmap, MigratableVm, RamRegion, VmSideError, PAGE_SIZE};
+use crate::{DirtyBitmap, MigratableVm, RamRegion, PAGE_SIZE};
 
 #[derive(Debug, Clone)]
 pub struct Params {
@@ -38,41 +38,6 @@ impl Default for Params {
             postcopy: false,
             postcopy_after_iterations: None,
             postcopy_preempt: true,
-        }
-    }
-}
-
-#[derive(Debug, Error)]
-pub enum MigrationError {
-    #[error("cannot reach {endpoint}: {source}")]
-    Connect {
-        endpoint: String,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Stream(#[from] StreamError),
-    #[error("VM: {0}")]
-    Vm(#[from] VmSideError),
-    #[error("the destination refused the migration: {0}")]
-    Rejected(String),
-    #[error("no answer from the destination: {0}")]
-    NoAnswer(String),
-    #[error("postcopy failed after the switch: {0}; the guest stays paused here with all its memory (state postcopy-paused)")]
-    PostcopyBroken(String),
-    #[error("the destination did not confirm it resumed the guest: {0}; it may be running there, so this copy stays paused (state postmigrate)")]
-    Unconfirmed(String),
-    #[error("the migration was cancelled (migrate-cancel on the source)")]
-    Cancelled,
-}
-
-impl MigrationError {
-    /// The state a failure leaves the source in: whether the destination may own the guest.
-    fn end_state(&self) -> MigrationState {
-        match self {
-            MigrationError::PostcopyBroken(_) => MigrationState::PostcopyPaused,
-            MigrationError::Unconfirmed(_) => MigrationState::Postmigrate,
-            MigrationError::Cancelled => MigrationState::Cancelled,
-            _ => MigrationState::Failed,
         }
     }
 }

@@ -21,7 +21,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::outgoing::{is_zero, send_state, MigrationError};
+use crate::error::MigrationError;
+use crate::outgoing::{is_zero, send_state};
 use crate::progress::{MigrationState, StatusCell};
 use crate::state::{ClockState, DeviceStates, EndRecord, IoapicState, PicState, PitState};
 use crate::stream::{Section, StreamError, StreamReader, StreamWriter, SNAPSHOT_VERSION};

@@ -1,9 +1,7 @@
 //! The control API: newline-delimited JSON on a Unix socket (see docs/api.md).
 //!
-//! Request: `{"command": "status" | "pause" | "resume" | "migrate" | "migrate-status" |
-//! "migrate-start-postcopy" | "migrate-cancel" | "migrate-recover" | "balloon" | "quit", "uri": "unix:PATH" (migrate only), "bytes": N
-//! (balloon only)}`. Response: `{"ok": true, "result": ...}` or
-//! `{"ok": false, "error": "..."}`.
+//! Request: a [`Request`] (`{"command": "status" | "pause" | ..., fields}`), the type `tern
+//! remote` sends too. Response: `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`.
 //!
 //! The event loop only accepts; each client is served on its own short-lived thread, with a
 //! line-length cap and a deadline, so a slow or hostile client never delays the VMM.
@@ -18,31 +16,14 @@ use std::time::{Duration, Instant};
 use devices::VmExitReason;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use migration::outgoing::Params;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::migrate::flows;
 use crate::vm::VmInner;
 
-#[derive(Debug, Deserialize)]
-pub struct Request {
-    pub command: String,
-    #[serde(default)]
-    pub uri: Option<String>,
-    /// migrate: reply at once instead of when the migration has ended.
-    #[serde(default)]
-    pub detach: bool,
-    /// balloon: the new target size in bytes.
-    #[serde(default)]
-    pub bytes: Option<u64>,
-    /// resume: even where the guest may run elsewhere (a parked source).
-    #[serde(default)]
-    pub force: bool,
-    /// migrate: reconnect a paused postcopy instead of starting a migration.
-    #[serde(default)]
-    pub resume: bool,
-}
+pub mod request;
+pub use request::Request;
 
 fn reply(stream: &UnixStream, result: Result<Value, String>) -> std::io::Result<()> {
     let body = match result {
@@ -175,21 +156,69 @@ fn read_request(stream: &UnixStream, deadline: Instant) -> Result<Option<String>
 impl Handler {
     /// Handles a request; None when the reply is sent later by someone else.
     fn handle(&self, req: Request, stream: &UnixStream) -> Option<Result<Value, String>> {
-        if req.command == "migrate" {
-            return self.migrate(req, stream);
-        }
-        Some(self.handle_simple(req))
+        let vm = &self.vm;
+        let result = match req {
+            Request::Migrate {
+                uri,
+                detach,
+                resume,
+            } => return self.migrate(uri, detach, resume, stream),
+            Request::Status => Ok(json!({
+                "state": if vm.paused.load(Ordering::SeqCst) { "paused" } else { "running" },
+                "vcpus": vm.record.vcpus,
+                "memory_bytes": vm.record.memory_size,
+                "uptime_ms": self.started.elapsed().as_millis() as u64,
+                "migration": vm.migration.get().state,
+                "balloon": vm.balloon.as_ref().map(|b| crate::balloon::status(&devices::bus::lock(b))),
+            })),
+            Request::Balloon { bytes } => match &vm.balloon {
+                Some(b) => crate::balloon::set_target(b, bytes, vm.record.memory_size),
+                None => Err("this VM has no balloon (start it with --balloon)".into()),
+            },
+            Request::Pause => {
+                flows::set_paused(vm, true, false).map(|_| json!({"state": "paused"}))
+            }
+            Request::Resume { force } => {
+                flows::set_paused(vm, false, force).map(|_| json!({"state": "running"}))
+            }
+            Request::MigrateCancel => {
+                flows::cancel_outgoing(vm).map(|_| json!({"cancelling": true}))
+            }
+            Request::MigrateRecover { uri } => uri
+                .parse::<migration::transport::Endpoint>()
+                .map_err(|e| e.to_string())
+                .and_then(|ep| crate::migrate::recovery::listen(vm, ep))
+                .map(|_| json!({"listening": uri})),
+            Request::MigrateStatus => {
+                serde_json::to_value(vm.migration.get()).map_err(|e| e.to_string())
+            }
+            Request::MigrateStartPostcopy => {
+                let active = vm.migration.is_active();
+                vm.migration.update(|s| s.postcopy_requested = active);
+                Ok(json!({"postcopy_requested": active}))
+            }
+            Request::Quit => {
+                vm.exit.request(VmExitReason::HostRequest(
+                    "quit requested through the API".into(),
+                ));
+                Ok(json!({"quitting": true}))
+            }
+        };
+        Some(result)
     }
 
-    fn migrate(&self, req: Request, stream: &UnixStream) -> Option<Result<Value, String>> {
-        let Some(uri) = req.uri else {
-            return Some(Err("migrate needs \"uri\"".into()));
-        };
+    fn migrate(
+        &self,
+        uri: String,
+        detach: bool,
+        resume: bool,
+        stream: &UnixStream,
+    ) -> Option<Result<Value, String>> {
         let ep = match uri.parse::<migration::transport::Endpoint>() {
             Ok(ep) => ep,
             Err(e) => return Some(Err(e.to_string())),
         };
-        let waiter = match (req.detach, stream.try_clone()) {
+        let waiter = match (detach, stream.try_clone()) {
             (false, Ok(s)) => Some(s),
             _ => None,
         };
@@ -208,8 +237,7 @@ impl Handler {
             }),
             None => Box::new(|_| {}),
         };
-        let detach = req.detach;
-        let started = if req.resume {
+        let started = if resume {
             crate::migrate::recovery::reconnect(&self.vm, ep, on_done)
         } else {
             flows::start_outgoing(&self.vm, ep, self.params.clone(), on_done)
@@ -221,60 +249,14 @@ impl Handler {
         }
     }
 
-    fn handle_simple(&self, req: Request) -> Result<Value, String> {
-        let vm = &self.vm;
-        match req.command.as_str() {
-            "status" => Ok(json!({
-                "state": if vm.paused.load(Ordering::SeqCst) { "paused" } else { "running" },
-                "vcpus": vm.record.vcpus,
-                "memory_bytes": vm.record.memory_size,
-                "uptime_ms": self.started.elapsed().as_millis() as u64,
-                "migration": vm.migration.get().state,
-                "balloon": vm.balloon.as_ref().map(|b| crate::balloon::status(&devices::bus::lock(b))),
-            })),
-            "balloon" => {
-                let Some(b) = &vm.balloon else {
-                    return Err("this VM has no balloon (start it with --balloon)".into());
-                };
-                let bytes = req.bytes.ok_or("balloon needs \"bytes\"")?;
-                crate::balloon::set_target(b, bytes, vm.record.memory_size)
-            }
-            "pause" => flows::set_paused(vm, true, false).map(|_| json!({"state": "paused"})),
-            "resume" => {
-                flows::set_paused(vm, false, req.force).map(|_| json!({"state": "running"}))
-            }
-            "migrate-cancel" => flows::cancel_outgoing(vm).map(|_| json!({"cancelling": true})),
-            "migrate-recover" => {
-                let uri = req.uri.ok_or("migrate-recover needs \"uri\"")?;
-                let ep = uri
-                    .parse::<migration::transport::Endpoint>()
-                    .map_err(|e| e.to_string())?;
-                crate::migrate::recovery::listen(vm, ep).map(|_| json!({"listening": uri}))
-            }
-            "migrate-status" => serde_json::to_value(vm.migration.get()).map_err(|e| e.to_string()),
-            "migrate-start-postcopy" => {
-                let active = vm.migration.is_active();
-                vm.migration.update(|s| s.postcopy_requested = active);
-                Ok(json!({"postcopy_requested": active}))
-            }
-            "quit" => {
-                vm.exit.request(VmExitReason::HostRequest(
-                    "quit requested through the API".into(),
-                ));
-                Ok(json!({"quitting": true}))
-            }
-            other => Err(format!("unknown command `{other}`")),
-        }
-    }
-
     fn serve(&self, stream: UnixStream) -> std::io::Result<()> {
         stream.set_nonblocking(false)?;
         stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
         let result = match read_request(&stream, Instant::now() + REQUEST_DEADLINE) {
             Ok(None) => return Ok(()),
-            Ok(Some(line)) => match serde_json::from_str::<Request>(&line) {
+            Ok(Some(line)) => match Request::parse(&line) {
                 Ok(req) => self.handle(req, &stream),
-                Err(e) => Some(Err(format!("bad request: {e}"))),
+                Err(e) => Some(Err(e.to_string())),
             },
             Err(e) => Some(Err(format!("bad request: {e}"))),
         };
@@ -306,13 +288,13 @@ impl Drop for ApiServer {
 }
 
 /// Client side: sends one request and returns the parsed reply.
-pub fn call(path: &Path, request: &Value) -> anyhow::Result<Value> {
+pub fn call(path: &Path, request: &Request) -> anyhow::Result<Value> {
     use anyhow::Context;
     let stream = UnixStream::connect(path)
         .with_context(|| format!("cannot connect to the API socket {}", path.display()))?;
     // No read timeout: `migrate` answers when the migration has ended.
     let mut w = &stream;
-    writeln!(w, "{request}")?;
+    writeln!(w, "{}", serde_json::to_string(request)?)?;
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
     serde_json::from_str(&line).context("malformed reply from tern")

@@ -3,9 +3,9 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::api::call;
+use crate::api::{call, Request};
 use crate::cli::RemoteCommand;
 
 fn result_of(reply: Value) -> Result<Value> {
@@ -20,29 +20,29 @@ fn result_of(reply: Value) -> Result<Value> {
 /// end (unless detached) and fails when it failed.
 pub fn run(socket: &Path, cmd: &RemoteCommand) -> Result<()> {
     let request = match cmd {
-        RemoteCommand::Status => json!({"command": "status"}),
-        RemoteCommand::Pause => json!({"command": "pause"}),
-        RemoteCommand::Resume { force } => json!({"command": "resume", "force": force}),
-        RemoteCommand::MigrateStatus => json!({"command": "migrate-status"}),
-        RemoteCommand::MigrateStartPostcopy => json!({"command": "migrate-start-postcopy"}),
-        RemoteCommand::MigrateCancel => json!({"command": "migrate-cancel"}),
-        RemoteCommand::Quit => json!({"command": "quit"}),
+        RemoteCommand::Status => Request::Status,
+        RemoteCommand::Pause => Request::Pause,
+        RemoteCommand::Resume { force } => Request::Resume { force: *force },
+        RemoteCommand::MigrateStatus => Request::MigrateStatus,
+        RemoteCommand::MigrateStartPostcopy => Request::MigrateStartPostcopy,
+        RemoteCommand::MigrateCancel => Request::MigrateCancel,
+        RemoteCommand::Quit => Request::Quit,
         RemoteCommand::Balloon { size } => {
             let Some(bytes) = crate::config::parse_size(size) else {
                 bail!("balloon: `{size}` is not a size (e.g. 64M, 1G, 4096)");
             };
-            json!({"command": "balloon", "bytes": bytes})
+            Request::Balloon { bytes }
         }
         RemoteCommand::Migrate {
             uri,
             detach,
             resume,
-        } => {
-            json!({"command": "migrate", "uri": uri, "detach": detach, "resume": resume})
-        }
-        RemoteCommand::MigrateRecover { uri } => {
-            json!({"command": "migrate-recover", "uri": uri})
-        }
+        } => Request::Migrate {
+            uri: uri.clone(),
+            detach: *detach,
+            resume: *resume,
+        },
+        RemoteCommand::MigrateRecover { uri } => Request::MigrateRecover { uri: uri.clone() },
     };
     let result = result_of(call(socket, &request)?)?;
     println!("{result}");

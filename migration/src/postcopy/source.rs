@@ -4,7 +4,8 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use crate::outgoing::{send_state, MigrationError, PageSender};
+use crate::error::MigrationError;
+use crate::outgoing::{send_state, PageSender};
 use crate::peer::{PeerEvent, PeerReader, HEARTBEAT_INTERVAL};
 use crate::progress::StatusCell;
 use crate::stream::{Frame, Section};

@@ -4,8 +4,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use devices::VmExitReason;
+use migration::error::MigrationError;
 use migration::incoming::{self, Received, ReturnPath};
-use migration::outgoing::{self, MigrationError, Params};
+use migration::outgoing::{self, Params};
 use migration::peer::Heartbeat;
 use migration::progress::{summary, unix_ns, MigrationState, MigrationStatus};
 use migration::stream::StreamReader;

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use devices::VmExitReason;
+use migration::error::MigrationError;
 use migration::incoming;
-use migration::outgoing::{self, MigrationError};
+use migration::outgoing;
 use migration::peer::Heartbeat;
 use migration::progress::{summary, MigrationState};
 use migration::stream::StreamReader;

@@ -1,0 +1,43 @@
+//! The migration's error, on both sides: what went wrong and (on the source, `end_state`) who
+//! owns the guest afterwards.
+
+use thiserror::Error;
+
+use crate::progress::MigrationState;
+use crate::stream::StreamError;
+use crate::VmSideError;
+
+#[derive(Debug, Error)]
+pub enum MigrationError {
+    #[error("cannot reach {endpoint}: {source}")]
+    Connect {
+        endpoint: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("VM: {0}")]
+    Vm(#[from] VmSideError),
+    #[error("the destination refused the migration: {0}")]
+    Rejected(String),
+    #[error("no answer from the destination: {0}")]
+    NoAnswer(String),
+    #[error("postcopy failed after the switch: {0}; the guest stays paused here with all its memory (state postcopy-paused)")]
+    PostcopyBroken(String),
+    #[error("the destination did not confirm it resumed the guest: {0}; it may be running there, so this copy stays paused (state postmigrate)")]
+    Unconfirmed(String),
+    #[error("the migration was cancelled (migrate-cancel on the source)")]
+    Cancelled,
+}
+
+impl MigrationError {
+    /// The state a failure leaves the source in: whether the destination may own the guest.
+    pub(crate) fn end_state(&self) -> MigrationState {
+        match self {
+            MigrationError::PostcopyBroken(_) => MigrationState::PostcopyPaused,
+            MigrationError::Unconfirmed(_) => MigrationState::Postmigrate,
+            MigrationError::Cancelled => MigrationState::Cancelled,
+            _ => MigrationState::Failed,
+        }
+    }
+}
