@@ -8,7 +8,7 @@ use crate::outgoing::MigrationError;
 use crate::postcopy::{probe_userfaultfd, DiscardRecord, Listener};
 use crate::progress::StatusCell;
 use crate::state::{
-    ClockState, DeviceStates, EndRecord, IoapicState, PicState, PitState, VcpuState,
+    ClockState, DeviceStates, EndRecord, IoapicState, LocalRamRecord, PicState, PitState, VcpuState,
 };
 use crate::stream::{
     parse_ram, Frame, PageRecord, Section, StreamError, StreamReader, StreamWriter,
@@ -30,10 +30,19 @@ fn prepare_dense_range(vm: &dyn MigratableVm, payload: &[u8]) {
     }
 }
 
-/// Reads the header and the configuration section.
-pub fn read_config<R: Read>(r: &mut StreamReader<R>) -> Result<VmConfigRecord, StreamError> {
+/// Reads the header and the configuration section, and the local-memory section before it when
+/// the source hands RAM over (a local migration).
+pub fn read_start<R: Read>(
+    r: &mut StreamReader<R>,
+) -> Result<(VmConfigRecord, Option<LocalRamRecord>), StreamError> {
     r.header()?;
-    r.read_section()?.expect(Section::Config)?.decode()
+    let first = r.read_section()?;
+    if first.kind == Section::LocalRam {
+        let local = first.decode()?;
+        let config = r.read_section()?.expect(Section::Config)?.decode()?;
+        return Ok((config, Some(local)));
+    }
+    Ok((first.expect(Section::Config)?.decode()?, None))
 }
 
 fn missing(what: &'static str) -> MigrationError {
@@ -131,6 +140,8 @@ impl PostcopyTail {
 pub struct Options {
     pub postcopy: bool,
     pub vcpu_tids: Vec<u32>,
+    /// RAM was handed over: a RAM or postcopy section would write into memory the guest owns.
+    pub local: bool,
 }
 
 /// Receives RAM and device state into `vm` until the end section (precopy) or RUN (postcopy).
@@ -180,6 +191,18 @@ fn apply(
             .recv()
             .map_err(|_| StreamError::Truncated("stream: the reader stopped".into()))??;
         bytes += frame.payload.len() as u64 + 9;
+        if options.local
+            && matches!(
+                frame.kind,
+                Section::Ram | Section::Advise | Section::Discard | Section::Run
+            )
+        {
+            return Err(StreamError::Unexpected {
+                got: frame.kind.name(),
+                expected: "device state (local migration: RAM was handed over)",
+            }
+            .into());
+        }
         match frame.kind {
             Section::Ram => {
                 prepare_dense_range(vm, &frame.payload);

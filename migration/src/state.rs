@@ -18,6 +18,17 @@ pub struct VmConfigRecord {
     /// A virtio-balloon device, if the VM has one (its state travels with the devices).
     #[serde(default)]
     pub balloon: Option<BalloonConfigRecord>,
+    /// Guest RAM is a shared memfd per region (`--memory shared=on`); the destination keeps it so.
+    #[serde(default)]
+    pub shared: bool,
+}
+
+/// The first section of a local migration: guest RAM is the descriptors sent with the header,
+/// one per region, in this order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalRamRecord {
+    /// (guest physical address, length) of each region, as in the configuration's `ram`.
+    pub regions: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

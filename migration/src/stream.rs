@@ -16,6 +16,8 @@ use crate::PAGE_SIZE;
 
 pub const MAGIC: &[u8; 8] = b"TERNMIG\0";
 pub const VERSION: u32 = 1;
+/// Magic, version and flags.
+pub const HEADER_LEN: usize = 16;
 /// Largest section payload tern writes or accepts.
 pub const MAX_SECTION: usize = 8 << 20;
 
@@ -43,6 +45,9 @@ pub enum Section {
     Heartbeat = 14,
     /// Source: the migration was cancelled before the switch; the destination drops it.
     Cancel = 15,
+    /// Source, first section of a local migration: guest RAM comes as the descriptors sent with
+    /// the header, one per region (an older destination refuses the unknown kind).
+    LocalRam = 16,
     /// Return path: the destination resumed the guest.
     Resumed = 0x40,
     /// Return path: the destination gave up; the payload says why.
@@ -51,6 +56,8 @@ pub enum Section {
     PageRequest = 0x42,
     /// Return path (postcopy): every page arrived; the figures follow.
     Complete = 0x43,
+    /// Return path (local migration): the VM is built on the handed-over RAM; pause now.
+    Ready = 0x44,
 }
 
 impl Section {
@@ -72,10 +79,12 @@ impl Section {
             PageRefused,
             Heartbeat,
             Cancel,
+            LocalRam,
             Resumed,
             Abort,
             PageRequest,
             Complete,
+            Ready,
         ]
         .into_iter()
         .find(|s| *s as u8 == v)
@@ -102,6 +111,8 @@ impl Section {
             Section::Cancel => "cancel",
             Section::PageRequest => "page request",
             Section::Complete => "postcopy complete",
+            Section::LocalRam => "local memory",
+            Section::Ready => "ready",
         }
     }
 }
@@ -133,6 +144,14 @@ pub enum StreamError {
     },
 }
 
+/// The stream header.
+pub fn header_bytes() -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h
+}
+
 /// Writes sections, counting bytes.
 pub struct StreamWriter<W: Write> {
     w: W,
@@ -145,11 +164,12 @@ impl<W: Write> StreamWriter<W> {
     }
 
     pub fn header(&mut self) -> Result<(), StreamError> {
-        let mut h = Vec::with_capacity(16);
-        h.extend_from_slice(MAGIC);
-        h.extend_from_slice(&VERSION.to_le_bytes());
-        h.extend_from_slice(&0u32.to_le_bytes());
-        self.raw(&h)
+        self.raw(&header_bytes())
+    }
+
+    /// Counts bytes that went out around this writer (a header sent with descriptors).
+    pub fn count_sent(&mut self, n: usize) {
+        self.bytes += n as u64;
     }
 
     fn raw(&mut self, b: &[u8]) -> Result<(), StreamError> {

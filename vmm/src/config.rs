@@ -43,6 +43,8 @@ pub struct MemoryConfig {
     pub lazy_from: Option<PathBuf>,
     /// Injected delay per lazy page, in microseconds (tests, benchmarks).
     pub lazy_delay_us: u64,
+    /// Back guest RAM with a memfd mapped MAP_SHARED, so a local migration can hand it over.
+    pub shared: bool,
 }
 
 impl Default for MemoryConfig {
@@ -53,6 +55,7 @@ impl Default for MemoryConfig {
             prefault: false,
             lazy_from: None,
             lazy_delay_us: 0,
+            shared: false,
         }
     }
 }
@@ -164,6 +167,7 @@ impl MemoryConfig {
                 }
                 "mergeable" => cfg.mergeable = parse_switch("memory", "mergeable", v)?,
                 "prefault" => cfg.prefault = parse_switch("memory", "prefault", v)?,
+                "shared" => cfg.shared = parse_switch("memory", "shared", v)?,
                 "lazy-from" if !v.is_empty() => cfg.lazy_from = Some(v.into()),
                 "lazy-delay-us" => {
                     cfg.lazy_delay_us = v.parse().map_err(|_| ConfigError::BadValue {
@@ -177,7 +181,7 @@ impl MemoryConfig {
                     return Err(ConfigError::UnknownKey {
                         option: "memory",
                         key: k.to_string(),
-                        expected: "size, mergeable, prefault, lazy-from, lazy-delay-us",
+                        expected: "size, mergeable, prefault, shared, lazy-from, lazy-delay-us",
                     })
                 }
             }
@@ -190,7 +194,24 @@ impl MemoryConfig {
                 "prefault=on and lazy-from populate RAM in opposite ways",
             ));
         }
+        cfg.check_combination()?;
         Ok(cfg)
+    }
+
+    /// Combinations no source of the configuration (command line or a peer's record) may ask for.
+    pub fn check_combination(&self) -> Result<(), ConfigError> {
+        if self.shared && self.mergeable {
+            return Err(ConfigError::Conflict(
+                "shared=on and mergeable=on cannot be combined: KSM merges only private anonymous \
+memory, and shared=on backs guest RAM with a shared memfd",
+            ));
+        }
+        if self.shared && self.lazy_from.is_some() {
+            return Err(ConfigError::Conflict(
+                "lazy-from needs private guest RAM (shared=off)",
+            ));
+        }
+        Ok(())
     }
 
     /// Refuses sizes the host cannot back: guest RAM is mapped NORESERVE, so the kernel would accept
@@ -333,6 +354,16 @@ mod tests {
             Err(ConfigError::NotKeyValue { .. })
         ));
         assert_eq!(parse_size("99999999999T"), None);
+    }
+
+    #[test]
+    fn shared_memory_options() {
+        let m = MemoryConfig::parse("size=1G,shared=on").unwrap();
+        assert!(m.shared && !m.mergeable);
+        let err = MemoryConfig::parse("size=1G,shared=on,mergeable=on").unwrap_err();
+        assert!(err.to_string().contains("KSM"), "{err}");
+        assert!(MemoryConfig::parse("shared=on,lazy-from=/tmp/x").is_err());
+        assert!(MemoryConfig::parse("shared=maybe").is_err());
     }
 
     #[test]

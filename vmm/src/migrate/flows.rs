@@ -122,12 +122,14 @@ pub fn receive(
         })?),
         None => None,
     };
+    let fds = std::mem::take(&mut channel.fds);
     let result = (|| {
-        let record = incoming::read_config(&mut rx)?;
+        let (record, local) = incoming::read_start(&mut rx)?;
         let cfg = VmConfig {
             memory: MemoryConfig {
                 size: record.memory_size,
                 mergeable: record.mergeable,
+                shared: record.shared,
                 ..Default::default()
             },
             vcpus: record.vcpus,
@@ -140,12 +142,57 @@ pub fn receive(
             // Built from the config record.
             balloon: None,
         };
-        if let Some(host) = crate::config::host_memory_bytes() {
-            cfg.memory
-                .check_host_fits(host)
-                .map_err(|e| crate::vm::VmError::Incompatible(e.to_string()))?;
+        let incompatible = |e: String| crate::vm::VmError::Incompatible(e);
+        cfg.memory
+            .check_combination()
+            .map_err(|e| incompatible(e.to_string()))?;
+        if record.shared && opts.postcopy {
+            return Err(incompatible(
+                "postcopy is not supported with shared=on guest RAM (start the destination \
+without --postcopy)"
+                    .into(),
+            )
+            .into());
         }
-        let vm = Vm::create(&cfg, Origin::Incoming(&record), start)?;
+        let local_ram = local.is_some();
+        let vm = match local {
+            Some(l) => {
+                if !record.shared || l.regions != record.ram {
+                    return Err(incompatible(format!(
+                        "the local memory section names regions {:x?} for a configuration of \
+{:x?} (shared={})",
+                        l.regions, record.ram, record.shared
+                    ))
+                    .into());
+                }
+                // Counts and sizes of the descriptors are checked against the regions there.
+                let mem = crate::memory::from_files(&cfg.memory, fds)
+                    .map_err(crate::vm::VmError::Memory)?;
+                let vm = Vm::create_on(&cfg, Origin::Incoming(&record), start, mem)?;
+                // Built on the same memory: the source may pause the guest now.
+                if let Some(rp) = &return_path {
+                    let mut w = rp.lock().unwrap_or_else(|e| e.into_inner());
+                    w.section(Section::Ready, &[])?;
+                    w.flush()?;
+                }
+                vm
+            }
+            None if !fds.is_empty() => {
+                return Err(incompatible(format!(
+                    "the source sent {} file descriptors but no local memory section",
+                    fds.len()
+                ))
+                .into())
+            }
+            None => {
+                if let Some(host) = crate::config::host_memory_bytes() {
+                    cfg.memory
+                        .check_host_fits(host)
+                        .map_err(|e| incompatible(e.to_string()))?;
+                }
+                Vm::create(&cfg, Origin::Incoming(&record), start)?
+            }
+        };
         if opts.postcopy {
             // Until END (or a precopy-only completion) a discarded page would look missing.
             vm.inner.inhibit_discards(true);
@@ -159,6 +206,7 @@ pub fn receive(
         let options = incoming::Options {
             postcopy: opts.postcopy,
             vcpu_tids: vm.inner.vcpu_thread_ids(),
+            local: local_ram,
         };
         let received =
             incoming::receive(rx, &*vm.inner, &status, t0, return_path.clone(), &options)?;
