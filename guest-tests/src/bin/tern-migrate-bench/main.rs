@@ -1,4 +1,5 @@
-//! Migration benchmarks: `tern-migrate-bench [precopy|postcopy]` prints tables (both by default).
+//! Migration benchmarks: `tern-migrate-bench [precopy|postcopy|local]` prints tables (precopy and
+//! postcopy by default).
 //! Needs `cargo build --release --workspace` first (it runs the `tern` next to itself). Everything
 //! is measured side by side in one run.
 
@@ -12,16 +13,31 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use guest_tests::tern_binary;
 
+mod local;
+
 const GIB: usize = 1 << 30;
 
 /// Throughput of a plain 1 GiB copy through a Unix socket between two threads, in MB/s.
 fn raw_socket_copy() -> Result<f64> {
+    raw_copy(false)
+}
+
+/// The same copy, but the reader receives into 1 GiB of fresh (never touched) memory, as a
+/// migration destination must.
+fn raw_socket_copy_fresh() -> Result<f64> {
+    raw_copy(true)
+}
+
+fn raw_copy(fresh: bool) -> Result<f64> {
     let (mut a, mut b) = UnixStream::pair()?;
     let reader = std::thread::spawn(move || -> std::io::Result<usize> {
-        let mut buf = vec![0u8; 1 << 20];
+        // calloc of 1 GiB is a fresh anonymous mapping: each page is first touched by recv.
+        let mut buf = vec![0u8; if fresh { GIB } else { 1 << 20 }];
         let mut total = 0;
         while total < GIB {
-            let n = b.read(&mut buf)?;
+            let at = if fresh { total } else { 0 };
+            let end = (at + (1 << 20)).min(buf.len());
+            let n = b.read(&mut buf[at..end])?;
             if n == 0 {
                 break;
             }
@@ -153,8 +169,21 @@ fn migrate_run(
     ready: &str,
     dst_args: &[&str],
 ) -> Result<Migration> {
+    migrate_run_uri(dir, name, guest_args, ready, dst_args, "")
+}
+
+/// [`migrate_run`] with `uri_suffix` appended to the source's `migrate unix:PATH` (`,local=on`).
+fn migrate_run_uri(
+    dir: &Path,
+    name: &str,
+    guest_args: &[&str],
+    ready: &str,
+    dst_args: &[&str],
+    uri_suffix: &str,
+) -> Result<Migration> {
     let sock = dir.join(format!("{name}.sock"));
     let mig = format!("unix:{}", dir.join(format!("{name}.mig")).display());
+    let uri = format!("{mig}{uri_suffix}");
     let sock_s = sock.to_string_lossy().into_owned();
     let mut args: Vec<&str> = guest_args.to_vec();
     args.extend_from_slice(&["--api-socket", &sock_s]);
@@ -162,7 +191,7 @@ fn migrate_run(
     let mut dargs = vec!["--incoming", mig.as_str()];
     dargs.extend_from_slice(dst_args);
     let dst = start(&dargs, "waiting for an incoming migration")?;
-    let status = remote(&sock, &["migrate", &mig])?;
+    let status = remote(&sock, &["migrate", &uri])?;
     Ok(Migration { status, src, dst })
 }
 
@@ -184,11 +213,17 @@ fn main() -> Result<()> {
         None | Some("all") => (true, true),
         Some("precopy") => (true, false),
         Some("postcopy") => (false, true),
-        Some(other) => bail!("usage: tern-migrate-bench [all|precopy|postcopy] (got `{other}`)"),
+        Some("local") => (false, false),
+        Some(other) => {
+            bail!("usage: tern-migrate-bench [all|precopy|postcopy|local] (got `{other}`)")
+        }
     };
     let dir: PathBuf = std::env::temp_dir().join(format!("tern-mbench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = (|| {
+        if what.as_deref() == Some("local") {
+            return local::table(&dir);
+        }
         if pre {
             precopy_tables(&dir)?;
         }
