@@ -45,6 +45,8 @@ pub struct MemoryConfig {
     pub lazy_delay_us: u64,
     /// Back guest RAM with a memfd mapped MAP_SHARED, so a local migration can hand it over.
     pub shared: bool,
+    /// madvise(MADV_HUGEPAGE) on guest RAM: transparent huge pages where the host allows them.
+    pub thp: bool,
 }
 
 impl Default for MemoryConfig {
@@ -56,6 +58,7 @@ impl Default for MemoryConfig {
             lazy_from: None,
             lazy_delay_us: 0,
             shared: false,
+            thp: false,
         }
     }
 }
@@ -168,6 +171,7 @@ impl MemoryConfig {
                 "mergeable" => cfg.mergeable = parse_switch("memory", "mergeable", v)?,
                 "prefault" => cfg.prefault = parse_switch("memory", "prefault", v)?,
                 "shared" => cfg.shared = parse_switch("memory", "shared", v)?,
+                "thp" => cfg.thp = parse_switch("memory", "thp", v)?,
                 "lazy-from" if !v.is_empty() => cfg.lazy_from = Some(v.into()),
                 "lazy-delay-us" => {
                     cfg.lazy_delay_us = v.parse().map_err(|_| ConfigError::BadValue {
@@ -181,7 +185,8 @@ impl MemoryConfig {
                     return Err(ConfigError::UnknownKey {
                         option: "memory",
                         key: k.to_string(),
-                        expected: "size, mergeable, prefault, shared, lazy-from, lazy-delay-us",
+                        expected:
+                            "size, mergeable, prefault, shared, thp, lazy-from, lazy-delay-us",
                     })
                 }
             }
@@ -359,7 +364,9 @@ mod tests {
     #[test]
     fn shared_memory_options() {
         let m = MemoryConfig::parse("size=1G,shared=on").unwrap();
-        assert!(m.shared && !m.mergeable);
+        assert!(m.shared && !m.mergeable && !m.thp);
+        assert!(MemoryConfig::parse("thp=on,mergeable=on").unwrap().thp);
+        assert!(MemoryConfig::parse("thp=sometimes").is_err());
         let err = MemoryConfig::parse("size=1G,shared=on,mergeable=on").unwrap_err();
         assert!(err.to_string().contains("KSM"), "{err}");
         assert!(MemoryConfig::parse("shared=on,lazy-from=/tmp/x").is_err());

@@ -181,11 +181,21 @@ fn memfd(size: u64) -> Result<File, MemoryError> {
 
 /// The advice every guest RAM mapping gets, however it was made.
 fn advise(mem: &GuestMemory, cfg: &MemoryConfig) -> Result<(), MemoryError> {
+    if cfg.thp && cfg.mergeable {
+        log::warn!(
+            "--memory thp=on with mergeable=on: KSM must split a huge page before merging any \
+page in it, and where that split fails (it does on nested KVM hosts) nothing merges (README, KSM)"
+        );
+    }
     for region in mem.iter() {
         let ptr = region.as_ptr();
         let len = region.len() as usize;
         if cfg.mergeable {
             madvise(ptr, len, libc::MADV_MERGEABLE, "MADV_MERGEABLE")?;
+        }
+        // Before any page is populated (prefault, a migration), so it is populated huge.
+        if cfg.thp {
+            madvise(ptr, len, libc::MADV_HUGEPAGE, "MADV_HUGEPAGE")?;
         }
     }
     Ok(())

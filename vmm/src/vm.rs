@@ -260,6 +260,7 @@ impl Vm {
             memory_size: cfg.memory.size,
             mergeable: cfg.memory.mergeable,
             shared: cfg.memory.shared,
+            thp: cfg.memory.thp,
             vcpus: cfg.vcpus,
             pv_features: pv.0,
             cpuid: template

@@ -130,6 +130,7 @@ pub fn receive(
                 size: record.memory_size,
                 mergeable: record.mergeable,
                 shared: record.shared,
+                thp: record.thp,
                 ..Default::default()
             },
             vcpus: record.vcpus,

@@ -1,5 +1,5 @@
-//! Migration benchmarks: `tern-migrate-bench [precopy|postcopy|local]` prints tables (precopy and
-//! postcopy by default).
+//! Migration benchmarks: `tern-migrate-bench [precopy|postcopy|local|thp]` prints tables (precopy
+//! and postcopy by default).
 //! Needs `cargo build --release --workspace` first (it runs the `tern` next to itself). Everything
 //! is measured side by side in one run.
 
@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use guest_tests::tern_binary;
 
 mod local;
+mod thp;
 
 const GIB: usize = 1 << 30;
 
@@ -213,16 +214,18 @@ fn main() -> Result<()> {
         None | Some("all") => (true, true),
         Some("precopy") => (true, false),
         Some("postcopy") => (false, true),
-        Some("local") => (false, false),
+        Some("local" | "thp") => (false, false),
         Some(other) => {
-            bail!("usage: tern-migrate-bench [all|precopy|postcopy|local] (got `{other}`)")
+            bail!("usage: tern-migrate-bench [all|precopy|postcopy|local|thp] (got `{other}`)")
         }
     };
     let dir: PathBuf = std::env::temp_dir().join(format!("tern-mbench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = (|| {
-        if what.as_deref() == Some("local") {
-            return local::table(&dir);
+        match what.as_deref() {
+            Some("local") => return local::table(&dir),
+            Some("thp") => return thp::table(&dir),
+            _ => {}
         }
         if pre {
             precopy_tables(&dir)?;
