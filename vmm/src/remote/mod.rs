@@ -1,5 +1,7 @@
 //! `tern remote`: drives a running tern through its API socket.
 
+mod progress;
+
 use std::path::Path;
 
 use anyhow::{bail, Result};
@@ -37,7 +39,12 @@ pub fn run(socket: &Path, cmd: &RemoteCommand) -> Result<()> {
             json!({"command": "migrate", "uri": uri, "detach": detach})
         }
     };
-    let result = result_of(call(socket, &request)?)?;
+    // An attached migrate shows progress on stderr while it waits.
+    let progress = matches!(cmd, RemoteCommand::Migrate { detach: false, .. })
+        .then(|| progress::Progress::start(socket));
+    let reply = call(socket, &request);
+    drop(progress);
+    let result = result_of(reply?)?;
     println!("{result}");
     Ok(())
 }
