@@ -142,6 +142,9 @@ pub struct Options {
     pub vcpu_tids: Vec<u32>,
     /// RAM was handed over: a RAM or postcopy section would write into memory the guest owns.
     pub local: bool,
+    /// Guest RAM is a shared memfd: postcopy's MADV_DONTNEED discards would not make its pages
+    /// missing (the guest would read stale memory), so ADVISE is refused.
+    pub shared_ram: bool,
 }
 
 /// Receives RAM and device state into `vm` until the end section (precopy) or RUN (postcopy).
@@ -239,7 +242,9 @@ fn apply(
             }
             Section::Advise => {
                 status.update(|s| s.phase = "ADVISE".into());
-                let verdict = if options.postcopy {
+                let verdict = if options.shared_ram {
+                    Err("postcopy is not supported with shared=on guest RAM".into())
+                } else if options.postcopy {
                     probe_userfaultfd()
                 } else {
                     Err(

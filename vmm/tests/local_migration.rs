@@ -153,6 +153,57 @@ fn local_migration_of_private_ram_is_refused_and_the_guest_runs_on() {
     );
 }
 
+/// A destination that takes the memory and then refuses (before the switch): the guest was never
+/// paused and runs on at the source. The fake destination also checks what was handed over.
+#[test]
+fn a_destination_that_takes_the_memory_and_refuses_leaves_the_guest_running() {
+    use migration::stream::{Section, StreamWriter, HEADER_LEN, MAGIC};
+    use std::os::unix::net::UnixListener;
+
+    let dir = scratch("local-refuse");
+    let sock = dir.join("api.sock").to_string_lossy().into_owned();
+    let path = dir.join("mig.sock");
+    let src = Running::spawn(&[
+        "--memory",
+        "size=128M,shared=on",
+        "--cmdline",
+        "suite=dirty mib=16",
+        "--api-socket",
+        &sock,
+    ]);
+    let round = wait_progress(&src, 0);
+    let listener = UnixListener::bind(&path).unwrap();
+    let uri = format!("unix:{},local=on", path.display());
+    let migrate = {
+        let sock = sock.clone();
+        std::thread::spawn(move || remote(&sock, &["migrate", &uri]))
+    };
+    let (conn, _) = listener.accept().unwrap();
+    let mut head = [0u8; HEADER_LEN];
+    let (n, fds) = migration::fdpass::recv_with_fds(&conn, &mut head).unwrap();
+    assert_eq!((n, &head[..8]), (HEADER_LEN, &MAGIC[..]));
+    // One memfd for the one RAM region, of the guest's size.
+    assert_eq!(fds.len(), 1);
+    assert_eq!(fds[0].metadata().unwrap().len(), 128 << 20);
+    let mut w = StreamWriter::new(&conn);
+    w.record(Section::Abort, &"the test destination refuses")
+        .unwrap();
+    w.flush().unwrap();
+    let o = migrate.join().unwrap();
+    drop(conn);
+    assert_ne!(o.code, Some(0), "{}", o.describe());
+    assert!(
+        o.stderr.contains("the test destination refuses"),
+        "{}",
+        o.describe()
+    );
+    let status = remote_json(&sock, &["migrate-status"]);
+    assert_eq!(status["state"], "failed", "{status}");
+    wait_progress(&src, round.max(last_round(&src)));
+    assert_no_failure(&src);
+    assert_eq!(remote_json(&sock, &["status"])["state"], "running");
+}
+
 #[test]
 fn local_migration_with_postcopy_is_refused() {
     let dir = scratch("local-postcopy");

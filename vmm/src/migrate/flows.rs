@@ -147,14 +147,6 @@ pub fn receive(
         cfg.memory
             .check_combination()
             .map_err(|e| incompatible(e.to_string()))?;
-        if record.shared && opts.postcopy {
-            return Err(incompatible(
-                "postcopy is not supported with shared=on guest RAM (start the destination \
-without --postcopy)"
-                    .into(),
-            )
-            .into());
-        }
         let local_ram = local.is_some();
         let vm = match local {
             Some(l) => {
@@ -208,6 +200,7 @@ without --postcopy)"
             postcopy: opts.postcopy,
             vcpu_tids: vm.inner.vcpu_thread_ids(),
             local: local_ram,
+            shared_ram: record.shared,
         };
         let received =
             incoming::receive(rx, &*vm.inner, &status, t0, return_path.clone(), &options)?;
