@@ -153,6 +153,46 @@ fn local_migration_of_private_ram_is_refused_and_the_guest_runs_on() {
     );
 }
 
+/// A shared=on guest also migrates by copy; its destination is shared=on again, so the next hop
+/// can hand the memory over.
+#[test]
+fn copied_shared_guest_stays_shared_for_a_later_local_hop() {
+    let dir = scratch("local-after-copy");
+    let sock = |n: usize| {
+        dir.join(format!("api{n}.sock"))
+            .to_string_lossy()
+            .into_owned()
+    };
+    let unix = |n: usize| format!("unix:{}", dir.join(format!("m{n}.sock")).display());
+    let mut a = Running::spawn(&[
+        "--memory",
+        "size=128M,shared=on",
+        "--cmdline",
+        "suite=dirty mib=16 static=8",
+        "--api-socket",
+        &sock(0),
+    ]);
+    let round = wait_progress(&a, 1);
+    let b = Running::spawn(&["--incoming", &unix(1), "--api-socket", &sock(1)]);
+    assert!(b.wait_stderr(WAIT, "waiting for an incoming migration"));
+    let copied = remote_json(&sock(0), &["migrate", &unix(1)]);
+    assert!(copied["pages_full"].as_u64().unwrap_or(0) > 0, "{copied}");
+    assert_eq!(a.wait_exit(WAIT), Some(0), "{}", a.describe());
+    assert!(b.wait_stderr(WAIT, "migration completed (destination)"));
+    assert!(maps_guest_memfd(b.child.id()), "{}", b.describe());
+    let round = wait_progress(&b, round.max(last_round(&a)));
+    let mut c = Running::spawn(&["--incoming", &unix(2), "--api-socket", &sock(2)]);
+    assert!(c.wait_stderr(WAIT, "waiting for an incoming migration"));
+    let local = remote_json(&sock(1), &["migrate", &format!("{},local=on", unix(2))]);
+    assert_eq!(local["pages_full"], 0, "{local}");
+    let r = wait_progress(&c, round.max(last_round(&b)));
+    wait_progress(&c, r);
+    assert_no_failure(&b);
+    assert_no_failure(&c);
+    assert_eq!(remote(&sock(2), &["quit"]).code, Some(0));
+    assert_eq!(c.wait_exit(WAIT), Some(0), "{}", c.describe());
+}
+
 /// A destination that takes the memory and then refuses (before the switch): the guest was never
 /// paused and runs on at the source. The fake destination also checks what was handed over.
 #[test]
