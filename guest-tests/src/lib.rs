@@ -1,8 +1,9 @@
-//! Host-side harness for tern guest suites: finding the tern binary, small statistics, and the
-//! KSM stress test ([`ksm`]).
+//! Host-side harness for tern guest suites: finding the tern binary, small statistics, the KSM
+//! stress test ([`ksm`]) and the async page fault suite with its lazy memory file ([`apf`]).
 
 use std::path::PathBuf;
 
+pub mod apf;
 pub mod ksm;
 
 use anyhow::{bail, Context, Result};

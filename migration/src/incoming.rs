@@ -20,11 +20,16 @@ fn prepare_dense_range(vm: &dyn MigratableVm, payload: &[u8]) {
     let (mut lo, mut hi, mut n) = (u64::MAX, 0u64, 0u64);
     for rec in parse_ram(payload).flatten() {
         if let PageRecord::Full(gpa, _) = rec {
+            // A page at the very top of the address space is not RAM: write_ram refuses it.
+            let Some(end) = gpa.checked_add(PAGE_SIZE as u64) else {
+                return;
+            };
             lo = lo.min(gpa);
-            hi = hi.max(gpa + PAGE_SIZE as u64);
+            hi = hi.max(end);
             n += 1;
         }
     }
+    // n is at most the pages of one section, so n * 4096 * 2 cannot overflow.
     if n > 0 && n * PAGE_SIZE as u64 * 2 >= hi - lo {
         vm.prepare_ram(lo, hi - lo);
     }
@@ -43,6 +48,14 @@ pub fn read_start<R: Read>(
         return Ok((config, Some(local)));
     }
     Ok((first.expect(Section::Config)?.decode()?, None))
+}
+
+fn refused(section: Section, why: &'static str) -> MigrationError {
+    StreamError::Refused {
+        section: section.name(),
+        why,
+    }
+    .into()
 }
 
 fn missing(what: &'static str) -> MigrationError {
@@ -78,6 +91,11 @@ pub struct PostcopyTail {
 }
 
 impl PostcopyTail {
+    /// The postcopy machinery, for a recovery after this connection broke.
+    pub fn into_listener(self) -> Listener {
+        self.listener
+    }
+
     /// Places arriving pages until the end section; returns when every page is Received.
     pub fn run(&self, status: &StatusCell) -> Result<(), MigrationError> {
         loop {
@@ -149,7 +167,7 @@ pub struct Options {
 
 /// Receives RAM and device state into `vm` until the end section (precopy) or RUN (postcopy).
 pub fn receive(
-    mut r: StreamReader<Box<dyn Read + Send>>,
+    r: StreamReader<Box<dyn Read + Send>>,
     vm: &dyn MigratableVm,
     status: &StatusCell,
     start: Instant,
@@ -158,6 +176,16 @@ pub fn receive(
 ) -> Result<Received, MigrationError> {
     // Two stages: a reader thread receives and checks sections while this thread places pages
     // (populating fresh memory is the slow part here), with payload buffers handed back.
+    let (frames_rx, spare_tx) = spawn_reader(r)?;
+    apply(frames_rx, spare_tx, vm, status, start, return_path, options)
+}
+
+type Frames = mpsc::Receiver<Result<Frame, StreamError>>;
+
+/// The reader thread: sections in order (bounded queue), payload buffers back for reuse.
+fn spawn_reader(
+    mut r: StreamReader<Box<dyn Read + Send>>,
+) -> Result<(Frames, mpsc::Sender<Vec<u8>>), MigrationError> {
     let (frames_tx, frames_rx) = mpsc::sync_channel::<Result<Frame, StreamError>>(2);
     let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
     std::thread::Builder::new()
@@ -173,7 +201,66 @@ pub fn receive(
             }
         })
         .map_err(|e| MigrationError::NoAnswer(format!("starting the reader thread: {e}")))?;
-    apply(frames_rx, spare_tx, vm, status, start, return_path, options)
+    Ok((frames_rx, spare_tx))
+}
+
+/// Postcopy recovery, destination side: `r`/`w` are a new connection from the source. Checks it
+/// recovers this VM, sends the runs of pages still missing here, re-sends the outstanding
+/// requests, and returns the tail that places what comes (the VM may run again).
+pub fn recover(
+    mut r: StreamReader<Box<dyn Read + Send>>,
+    w: Box<dyn Write + Send>,
+    listener: Listener,
+    this_vm: &VmConfigRecord,
+) -> Result<(PostcopyTail, usize), Box<(MigrationError, Listener)>> {
+    let hello = (|| {
+        r.header()?;
+        let rec: VmConfigRecord = r.read_section()?.expect(Section::Recover)?.decode()?;
+        if rec.ram != this_vm.ram || rec.vcpus != this_vm.vcpus {
+            return Err(MigrationError::Rejected(
+                "the recovering source holds a different VM (RAM layout or vCPUs differ)".into(),
+            ));
+        }
+        Ok(())
+    })();
+    if let Err(e) = hello {
+        return Err(Box::new((e, listener)));
+    }
+    let resent = match listener.reconnect(w) {
+        Ok(n) => n,
+        Err(e) => return Err(Box::new((e.into(), listener))),
+    };
+    let missing = listener.not_received();
+    let told = (|| {
+        let rp = listener.return_path();
+        let mut g = rp.lock().unwrap_or_else(|e| e.into_inner());
+        // Chunks well under the section limit (a run is at most ~45 bytes of JSON).
+        for chunk in missing.chunks(50_000) {
+            g.record(
+                Section::Missing,
+                &DiscardRecord {
+                    ranges: chunk.to_vec(),
+                },
+            )?;
+        }
+        g.section(Section::Recover, &[])?;
+        g.flush()
+    })();
+    if let Err(e) = told {
+        return Err(Box::new((e.into(), listener)));
+    }
+    let (frames, spare) = match spawn_reader(r) {
+        Ok(v) => v,
+        Err(e) => return Err(Box::new((e, listener))),
+    };
+    Ok((
+        PostcopyTail {
+            frames,
+            spare,
+            listener,
+        },
+        resent,
+    ))
 }
 
 fn apply(
@@ -186,6 +273,8 @@ fn apply(
     options: &Options,
 ) -> Result<Received, MigrationError> {
     let mut listener: Option<Listener> = None;
+    // Postcopy goes ADVISE (accepted here) -> DISCARD -> state -> RUN, in that order only.
+    let mut advised = false;
     let zero = vec![0u8; PAGE_SIZE];
     let (mut vcpus, mut clock, mut irqchip, mut pit, mut devices) = (None, None, None, None, None);
     let (mut full, mut zeros, mut iteration, mut bytes) = (0u64, 0u64, 0u32, 0u64);
@@ -207,6 +296,14 @@ fn apply(
             .into());
         }
         match frame.kind {
+            // The pages are already registered with userfaultfd: writing one here would wait
+            // for a fault nobody serves (and the source sends none between DISCARD and RUN).
+            Section::Ram if listener.is_some() => {
+                return Err(refused(
+                    Section::Ram,
+                    "no pages may come between the postcopy discard and RUN",
+                ))
+            }
             Section::Ram => {
                 prepare_dense_range(vm, &frame.payload);
                 for rec in parse_ram(&frame.payload) {
@@ -240,6 +337,9 @@ fn apply(
                     .map(|e| e.paused_at_unix_ns);
                 break paused_at;
             }
+            Section::Advise if advised => {
+                return Err(refused(Section::Advise, "postcopy was already advised"))
+            }
             Section::Advise => {
                 status.update(|s| s.phase = "ADVISE".into());
                 let verdict = if options.shared_ram {
@@ -266,7 +366,12 @@ fn apply(
                 w.flush()?;
                 drop(w);
                 verdict.map_err(MigrationError::Rejected)?;
+                advised = true;
             }
+            Section::Discard if !advised || listener.is_some() => return Err(refused(
+                Section::Discard,
+                "it must follow one accepted postcopy advise (the destination needs --postcopy)",
+            )),
             Section::Discard => {
                 status.update(|s| s.phase = "DISCARD".into());
                 let discard: DiscardRecord = frame.decode()?;

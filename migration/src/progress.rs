@@ -25,6 +25,8 @@ pub enum MigrationState {
     /// Postcopy broke after the switch: the destination runs the guest with pages missing and
     /// the source holds them; both sides stay paused.
     PostcopyPaused,
+    /// Recovering a paused postcopy: the destination listens anew / the source reconnects.
+    PostcopyRecover,
 }
 
 impl MigrationState {
@@ -32,7 +34,9 @@ impl MigrationState {
     pub fn guest_may_run_elsewhere(self) -> bool {
         matches!(
             self,
-            MigrationState::Postmigrate | MigrationState::PostcopyPaused
+            MigrationState::Postmigrate
+                | MigrationState::PostcopyPaused
+                | MigrationState::PostcopyRecover
         )
     }
 }
@@ -69,6 +73,8 @@ pub struct MigrationStatus {
     pub cancel_requested: bool,
     /// Source: the switch (stop-and-copy end or postcopy RUN) is under way; cancel is refused.
     pub switching: bool,
+    /// Postcopy recovery: pages the destination still lacked when the connection came back.
+    pub recovered_pages: u64,
     /// Postcopy figures (destination: measured; source: as the destination reported them).
     pub postcopy: Option<serde_json::Value>,
 }

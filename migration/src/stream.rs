@@ -18,8 +18,13 @@ pub const MAGIC: &[u8; 8] = b"TERNMIG\0";
 pub const VERSION: u32 = 1;
 /// Magic, version and flags.
 pub const HEADER_LEN: usize = 16;
-/// Largest section payload tern writes or accepts.
+/// Largest section payload tern writes or accepts (RAM batches, the discard list, vCPU state).
 pub const MAX_SECTION: usize = 8 << 20;
+/// Largest configuration or device-state record: far above what tern writes (a few KiB), far
+/// below what would let a peer make the destination hold memory it never uses.
+pub const MAX_STATE_RECORD: usize = 1 << 20;
+/// Largest small record (markers, clock, irqchip, PIT, requests, replies, figures).
+pub const MAX_SMALL_RECORD: usize = 64 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Section {
@@ -47,7 +52,11 @@ pub enum Section {
     Cancel = 15,
     /// Source, first section of a local migration: guest RAM comes as the descriptors sent with
     /// the header, one per region (an older destination refuses the unknown kind).
-    LocalRam = 16,
+    LocalRam = 17,
+    /// Either way, postcopy recovery: the source reconnects to a paused postcopy (its payload:
+    /// the configuration record, so a wrong peer is refused); the destination ends its list of
+    /// missing pages with it.
+    Recover = 16,
     /// Return path: the destination resumed the guest.
     Resumed = 0x40,
     /// Return path: the destination gave up; the payload says why.
@@ -57,7 +66,9 @@ pub enum Section {
     /// Return path (postcopy): every page arrived; the figures follow.
     Complete = 0x43,
     /// Return path (local migration): the VM is built on the handed-over RAM; pause now.
-    Ready = 0x44,
+    Ready = 0x45,
+    /// Return path (postcopy recovery): runs of pages the destination still lacks.
+    Missing = 0x44,
 }
 
 impl Section {
@@ -80,14 +91,25 @@ impl Section {
             Heartbeat,
             Cancel,
             LocalRam,
+            Recover,
             Resumed,
             Abort,
             PageRequest,
             Complete,
             Ready,
+            Missing,
         ]
         .into_iter()
         .find(|s| *s as u8 == v)
+    }
+
+    /// The largest payload this kind of section may have.
+    pub fn max_len(self) -> usize {
+        match self {
+            Section::Ram | Section::Discard | Section::Vcpus => MAX_SECTION,
+            Section::Config | Section::Devices => MAX_STATE_RECORD,
+            _ => MAX_SMALL_RECORD,
+        }
     }
 
     pub fn name(self) -> &'static str {
@@ -109,6 +131,8 @@ impl Section {
             Section::PageRefused => "page refused",
             Section::Heartbeat => "heartbeat",
             Section::Cancel => "cancel",
+            Section::Recover => "postcopy recover",
+            Section::Missing => "missing pages",
             Section::PageRequest => "page request",
             Section::Complete => "postcopy complete",
             Section::LocalRam => "local memory",
@@ -133,10 +157,19 @@ pub enum StreamError {
     Checksum(&'static str),
     #[error("unknown section kind {0:#x}: the stream is corrupted")]
     UnknownSection(u8),
-    #[error("{section} section of {len} bytes is larger than the {MAX_SECTION}-byte limit")]
-    TooLarge { section: &'static str, len: usize },
+    #[error("{section} section of {len} bytes is larger than its {limit}-byte limit")]
+    TooLarge {
+        section: &'static str,
+        len: usize,
+        limit: usize,
+    },
     #[error("cannot decode {section} section: {msg}")]
     Decode { section: &'static str, msg: String },
+    #[error("{section} section refused: {why}")]
+    Refused {
+        section: &'static str,
+        why: &'static str,
+    },
     #[error("unexpected {got} section where {expected} was expected")]
     Unexpected {
         got: &'static str,
@@ -179,10 +212,11 @@ impl<W: Write> StreamWriter<W> {
     }
 
     pub fn section(&mut self, kind: Section, payload: &[u8]) -> Result<(), StreamError> {
-        if payload.len() > MAX_SECTION {
+        if payload.len() > kind.max_len() {
             return Err(StreamError::TooLarge {
                 section: kind.name(),
                 len: payload.len(),
+                limit: kind.max_len(),
             });
         }
         let mut head = [0u8; 5];
@@ -294,10 +328,11 @@ impl<R: Read> StreamReader<R> {
         )?;
         let kind = Section::from_u8(head[0]).ok_or(StreamError::UnknownSection(head[0]))?;
         let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        if len > MAX_SECTION {
+        if len > kind.max_len() {
             return Err(StreamError::TooLarge {
                 section: kind.name(),
                 len,
+                limit: kind.max_len(),
             });
         }
         let mut payload = std::mem::take(&mut self.spare);
@@ -409,6 +444,13 @@ pub fn parse_ram(payload: &[u8]) -> impl Iterator<Item = Result<PageRecord<'_>, 
         };
         let gpa = u64::from_le_bytes(head[..8].try_into().unwrap_or([0; 8]));
         pos += 9;
+        if !gpa.is_multiple_of(PAGE_SIZE as u64) {
+            pos = payload.len();
+            return Some(Err(StreamError::Decode {
+                section: Section::Ram.name(),
+                msg: format!("page address {gpa:#x} is not page-aligned"),
+            }));
+        }
         match head[8] {
             PAGE_ZERO => Some(Ok(PageRecord::Zero(gpa))),
             PAGE_FULL => match payload.get(pos..pos + PAGE_SIZE) {
@@ -508,5 +550,39 @@ mod tests {
         assert!(matches!(r.header(), Err(StreamError::Truncated(_))));
         let mut r = StreamReader::new(&b"NOTTERN!\x01\0\0\0\0\0\0\0"[..]);
         assert!(matches!(r.header(), Err(StreamError::BadMagic)));
+    }
+
+    #[test]
+    fn each_kind_has_its_own_size_limit() {
+        // A 2 MiB device-state header is refused from the header alone (no payload follows).
+        let mut bytes = vec![Section::Devices as u8];
+        bytes.extend_from_slice(&(2u32 << 20).to_le_bytes());
+        let err = StreamReader::new(&bytes[..]).read_section().err().unwrap();
+        assert!(
+            matches!(err, StreamError::TooLarge { section: "device state", limit, .. } if limit == MAX_STATE_RECORD),
+            "{err}"
+        );
+        let mut bytes = vec![Section::Clock as u8];
+        bytes.extend_from_slice(&(MAX_SMALL_RECORD as u32 + 1).to_le_bytes());
+        let err = StreamReader::new(&bytes[..]).read_section().err().unwrap();
+        assert!(matches!(err, StreamError::TooLarge { .. }), "{err}");
+        // The writer keeps to the same limits.
+        let mut w = StreamWriter::new(Vec::new());
+        assert!(w
+            .section(Section::Config, &vec![b' '; MAX_STATE_RECORD + 1])
+            .is_err());
+    }
+
+    #[test]
+    fn unaligned_page_addresses_are_refused() {
+        let mut batch = RamBatch::default();
+        batch.push_zero(0x1000);
+        batch.push_full(0x2001, &[0u8; PAGE_SIZE]);
+        let payload = batch.take();
+        let pages: Vec<_> = parse_ram(&payload).collect();
+        assert_eq!(pages.len(), 2);
+        assert!(pages[0].is_ok());
+        let err = pages[1].as_ref().err().unwrap().to_string();
+        assert!(err.contains("0x2001 is not page-aligned"), "{err}");
     }
 }

@@ -3,8 +3,9 @@
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Cursor, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -124,6 +125,40 @@ pub fn unix_channel(s: UnixStream) -> io::Result<Channel> {
     Ok(split(r, s))
 }
 
+/// Binds a Unix socket at `path` that only this user may connect to (mode 0600), for every
+/// socket tern listens on. A stale socket at the path (nobody accepts on it) is replaced; a live
+/// one (another tern's, say) or any other kind of file is left alone and refused.
+pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => match UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process is listening on this socket",
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)?,
+            Err(e) => return Err(e),
+        },
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket",
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    // SAFETY: umask only changes this process's file-creation mask, restored right after. It is
+    // process-wide, but nothing else in tern sets it, and a file another thread creates
+    // meanwhile can only come out more private, never less.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    bound
+}
+
 /// Source side: connect to (or create) the endpoint.
 pub fn connect(ep: &Endpoint) -> io::Result<Channel> {
     match ep {
@@ -148,11 +183,7 @@ pub fn connect(ep: &Endpoint) -> io::Result<Channel> {
 pub fn accept(ep: &Endpoint) -> io::Result<Channel> {
     match ep {
         Endpoint::Unix { path: p, .. } => {
-            // A stale socket file from an earlier run would make bind fail.
-            if p.exists() {
-                std::fs::remove_file(p)?;
-            }
-            let l = UnixListener::bind(p)?;
+            let l = bind_private(p)?;
             let (s, _) = l.accept()?;
             let _ = std::fs::remove_file(p);
             // The source writes all the time or sends heartbeats: silence is a dead source.
@@ -240,5 +271,34 @@ mod tests {
         assert!("tcp:nohost".parse::<Endpoint>().is_err());
         assert!("ftp:x".parse::<Endpoint>().is_err());
         assert!("unix:".parse::<Endpoint>().is_err());
+    }
+
+    #[test]
+    fn bind_private_replaces_only_a_stale_socket() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tern-bind-private-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("not-a-socket");
+        std::fs::write(&file, b"keep me").unwrap();
+        let err = bind_private(&file).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+
+        let sock = dir.join("a.sock");
+        let live = bind_private(&sock).unwrap();
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // Someone listens: not taken over.
+        let err = bind_private(&sock).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        assert!(
+            UnixStream::connect(&sock).is_ok(),
+            "the first listener keeps its socket"
+        );
+        // Stale (its listener is gone): replaced.
+        drop(live);
+        let _again = bind_private(&sock).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,14 +1,17 @@
 //! The control API: newline-delimited JSON on a Unix socket (see docs/api.md).
 //!
 //! Request: `{"command": "status" | "pause" | "resume" | "migrate" | "migrate-status" |
-//! "migrate-start-postcopy" | "migrate-cancel" | "balloon" | "quit", "uri": "unix:PATH" (migrate only), "bytes": N
+//! "migrate-start-postcopy" | "migrate-cancel" | "migrate-recover" | "balloon" | "quit", "uri": "unix:PATH" (migrate only), "bytes": N
 //! (balloon only)}`. Response: `{"ok": true, "result": ...}` or
 //! `{"ok": false, "error": "..."}`.
+//!
+//! The event loop only accepts; each client is served on its own short-lived thread, with a
+//! line-length cap and a deadline, so a slow or hostile client never delays the VMM.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +39,9 @@ pub struct Request {
     /// resume: even where the guest may run elsewhere (a parked source).
     #[serde(default)]
     pub force: bool,
+    /// migrate: reconnect a paused postcopy instead of starting a migration.
+    #[serde(default)]
+    pub resume: bool,
 }
 
 fn reply(stream: &UnixStream, result: Result<Value, String>) -> std::io::Result<()> {
@@ -47,9 +53,24 @@ fn reply(stream: &UnixStream, result: Result<Value, String>) -> std::io::Result<
     writeln!(w, "{body}")
 }
 
+/// Longest request line accepted.
+pub const MAX_REQUEST: usize = 64 << 10;
+/// A client has this long to send its request line.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Replies that cannot be written in this long are dropped.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Clients served at once; more are told to come back later.
+const MAX_CLIENTS: usize = 8;
+
 pub struct ApiServer {
     listener: UnixListener,
     path: PathBuf,
+    handler: Arc<Handler>,
+    clients: Arc<AtomicUsize>,
+}
+
+/// What serving a request needs; shared by the client threads.
+struct Handler {
     vm: Arc<VmInner>,
     params: Params,
     started: Instant,
@@ -63,25 +84,93 @@ impl ApiServer {
         params: Params,
         started: Instant,
     ) -> std::io::Result<Self> {
-        if path.exists() {
-            std::fs::remove_file(path)?;
-        }
-        // SAFETY: umask only changes this process's file-creation mask; restored right after.
-        let old = unsafe { libc::umask(0o177) };
-        let bound = UnixListener::bind(path);
-        // SAFETY: as above.
-        unsafe { libc::umask(old) };
-        let listener = bound?;
+        let listener = migration::transport::bind_private(path)?;
         listener.set_nonblocking(true)?;
         Ok(ApiServer {
             listener,
             path: path.to_path_buf(),
-            vm,
-            params,
-            started,
+            handler: Arc::new(Handler {
+                vm,
+                params,
+                started,
+            }),
+            clients: Arc::new(AtomicUsize::new(0)),
         })
     }
 
+    /// Hands a new client to its own thread (or turns it away when too many are being served).
+    fn spawn_client(&self, stream: UnixStream) {
+        if self.clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+            self.clients.fetch_sub(1, Ordering::SeqCst);
+            // A short reply into a fresh socket's empty buffer: it does not wait for the client.
+            let _ = reply(&stream, Err("too many API clients at once; retry".into()));
+            return;
+        }
+        let handler = self.handler.clone();
+        let clients = self.clients.clone();
+        let spawned = std::thread::Builder::new()
+            .name("api-client".into())
+            .spawn(move || {
+                if let Err(e) = handler.serve(stream) {
+                    log::warn!("api: {e}");
+                }
+                clients.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            self.clients.fetch_sub(1, Ordering::SeqCst);
+            log::warn!("api: cannot start a client thread: {e}");
+        }
+    }
+}
+
+/// Reads one request line: at most [`MAX_REQUEST`] bytes, all before `deadline`. None: the
+/// client left without sending anything.
+fn read_request(stream: &UnixStream, deadline: Instant) -> Result<Option<String>, String> {
+    let mut line = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut r = stream;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "no complete request within {} s",
+                REQUEST_DEADLINE.as_secs()
+            ));
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        let n = match r.read(&mut chunk) {
+            Ok(0) if line.is_empty() => return Ok(None),
+            Ok(0) => return Err("the request line has no newline".into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // A timeout: the deadline check at the top reports it.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        let got = &chunk[..n];
+        let end = got.iter().position(|&b| b == b'\n');
+        line.extend_from_slice(&got[..end.unwrap_or(n)]);
+        if line.len() > MAX_REQUEST {
+            return Err(format!("request line longer than {MAX_REQUEST} bytes"));
+        }
+        if end.is_some() {
+            return String::from_utf8(line)
+                .map(Some)
+                .map_err(|_| "the request is not UTF-8".into());
+        }
+    }
+}
+
+impl Handler {
     /// Handles a request; None when the reply is sent later by someone else.
     fn handle(&self, req: Request, stream: &UnixStream) -> Option<Result<Value, String>> {
         if req.command == "migrate" {
@@ -118,7 +207,14 @@ impl ApiServer {
             None => Box::new(|_| {}),
         };
         let detach = req.detach;
-        match flows::start_outgoing(&self.vm, ep, self.params.clone(), on_done) {
+        let started = if req.resume && ep.is_local() {
+            Err("local=on cannot resume a postcopy (a local migration never uses postcopy)".into())
+        } else if req.resume {
+            crate::migrate::recovery::reconnect(&self.vm, ep, on_done)
+        } else {
+            flows::start_outgoing(&self.vm, ep, self.params.clone(), on_done)
+        };
+        match started {
             Ok(()) if detach => Some(Ok(json!({"started": uri}))),
             Ok(()) => None,
             Err(e) => Some(Err(e)),
@@ -148,6 +244,13 @@ impl ApiServer {
                 flows::set_paused(vm, false, req.force).map(|_| json!({"state": "running"}))
             }
             "migrate-cancel" => flows::cancel_outgoing(vm).map(|_| json!({"cancelling": true})),
+            "migrate-recover" => {
+                let uri = req.uri.ok_or("migrate-recover needs \"uri\"")?;
+                let ep = uri
+                    .parse::<migration::transport::Endpoint>()
+                    .map_err(|e| e.to_string())?;
+                crate::migrate::recovery::listen(vm, ep).map(|_| json!({"listening": uri}))
+            }
             "migrate-status" => serde_json::to_value(vm.migration.get()).map_err(|e| e.to_string()),
             "migrate-start-postcopy" => {
                 let active = vm.migration.is_active();
@@ -166,11 +269,13 @@ impl ApiServer {
 
     fn serve(&self, stream: UnixStream) -> std::io::Result<()> {
         stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        let mut line = String::new();
-        BufReader::new(&stream).read_line(&mut line)?;
-        let result = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => self.handle(req, &stream),
+        stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
+        let result = match read_request(&stream, Instant::now() + REQUEST_DEADLINE) {
+            Ok(None) => return Ok(()),
+            Ok(Some(line)) => match serde_json::from_str::<Request>(&line) {
+                Ok(req) => self.handle(req, &stream),
+                Err(e) => Some(Err(format!("bad request: {e}"))),
+            },
             Err(e) => Some(Err(format!("bad request: {e}"))),
         };
         match result {
@@ -183,9 +288,7 @@ impl ApiServer {
 impl MutEventSubscriber for ApiServer {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         while let Ok((stream, _)) = self.listener.accept() {
-            if let Err(e) = self.serve(stream) {
-                log::warn!("api: {e}");
-            }
+            self.spawn_client(stream);
         }
     }
 

@@ -69,7 +69,14 @@ pub enum RemoteCommand {
         /// Return at once; follow with migrate-status.
         #[arg(long)]
         detach: bool,
+        /// Reconnect a paused postcopy (state postcopy-paused) to a destination that runs
+        /// `migrate-recover URI`, and send it the pages it still lacks.
+        #[arg(long)]
+        resume: bool,
     },
+    /// Destination of a paused postcopy (state postcopy-paused): listen on URI for the source's
+    /// `migrate URI --resume`.
+    MigrateRecover { uri: String },
     /// The current or last migration's figures, as JSON.
     MigrateStatus,
     /// Switch the running migration to postcopy (needs --postcopy on both sides; harmless when

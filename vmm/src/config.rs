@@ -23,6 +23,8 @@ pub enum ConfigError {
     },
     #[error("--memory: size must be at least 2 MiB (got {0} bytes)")]
     MemoryTooSmall(u64),
+    #[error("--memory: size must be a whole number of 4 KiB pages (got {0} bytes)")]
+    MemoryNotPageAligned(u64),
     #[error("--memory: size {size} bytes is larger than this host can back ({host} bytes of RAM + swap)")]
     MemoryTooLarge { size: u64, host: u64 },
     #[error("--memory: {0}")]
@@ -191,20 +193,24 @@ impl MemoryConfig {
                 }
             }
         }
-        if cfg.size < (2 << 20) {
-            return Err(ConfigError::MemoryTooSmall(cfg.size));
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// The checks every memory configuration passes, from the command line or a migration stream.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.size < (2 << 20) {
+            return Err(ConfigError::MemoryTooSmall(self.size));
         }
-        if cfg.lazy_from.is_some() && cfg.prefault {
+        if !self.size.is_multiple_of(4096) {
+            return Err(ConfigError::MemoryNotPageAligned(self.size));
+        }
+        if self.lazy_from.is_some() && self.prefault {
             return Err(ConfigError::Conflict(
                 "prefault=on and lazy-from populate RAM in opposite ways",
             ));
         }
-        cfg.check_combination()?;
-        Ok(cfg)
-    }
-
-    /// Combinations no source of the configuration (command line or a peer's record) may ask for.
-    pub fn check_combination(&self) -> Result<(), ConfigError> {
+        // KSM merges only private anonymous memory; lazy RAM's userfaultfd works on private.
         if self.shared && self.mergeable {
             return Err(ConfigError::Conflict(
                 "shared=on and mergeable=on cannot be combined: KSM merges only private anonymous \
@@ -254,10 +260,15 @@ pub fn parse_cpus(text: &str) -> Result<u8, ConfigError> {
             }
         }
     }
-    match u8::try_from(boot) {
+    check_vcpus(boot)
+}
+
+/// The vCPU count check, for the command line and a migration stream alike.
+pub fn check_vcpus(n: u64) -> Result<u8, ConfigError> {
+    match u8::try_from(n) {
         Ok(n) if (1..=MAX_VCPUS).contains(&n) => Ok(n),
         _ => Err(ConfigError::BadCpuCount {
-            got: boot,
+            got: n,
             max: MAX_VCPUS,
         }),
     }
@@ -359,6 +370,10 @@ mod tests {
             Err(ConfigError::NotKeyValue { .. })
         ));
         assert_eq!(parse_size("99999999999T"), None);
+        assert_eq!(
+            MemoryConfig::parse("size=3000001"),
+            Err(ConfigError::MemoryNotPageAligned(3000001))
+        );
     }
 
     #[test]

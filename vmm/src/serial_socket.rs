@@ -11,7 +11,6 @@
 
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -40,31 +39,6 @@ pub struct SerialSocket {
     device: Arc<Mutex<SerialDevice>>,
 }
 
-/// Binds a Unix socket at `path`, readable and writable by the owner only. An existing socket
-/// at the path (a stale one from an earlier run) is replaced; any other file is an error.
-fn bind_private(path: &Path) -> io::Result<UnixListener> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
-        Ok(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "the path exists and is not a socket",
-            ))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    // SAFETY: umask only changes this process's file-creation mask; restored right after. tern
-    // binds before it starts vCPU threads, so no other thread creates files meanwhile.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
-    let listener = bound?;
-    listener.set_nonblocking(true)?;
-    Ok(listener)
-}
-
 impl SerialSocket {
     /// Listens on `path` for clients of `device`, whose output must go to `client.output()`.
     pub fn bind(
@@ -72,7 +46,8 @@ impl SerialSocket {
         client: SocketClient,
         device: Arc<Mutex<SerialDevice>>,
     ) -> io::Result<Self> {
-        let listener = bind_private(path)?;
+        let listener = migration::transport::bind_private(path)?;
+        listener.set_nonblocking(true)?;
         Ok(SerialSocket {
             listener,
             path: path.to_path_buf(),
@@ -205,30 +180,5 @@ impl MutEventSubscriber for SerialSocket {
 impl Drop for SerialSocket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refuses_to_replace_a_regular_file() {
-        let dir = std::env::temp_dir().join(format!("tern-serial2-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("not-a-socket");
-        std::fs::write(&file, b"keep me").unwrap();
-        assert!(bind_private(&file).is_err());
-        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
-
-        let sock = dir.join("com2.sock");
-        let first = bind_private(&sock).unwrap();
-        drop(first);
-        // A stale socket is replaced; the new one is private.
-        let _second = bind_private(&sock).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

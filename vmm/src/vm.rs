@@ -98,6 +98,9 @@ pub struct VmInner {
     pub lazy: Option<LazyMemory>,
     pub vcpu_tids: Arc<Mutex<Vec<u32>>>,
     pub balloon: Option<crate::balloon::SharedBalloon>,
+    /// A destination's postcopy machinery while postcopy is paused (broken connection), kept
+    /// for `migrate-recover`.
+    pub postcopy_paused: Mutex<Option<migration::postcopy::Listener>>,
 }
 
 pub struct Vm {
@@ -213,6 +216,9 @@ impl Vm {
             None => None,
         };
 
+        if !(1..=crate::config::MAX_VCPUS).contains(&cfg.vcpus) {
+            return Err(VmError::Incompatible(format!("{} vCPUs", cfg.vcpus)));
+        }
         let mut fds = Vec::new();
         for id in 0..cfg.vcpus {
             fds.push(Vcpu::create_fd(&vm_fd, id)?);
@@ -220,7 +226,9 @@ impl Vm {
         let policy = StatePolicy {
             msrs: kvm
                 .get_msr_index_list()
-                .map(|l| readable_msrs(&fds[0], l.as_slice()))
+                .ok()
+                .zip(fds.first())
+                .map(|(l, fd)| readable_msrs(fd, l.as_slice()))
                 .unwrap_or_default(),
             use_xsave: xsave_fits(&vm_fd),
         };
@@ -295,6 +303,7 @@ impl Vm {
                 lazy,
                 vcpu_tids: tids,
                 balloon,
+                postcopy_paused: Mutex::new(None),
             }),
             console_input: matches!(cfg.serial, SerialConfig::Tty),
             serial2,

@@ -28,8 +28,36 @@ fn pattern_file(name: &str) -> PathBuf {
     path
 }
 
+/// The built-in guest's zero-filled segment parts (p_memsz beyond p_filesz): (start, length).
+fn builtin_guest_bss() -> Vec<(u64, u64)> {
+    let elf = std::fs::read(env!("TERN_GUEST_ELF")).unwrap();
+    let u64_at = |at: usize| u64::from_le_bytes(elf[at..at + 8].try_into().unwrap());
+    let (phoff, phnum) = (
+        u64_at(0x20) as usize,
+        u16::from_le_bytes([elf[0x38], elf[0x39]]),
+    );
+    (0..phnum as usize)
+        .map(|i| phoff + 56 * i)
+        .filter(|&ph| elf[ph] == 1) // PT_LOAD
+        .map(|ph| {
+            (
+                u64_at(ph + 24) + u64_at(ph + 32),
+                u64_at(ph + 40) - u64_at(ph + 32),
+            )
+        })
+        .filter(|&(_, len)| len > 0)
+        .collect()
+}
+
 fn run_apf(mode: &str, expect_async: bool) -> std::collections::HashMap<String, u64> {
-    let file = pattern_file(&format!("apf-{mode}"));
+    run_apf_with(pattern_file(&format!("apf-{mode}")), mode, expect_async)
+}
+
+fn run_apf_with(
+    file: PathBuf,
+    mode: &str,
+    expect_async: bool,
+) -> std::collections::HashMap<String, u64> {
     let memory = format!("size=256M,lazy-from={},lazy-delay-us=1000", file.display());
     let cmdline = format!(
         "suite=apf pages={PAGES} expect_async={}",
@@ -72,6 +100,26 @@ fn kvm_mode_pairs_not_present_with_ready() {
 #[test]
 fn tern_mode_pairs_not_present_with_ready() {
     assert_async_pairs(&run_apf("tern", true));
+}
+
+/// The lazy file is the guest's RAM, except what tern loads: the guest's BSS must be zero
+/// whatever the file holds there (it once came from the file: `sleeper table full`).
+#[test]
+fn guest_bss_is_zero_whatever_the_lazy_file_holds_there() {
+    let file = pattern_file("apf-bss");
+    let mut f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    let bss = builtin_guest_bss();
+    assert!(!bss.is_empty(), "the built-in guest has a BSS");
+    for (start, len) in bss {
+        assert!(
+            start + len <= LAZY_BASE,
+            "BSS {start:#x}+{len:#x} overlaps the pattern"
+        );
+        f.seek(SeekFrom::Start(start)).unwrap();
+        f.write_all(&vec![0xa5; len as usize]).unwrap();
+    }
+    drop(f);
+    assert_async_pairs(&run_apf_with(file, "kvm", true));
 }
 
 #[test]

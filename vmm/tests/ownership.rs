@@ -243,7 +243,7 @@ fn postcopy_push_longer_than_the_peer_timeout_completes() {
             "--memory",
             "size=1G",
             "--cmdline",
-            "suite=idle fill=768",
+            "suite=idle fill=384",
             "--api-socket",
             &a,
             "--postcopy",
@@ -260,6 +260,12 @@ fn postcopy_push_longer_than_the_peer_timeout_completes() {
     );
     let mig = dir.join("mig.sock");
     let b = dir.join("b.sock").to_string_lossy().into_owned();
+    // A slow link: 384 MiB of data at 100 MB/s is a push of about 4 s, twice the peer timeout.
+    let proxy = Proxy::start(
+        &dir.join("relay.sock"),
+        &mig,
+        Plan::ThrottleForward(100_000_000),
+    );
     let dst = Running::spawn_env(
         &[
             "--incoming",
@@ -271,7 +277,7 @@ fn postcopy_push_longer_than_the_peer_timeout_completes() {
         &env,
     );
     assert!(dst.wait_stderr(WAIT, "waiting for an incoming migration"));
-    let v = remote_json(&a, &["migrate", &format!("unix:{}", mig.display())]);
+    let v = remote_json(&a, &["migrate", &format!("unix:{}", proxy.path.display())]);
     assert_eq!(v["state"], "completed", "{v}");
     assert_eq!(src.wait_exit(WAIT), Some(0), "{}", src.describe());
     let st = remote_json(&b, &["migrate-status"]);

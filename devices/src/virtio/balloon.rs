@@ -19,6 +19,9 @@ pub const F_DEFLATE_ON_OOM: u64 = 1 << 2;
 const QUEUE_SIZE: u16 = 256;
 const INFLATE: usize = 0;
 const DEFLATE: usize = 1;
+/// Most PFNs one buffer may carry: Linux sends at most 256 (VIRTIO_BALLOON_ARRAY_PFNS_MAX).
+const MAX_PFNS: usize = 256;
+const MAX_PFN_BYTES: usize = MAX_PFNS * 4;
 /// Balloon PFNs are always 4 KiB frames, whatever the guest's page size.
 const PFN_SHIFT: u32 = 12;
 const PAGE: u64 = 1 << PFN_SHIFT;
@@ -57,6 +60,9 @@ pub struct BalloonStats {
     /// PFNs outside guest RAM (ignored).
     pub invalid_pfns: u64,
     pub discard_errors: u64,
+    /// Buffers of more than 256 PFNs (refused whole).
+    #[serde(default)]
+    pub oversized_buffers: u64,
 }
 
 pub struct Balloon {
@@ -188,21 +194,36 @@ impl Balloon {
         }
     }
 
-    /// The PFNs in one chain's readable buffers (little-endian u32 each), RAM ones only.
+    /// The PFNs in one chain's readable buffers (little-endian u32 each), RAM ones only. A chain
+    /// larger than Linux ever sends is refused whole, from its descriptors' lengths, before
+    /// anything is read; what is read goes through one fixed-size buffer.
     fn chain_pfns(
         &mut self,
         chain: virtio_queue::DescriptorChain<&GuestMem>,
         mem: &GuestMem,
     ) -> Vec<u64> {
-        let mut pfns = Vec::new();
-        for desc in chain.readable() {
-            let count = desc.len() as usize / 4;
-            let mut raw = vec![0u8; count * 4];
-            if let Err(e) = mem.read_slice(&mut raw, desc.addr()) {
-                log::warn!(
-                    "balloon: unreadable PFN buffer at {:#x}: {e}",
-                    desc.addr().0
-                );
+        let mut bufs = Vec::new();
+        let (mut bytes, mut descriptors) = (0u64, 0usize);
+        // Every descriptor counts (an indirect table may hold 65535, writable ones included).
+        for desc in chain {
+            descriptors += 1;
+            if !desc.is_write_only() {
+                bytes = bytes.saturating_add(u64::from(desc.len()));
+                bufs.push((desc.addr(), desc.len() as usize));
+            }
+            if bytes > MAX_PFN_BYTES as u64 || descriptors > MAX_PFNS {
+                self.stats.oversized_buffers += 1;
+                log::warn!("balloon: a buffer of more than {MAX_PFNS} PFNs refused");
+                return Vec::new();
+            }
+        }
+        let mut pfns = Vec::with_capacity(bytes as usize / 4);
+        let mut raw = [0u8; MAX_PFN_BYTES];
+        for (addr, len) in bufs {
+            // `bytes` bounds every length by the buffer's size.
+            let raw = &mut raw[..len - len % 4];
+            if let Err(e) = mem.read_slice(raw, addr) {
+                log::warn!("balloon: unreadable PFN buffer at {:#x}: {e}", addr.0);
                 continue;
             }
             for b in raw.chunks_exact(4) {
@@ -330,6 +351,74 @@ mod tests {
         b.reset();
         assert_eq!(b.release(), 0);
         assert!(log.0.lock().unwrap().is_empty());
+    }
+
+    /// An inflate queue in `mem` with one chain of `bufs` (address, length) readable buffers.
+    fn inflate_queue(mem: &GuestMem, bufs: &[(u64, u32)]) -> Queue {
+        use vm_memory::GuestAddress;
+        let (desc, avail, used) = (0x1000u64, 0x3000u64, 0x4000u64);
+        for (i, &(addr, len)) in bufs.iter().enumerate() {
+            let next = i + 1 < bufs.len();
+            let d = desc + 16 * i as u64;
+            mem.write_obj(addr, GuestAddress(d)).unwrap();
+            mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            mem.write_obj(u16::from(next), GuestAddress(d + 12))
+                .unwrap(); // NEXT
+            mem.write_obj((i + 1) as u16, GuestAddress(d + 14)).unwrap();
+        }
+        mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap(); // ring[0] = head 0
+        mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap(); // idx
+        let mut q = Queue::new(QUEUE_SIZE).unwrap();
+        q.set_size(QUEUE_SIZE);
+        q.set_desc_table_address(Some(desc as u32), Some(0));
+        q.set_avail_ring_address(Some(avail as u32), Some(0));
+        q.set_used_ring_address(Some(used as u32), Some(0));
+        q.set_ready(true);
+        q
+    }
+
+    /// Inflates one chain of `bufs` whose PFN array at 0x10000 lists pages 0x100.. (all RAM).
+    fn inflate(bufs: &[(u64, u32)]) -> (Balloon, Log, u16) {
+        use vm_memory::GuestAddress;
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        for i in 0..(1u32 << 18) {
+            mem.write_obj(0x100 + i % 0x800, GuestAddress(0x10000 + 4 * u64::from(i)))
+                .unwrap();
+        }
+        let log = Log::default();
+        let mut b = Balloon::new(0, false, Box::new(log.clone()));
+        let mut q = inflate_queue(&mem, bufs);
+        assert!(b.process_queue(INFLATE, &mut q, &mem), "buffer returned");
+        let used_idx: u16 = mem.read_obj(GuestAddress(0x4002)).unwrap();
+        (b, log, used_idx)
+    }
+
+    #[test]
+    fn linux_sized_buffers_inflate() {
+        let (b, log, used) = inflate(&[(0x10000, 256 * 4)]);
+        assert_eq!(used, 1);
+        assert_eq!(b.stats().inflated_pages, 256);
+        assert_eq!(*log.0.lock().unwrap(), vec![(0x100_000, 256 * PAGE)]);
+        let (b, _, _) = inflate(&[(0x10000, 100 * 4), (0x10000 + 400, 156 * 4)]);
+        assert_eq!(b.stats().inflated_pages, 256);
+    }
+
+    #[test]
+    fn oversized_buffers_are_refused_before_anything_is_read() {
+        // 1 MiB of PFNs in one descriptor (once read whole and inflated), two descriptors
+        // of 200 PFNs each, and a 4 GiB length (once a 4 GiB allocation).
+        for bufs in [
+            vec![(0x10000, 1 << 20)],
+            vec![(0x10000, 800), (0x10000, 800)],
+            vec![(0x10000, u32::MAX)],
+            vec![(1 << 40, u32::MAX)],
+        ] {
+            let (b, log, used) = inflate(&bufs);
+            assert_eq!(used, 1, "{bufs:x?}: the buffer still goes back");
+            assert_eq!(b.stats().inflated_pages, 0, "{bufs:x?}");
+            assert_eq!(b.stats().oversized_buffers, 1, "{bufs:x?}");
+            assert!(log.0.lock().unwrap().is_empty(), "{bufs:x?}");
+        }
     }
 
     #[test]

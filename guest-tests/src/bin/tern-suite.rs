@@ -1,7 +1,9 @@
 //! `tern-suite`: drives test suites that need more than one tern, or a host-side view.
 //!
 //! `tern-suite ksm [options]` runs the KSM stress test (see `guest_tests::ksm` and README.md,
-//! "KSM"). Exit status: 0 PASS, 1 FAIL (or an error while running), 2 bad arguments.
+//! "KSM"). `tern-suite apf [options]` runs the built-in guest's async page fault suite with lazy
+//! memory, writing the pattern file it needs itself. Exit status: 0 PASS, 1 FAIL (or an error
+//! while running), 2 bad arguments.
 
 use std::process::ExitCode;
 
@@ -17,11 +19,12 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ksm") => {}
+        Some("apf") => return apf(&args[1..]),
         Some("-h" | "--help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
         }
-        Some(other) => return usage_error(&format!("unknown suite `{other}` (known: ksm)")),
+        Some(other) => return usage_error(&format!("unknown suite `{other}` (known: ksm, apf)")),
         None => return usage_error("no suite given"),
     }
     let opts = match Options::parse(&args[1..]) {
@@ -57,5 +60,32 @@ fn main() -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+fn apf(args: &[String]) -> ExitCode {
+    use guest_tests::apf;
+    let opts = match apf::Options::parse(args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("tern-suite: error: {e} ({})", apf::USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    let outcome = guest_tests::tern_binary().and_then(|tern| apf::run(&opts, &tern));
+    match outcome {
+        Ok(o) => {
+            print!("{}", o.stdout);
+            if o.passed {
+                ExitCode::SUCCESS
+            } else {
+                eprint!("{}", o.stderr);
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("tern-suite: error: {e:#}");
+            ExitCode::from(1)
+        }
     }
 }

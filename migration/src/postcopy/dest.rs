@@ -98,10 +98,13 @@ pub struct PostcopyFigures {
     pub pages_pushed: u64,
     pub request_latency_p50_us: f64,
     pub request_latency_p99_us: f64,
+    pub request_latency_max_us: f64,
     /// Request latencies, log2 buckets: index i counts latencies in [2^i, 2^(i+1)) µs.
     pub latency_log2_us: Vec<u64>,
     /// Per faulting thread (vCPU threads named vcpuN): faults and total time blocked (µs).
     pub blocked: Vec<(String, u64, f64)>,
+    /// vCPU threads' single waits for a page, log2 buckets as `latency_log2_us`.
+    pub vcpu_blocked_log2_us: Vec<u64>,
     /// Async page faults: taken by KVM's workers rather than vCPU threads (kvm mode), or
     /// PAGE_NOT_PRESENT injected by tern (tern mode).
     pub async_faults: u64,
@@ -115,17 +118,39 @@ struct Tracker {
     waiters: HashMap<u64, Vec<(u32, Instant)>>,
     latencies_us: Vec<f64>,
     blocked: HashMap<u32, (u64, f64)>,
+    /// Histogram of single vCPU-thread waits (log2 µs).
+    vcpu_waits_log2: Vec<u64>,
+    vcpu_tids: Vec<u32>,
     async_faults: u64,
     faults: u64,
+}
+
+/// log2 bucket of a duration in µs: [2^i, 2^(i+1)).
+fn log2_bucket(us: f64) -> usize {
+    (us.max(1.0).log2() as usize).min(23)
+}
+
+fn trim(mut hist: Vec<u64>) -> Vec<u64> {
+    while hist.last() == Some(&0) {
+        hist.pop();
+    }
+    hist
 }
 
 impl Tracker {
     /// The page is here: every thread that waited on it stops waiting now.
     fn end_wait(&mut self, gpa: u64, now: Instant) {
         for (tid, at) in self.waiters.remove(&gpa).unwrap_or_default() {
+            let us = now.duration_since(at).as_secs_f64() * 1e6;
             let e = self.blocked.entry(tid).or_default();
             e.0 += 1;
-            e.1 += now.duration_since(at).as_secs_f64() * 1e6;
+            e.1 += us;
+            if self.vcpu_tids.contains(&tid) {
+                if self.vcpu_waits_log2.is_empty() {
+                    self.vcpu_waits_log2 = vec![0; 24];
+                }
+                self.vcpu_waits_log2[log2_bucket(us)] += 1;
+            }
         }
     }
 }
@@ -146,9 +171,37 @@ pub struct Listener {
     /// Why the fault thread stopped, if it did: the vCPUs would wait forever, so the
     /// listener must stop the VM and say it.
     fault_error: Arc<Mutex<Option<String>>>,
+    /// Shared with the fault thread; recovery swaps the connection inside it.
+    return_path: ReturnPath,
 }
 
 type ReturnPath = Arc<Mutex<StreamWriter<Box<dyn Write + Send>>>>;
+
+/// Checks one discard run (first gpa, page count) from the stream against the RAM spans (gpa,
+/// hva, len, first page index); returns (hva, byte length, first page index, page count).
+fn check_discard(
+    spans: &[(u64, u64, u64, usize)],
+    gpa: u64,
+    n: u64,
+) -> Result<(u64, usize, usize, usize), String> {
+    let outside = || format!("discard range {gpa:#x}+{n} pages is outside guest RAM");
+    if n == 0 || !gpa.is_multiple_of(PAGE_SIZE as u64) {
+        return Err(format!(
+            "discard range {gpa:#x}+{n} pages is empty or not page-aligned"
+        ));
+    }
+    // Checked: a huge count must not wrap to a short (or empty) length.
+    let len = n.checked_mul(PAGE_SIZE as u64).ok_or_else(outside)?;
+    let end = gpa.checked_add(len).ok_or_else(outside)?;
+    let &(sgpa, shva, _, first) = spans
+        .iter()
+        .find(|s| gpa >= s.0 && end <= s.0 + s.2)
+        .ok_or_else(outside)?;
+    let offset = gpa - sgpa;
+    let first = first + (offset / PAGE_SIZE as u64) as usize;
+    // Within one span, so both fit a usize (the span is mapped).
+    Ok((shva + offset, len as usize, first, n as usize))
+}
 
 impl Listener {
     /// DISCARD and LISTEN: drops the listed pages, registers RAM with userfaultfd (before any
@@ -169,31 +222,23 @@ impl Listener {
             pages += r.pages();
         }
         let states = Arc::new(PageStates::all_received(pages));
-        let find = |gpa: u64| {
-            spans
-                .iter()
-                .find(|s| gpa >= s.0 && gpa < s.0 + s.2)
-                .copied()
-        };
+        // Every run is checked before any page is dropped: a bad record leaves RAM untouched.
+        let runs = discard
+            .ranges
+            .iter()
+            .map(|&(gpa, n)| check_discard(&spans, gpa, n))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut missing = 0u64;
-        for &(gpa, n) in &discard.ranges {
-            let len = n * PAGE_SIZE as u64;
-            let span = find(gpa)
-                .filter(|s| gpa + len <= s.0 + s.2)
-                .ok_or_else(|| format!("discard range {gpa:#x}+{n} pages is outside guest RAM"))?;
-            let hva = span.1 + (gpa - span.0);
-            // SAFETY: the range lies inside one live guest mapping; dropping pages only makes
-            // them read as missing (userfaultfd) from now on.
-            if unsafe { libc::madvise(hva as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) }
-                != 0
-            {
+        for (hva, len, first, n) in runs {
+            // SAFETY: the range lies inside one live guest mapping (check_discard); dropping
+            // pages only makes them read as missing (userfaultfd) from now on.
+            if unsafe { libc::madvise(hva as *mut libc::c_void, len, libc::MADV_DONTNEED) } != 0 {
                 return Err(format!(
                     "MADV_DONTNEED: {}",
                     std::io::Error::last_os_error()
                 ));
             }
-            let first = span.3 + ((gpa - span.0) / PAGE_SIZE as u64) as usize;
-            for p in first..first + n as usize {
+            for p in first..first + n {
                 if states.transition(p, PageState::Received, PageState::Missing) {
                     missing += 1;
                 }
@@ -206,7 +251,10 @@ impl Listener {
             uffd.register(s.1, s.2)
                 .map_err(|e| format!("UFFDIO_REGISTER: {e}"))?;
         }
-        let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let tracker = Arc::new(Mutex::new(Tracker {
+            vcpu_tids: vcpu_tids.clone(),
+            ..Default::default()
+        }));
         let stop = Arc::new(AtomicBool::new(false));
         let fault_error = Arc::new(Mutex::new(None));
         let observer = vm.fault_observer();
@@ -217,7 +265,7 @@ impl Listener {
             tracker: tracker.clone(),
             observer: observer.clone(),
             vcpu_tids: vcpu_tids.clone(),
-            return_path,
+            return_path: return_path.clone(),
             stop: stop.clone(),
             fault_error: fault_error.clone(),
         };
@@ -237,7 +285,52 @@ impl Listener {
             stop,
             fault_thread: Some(fault_thread),
             fault_error,
+            return_path,
         })
+    }
+
+    /// Runs of pages not received yet (Missing or Requested): what a recovering source must send.
+    pub fn not_received(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for &(gpa, _, len, first) in &self.spans {
+            let n = (len / PAGE_SIZE as u64) as usize;
+            for i in 0..n {
+                if self.states.get(first + i) == PageState::Received {
+                    continue;
+                }
+                let page_gpa = gpa + (i * PAGE_SIZE) as u64;
+                match out.last_mut() {
+                    Some((start, k)) if *start + *k * PAGE_SIZE as u64 == page_gpa => *k += 1,
+                    _ => out.push((page_gpa, 1)),
+                }
+            }
+        }
+        out
+    }
+
+    /// Recovery: the new connection's writer replaces the broken one, the fault thread's error
+    /// is forgotten, and every page a thread still waits for is requested again on it.
+    pub fn reconnect(&self, w: Box<dyn Write + Send>) -> Result<usize, StreamError> {
+        let mut rp = self.return_path.lock().unwrap_or_else(|e| e.into_inner());
+        *rp = StreamWriter::new(w);
+        *self.fault_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let mut resent = 0;
+        for &(gpa, _, len, first) in &self.spans {
+            for i in 0..(len / PAGE_SIZE as u64) as usize {
+                if self.states.get(first + i) == PageState::Requested {
+                    let gpa = gpa + (i * PAGE_SIZE) as u64;
+                    rp.record(Section::PageRequest, &PageRequest { gpa })?;
+                    resent += 1;
+                }
+            }
+        }
+        rp.flush()?;
+        Ok(resent)
+    }
+
+    /// The shared return path (recovery answers on it).
+    pub fn return_path(&self) -> ReturnPath {
+        self.return_path.clone()
     }
 
     /// Why the fault thread stopped serving faults, if it did.
@@ -326,12 +419,9 @@ impl Listener {
         };
         let mut hist = vec![0u64; 24];
         for us in &lat {
-            let b = (us.max(1.0).log2() as usize).min(hist.len() - 1);
-            hist[b] += 1;
+            hist[log2_bucket(*us)] += 1;
         }
-        while hist.last() == Some(&0) {
-            hist.pop();
-        }
+        let hist = trim(hist);
         let mut blocked: Vec<(String, u64, f64)> = t
             .blocked
             .iter()
@@ -351,8 +441,10 @@ impl Listener {
             pages_pushed: self.pushed.load(Ordering::Relaxed),
             request_latency_p50_us: pct(0.5),
             request_latency_p99_us: pct(0.99),
+            request_latency_max_us: lat.last().copied().unwrap_or(0.0),
             latency_log2_us: hist,
             blocked,
+            vcpu_blocked_log2_us: trim(t.vcpu_waits_log2.clone()),
             // KVM mode: faults its async-PF workers took; tern mode: what tern injected.
             async_faults: t.async_faults + self.observer.as_ref().map_or(0, |o| o.async_faults()),
         }
@@ -380,9 +472,10 @@ impl FaultWorker {
                 return;
             }
             for f in &faults {
+                // A request that cannot be sent stays Requested: the listener pauses the VM
+                // with the reason, and a recovery sends it again. The thread keeps serving.
                 if let Err(e) = self.handle(f) {
                     self.fail(e);
-                    return;
                 }
             }
         }
@@ -436,14 +529,6 @@ impl FaultWorker {
                 .and_then(|_| w.flush());
             drop(w);
             if let Err(e) = sent {
-                // Not requested after all: a later fault (or a recovery) asks again.
-                self.states
-                    .transition(page, PageState::Requested, PageState::Missing);
-                self.tracker
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .requested_at
-                    .remove(&gpa);
                 return Err(format!("page request for {gpa:#x} could not be sent: {e}"));
             }
         } else if self.states.get(page) == PageState::Received {
@@ -485,6 +570,33 @@ mod tests {
             ranges(&regions, &[a, b]),
             vec![(0x1000, 3), (0x7000, 1), (1 << 32, 1)]
         );
+    }
+
+    #[test]
+    fn discard_runs_are_checked_before_use() {
+        let spans = [
+            (0, 0x10_0000, 16 * 4096, 0),
+            (1 << 32, 0x90_0000, 8 * 4096, 16),
+        ];
+        assert_eq!(
+            check_discard(&spans, 0x2000, 3),
+            Ok((0x10_2000, 3 * 4096, 2, 3))
+        );
+        assert_eq!(
+            check_discard(&spans, (1 << 32) + 0x1000, 7),
+            Ok((0x90_1000, 7 * 4096, 17, 7))
+        );
+        // n * 4096 wraps to 0 for n = 2^52: that once passed the range check and spun.
+        let err = check_discard(&spans, 0x1000, 1 << 52).unwrap_err();
+        assert!(err.contains("outside guest RAM"), "{err}");
+        assert!(check_discard(&spans, 0x1000, u64::MAX).is_err());
+        assert!(check_discard(&spans, !0xfff, 2).is_err());
+        assert!(
+            check_discard(&spans, 0xf000, 2).is_err(),
+            "past the span's end"
+        );
+        assert!(check_discard(&spans, 0x1800, 1).is_err(), "unaligned");
+        assert!(check_discard(&spans, 0x1000, 0).is_err(), "empty");
     }
 
     #[test]

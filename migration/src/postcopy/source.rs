@@ -102,6 +102,23 @@ pub(crate) fn switch<W: Write>(
     // Until this flush completes no whole RUN went out (its checksum comes last): a failure
     // before here leaves the guest with this side. From here on the destination may run it.
     tx.w.flush()?;
+    push(vm, tx, regions, missing, rx, status, start, Vec::new())
+}
+
+/// RUN -> END: pushes every page in `missing` in the background, serving the destination's
+/// requests first (`requests`: ones already received), then waits for its completion. Used
+/// after the switch and again by a recovery.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn push<W: Write>(
+    vm: &dyn MigratableVm,
+    mut tx: PageSender<W>,
+    regions: &[RamRegion],
+    mut missing: Vec<DirtyBitmap>,
+    rx: PeerReader,
+    status: &StatusCell,
+    start: Instant,
+    requests: Vec<u64>,
+) -> Result<(), MigrationError> {
     let missing_total: usize = missing.iter().map(|m| m.count()).sum();
     status.update(|s| {
         s.phase = "postcopy".into();
@@ -123,9 +140,15 @@ pub(crate) fn switch<W: Write>(
     let mut complete = None;
     // An event that arrived during a push batch (it ends the batch early).
     let mut early: Option<Incoming> = None;
+    let mut queued: std::collections::VecDeque<Incoming> =
+        requests.into_iter().map(Incoming::Request).collect();
     while left > 0 {
         // Requests first: the guest is waiting for those.
-        while let Some(ev) = early.take().or_else(next_event) {
+        while let Some(ev) = early
+            .take()
+            .or_else(|| queued.pop_front())
+            .or_else(next_event)
+        {
             match ev {
                 Incoming::Request(gpa) => match region_page(regions, gpa) {
                     Some((ri, p)) if missing[ri].get(p) => {

@@ -46,6 +46,10 @@ pub enum BootError {
         "initramfs of {size} bytes does not fit in guest RAM below {limit:#x} after the kernel"
     )]
     InitramfsTooLarge { size: u64, limit: u64 },
+    #[error("cannot read the kernel's program headers: {0}")]
+    ReadProgramHeaders(std::io::Error),
+    #[error("a kernel segment's zero-filled part {start:#x}+{len:#x} is outside guest RAM")]
+    BssOutsideRam { start: u64, len: u64 },
     #[error("invalid kernel command line: {0}")]
     Cmdline(#[from] linux_loader::cmdline::Error),
     #[error("cannot write the command line: {0}")]
@@ -78,15 +82,22 @@ fn detect(image: &mut (impl Read + Seek)) -> std::io::Result<Option<Format>> {
     Ok(None)
 }
 
-fn load_kernel(mem: &GuestMemory, kernel: &KernelImage) -> Result<KernelLoaderResult, BootError> {
+pub(super) fn load_kernel(
+    mem: &GuestMemory,
+    kernel: &KernelImage,
+) -> Result<KernelLoaderResult, BootError> {
     let highmem = Some(GuestAddress(HIMEM_START));
     match kernel {
         KernelImage::Builtin => {
             let mut image = Cursor::new(BUILTIN_GUEST);
-            Elf::load(mem, None, &mut image, highmem).map_err(|source| BootError::LoadKernel {
-                path: "<built-in guest>".into(),
-                source,
-            })
+            let loaded = Elf::load(mem, None, &mut image, highmem).map_err(|source| {
+                BootError::LoadKernel {
+                    path: "<built-in guest>".into(),
+                    source,
+                }
+            })?;
+            super::bss::zero_elf_bss(mem, &mut image)?;
+            Ok(loaded)
         }
         KernelImage::Path(path) => {
             let open_err = |source| BootError::OpenKernel {
@@ -102,7 +113,11 @@ fn load_kernel(mem: &GuestMemory, kernel: &KernelImage) -> Result<KernelLoaderRe
                 source,
             };
             match detect(&mut file).map_err(open_err)? {
-                Some(Format::Elf) => Elf::load(mem, None, &mut file, highmem).map_err(load_err),
+                Some(Format::Elf) => {
+                    let loaded = Elf::load(mem, None, &mut file, highmem).map_err(load_err)?;
+                    super::bss::zero_elf_bss(mem, &mut file)?;
+                    Ok(loaded)
+                }
                 Some(Format::BzImage) => {
                     BzImage::load(mem, None, &mut file, highmem).map_err(load_err)
                 }

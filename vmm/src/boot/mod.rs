@@ -1,5 +1,6 @@
 //! Getting a guest ready to run: kernel loading, boot parameters, MP table and the boot vCPU state.
 
+mod bss;
 pub mod loader;
 pub mod mptable;
 pub mod params;

@@ -91,6 +91,54 @@ pub struct IncomingOptions {
     pub postcopy: bool,
 }
 
+/// The VM an incoming stream describes, through the command line's checks (and one more: the RAM
+/// layout must be the one tern builds for that size), before anything is created.
+fn config_from_record(
+    record: &migration::VmConfigRecord,
+    opts: &IncomingOptions,
+) -> Result<VmConfig, crate::vm::VmError> {
+    let refuse = |e: String| {
+        crate::vm::VmError::Incompatible(format!("the stream's configuration is refused: {e}"))
+    };
+    let memory = MemoryConfig {
+        size: record.memory_size,
+        mergeable: record.mergeable,
+        shared: record.shared,
+        thp: record.thp,
+        ..Default::default()
+    };
+    memory.check().map_err(|e| refuse(e.to_string()))?;
+    if let Some(host) = crate::config::host_memory_bytes() {
+        memory
+            .check_host_fits(host)
+            .map_err(|e| refuse(e.to_string()))?;
+    }
+    let layout: Vec<(u64, u64)> = crate::memory::ram_ranges(memory.size)
+        .into_iter()
+        .map(|(a, l)| (a.0, l))
+        .collect();
+    if record.ram != layout {
+        return Err(refuse(format!(
+            "RAM regions {:x?} do not match {} bytes of memory",
+            record.ram, memory.size
+        )));
+    }
+    let vcpus =
+        crate::config::check_vcpus(record.vcpus.into()).map_err(|e| refuse(e.to_string()))?;
+    Ok(VmConfig {
+        memory,
+        vcpus,
+        kernel: KernelImage::Builtin,
+        cmdline: String::new(),
+        initramfs: None,
+        serial: opts.serial.clone(),
+        serial2: crate::config::Serial2Config::Off,
+        async_pf: opts.async_pf,
+        // Built from the config record.
+        balloon: None,
+    })
+}
+
 /// Receives a VM from `endpoint` and resumes it. The returned VM runs like a booted one; after a
 /// postcopy switch its remaining pages keep arriving in the background.
 pub fn receive(
@@ -125,28 +173,8 @@ pub fn receive(
     let fds = std::mem::take(&mut channel.fds);
     let result = (|| {
         let (record, local) = incoming::read_start(&mut rx)?;
-        let cfg = VmConfig {
-            memory: MemoryConfig {
-                size: record.memory_size,
-                mergeable: record.mergeable,
-                shared: record.shared,
-                thp: record.thp,
-                ..Default::default()
-            },
-            vcpus: record.vcpus,
-            kernel: KernelImage::Builtin,
-            cmdline: String::new(),
-            initramfs: None,
-            serial: opts.serial.clone(),
-            serial2: crate::config::Serial2Config::Off,
-            async_pf: opts.async_pf,
-            // Built from the config record.
-            balloon: None,
-        };
+        let cfg = config_from_record(&record, &opts)?;
         let incompatible = |e: String| crate::vm::VmError::Incompatible(e);
-        cfg.memory
-            .check_combination()
-            .map_err(|e| incompatible(e.to_string()))?;
         let local_ram = local.is_some();
         let vm = match local {
             Some(l) => {
@@ -177,14 +205,7 @@ pub fn receive(
                 ))
                 .into())
             }
-            None => {
-                if let Some(host) = crate::config::host_memory_bytes() {
-                    cfg.memory
-                        .check_host_fits(host)
-                        .map_err(|e| incompatible(e.to_string()))?;
-                }
-                Vm::create(&cfg, Origin::Incoming(&record), start)?
-            }
+            None => Vm::create(&cfg, Origin::Incoming(&record), start)?,
         };
         if opts.postcopy {
             // Until END (or a precopy-only completion) a discarded page would look missing.
@@ -220,7 +241,7 @@ pub fn receive(
                 let rp = return_path.clone().ok_or_else(|| {
                     MigrationError::Rejected("postcopy needs a return path".into())
                 })?;
-                spawn_postcopy_tail(&vm, tail, rp, t0, heartbeat.take());
+                spawn_postcopy_tail(&vm.inner, tail, rp, t0, heartbeat.take());
                 (state, paused_at, true)
             }
         };
@@ -269,14 +290,14 @@ pub fn receive(
 
 /// RUNNING -> END: places the pages still arriving while the guest runs. If the connection drops,
 /// the guest pauses here and the state says why.
-fn spawn_postcopy_tail(
-    vm: &Vm,
+pub(crate) fn spawn_postcopy_tail(
+    vm: &Arc<VmInner>,
     tail: incoming::PostcopyTail,
     rp: ReturnPath,
     t0: Instant,
     heartbeat: Option<Heartbeat>,
 ) {
-    let inner = vm.inner.clone();
+    let inner = vm.clone();
     let spawned = std::thread::Builder::new()
         .name("postcopy-listen".into())
         .spawn(move || {
@@ -317,6 +338,7 @@ fn spawn_postcopy_tail(
                         }
                     );
                     eprintln!("tern: error: {msg}");
+                    *devices::bus::lock(&inner.postcopy_paused) = Some(tail.into_listener());
                     status.update(|s| {
                         s.state = MigrationState::PostcopyPaused;
                         s.error = Some(msg);

@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod flows;
+pub mod recovery;
 
 use std::sync::atomic::Ordering;
 
@@ -126,7 +127,7 @@ impl MigratableVm for VmInner {
             return;
         };
         let offset = gpa - r.start_addr().0;
-        if offset + len > r.len() {
+        if offset.checked_add(len).is_none_or(|end| end > r.len()) {
             return;
         }
         // SAFETY: the range lies inside one live guest mapping; populating changes no contents.
@@ -278,6 +279,17 @@ impl MigratableVm for VmInner {
     }
 
     fn restore_state(&self, state: VmState) -> VmResult<()> {
+        // Opaque records are applied or refused (before anything is restored), never kept.
+        if let Some((name, _)) = state
+            .devices
+            .other
+            .iter()
+            .find(|(name, _)| name != crate::balloon::STATE_NAME)
+        {
+            return Err(VmSideError(format!(
+                "the stream has state for an unknown device `{name}`"
+            )));
+        }
         if state.vcpus.len() != self.vcpus.len() {
             return Err(VmSideError(format!(
                 "the stream has {} vCPU states for {} vCPUs",

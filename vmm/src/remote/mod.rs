@@ -35,8 +35,15 @@ pub fn run(socket: &Path, cmd: &RemoteCommand) -> Result<()> {
             };
             json!({"command": "balloon", "bytes": bytes})
         }
-        RemoteCommand::Migrate { uri, detach } => {
-            json!({"command": "migrate", "uri": uri, "detach": detach})
+        RemoteCommand::Migrate {
+            uri,
+            detach,
+            resume,
+        } => {
+            json!({"command": "migrate", "uri": uri, "detach": detach, "resume": resume})
+        }
+        RemoteCommand::MigrateRecover { uri } => {
+            json!({"command": "migrate-recover", "uri": uri})
         }
     };
     // An attached migrate shows progress on stderr while it waits.

@@ -27,6 +27,8 @@ pub enum Plan {
     CutForwardAfter(u64),
     /// Read and drop everything going this way (a lost reply, lost heartbeats).
     Swallow(Dir),
+    /// Forward at most this many bytes a second (a slow link: a migration that takes long).
+    ThrottleForward(u64),
 }
 
 #[derive(Default)]
@@ -106,6 +108,7 @@ impl Proxy {
 
 fn pump(mut from: UnixStream, mut to: UnixStream, dir: Dir, plan: Plan, s: &Shared) {
     let mut buf = vec![0u8; 64 << 10];
+    let began = Instant::now();
     let counter = match dir {
         Dir::Forward => &s.forward,
         Dir::Back => &s.back,
@@ -135,6 +138,12 @@ fn pump(mut from: UnixStream, mut to: UnixStream, dir: Dir, plan: Plan, s: &Shar
             s.cut_now();
             return;
         }
-        counter.fetch_add(n as u64, Ordering::SeqCst);
+        let done = counter.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+        if let (Plan::ThrottleForward(rate), Dir::Forward) = (plan, dir) {
+            let due = Duration::from_secs_f64(done as f64 / rate.max(1) as f64);
+            if let Some(wait) = due.checked_sub(began.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
     }
 }

@@ -15,6 +15,7 @@ mod hello;
 mod idle;
 mod ksm;
 mod memtest;
+mod touch;
 
 /// What a suite gets: boot information and the machine as set up by the runtime.
 pub struct Env<'a> {
@@ -85,6 +86,7 @@ static SUITES: &[Suite] = &[
     idle::SUITE,
     ksm::SUITE,
     fault::SUITE,
+    touch::SUITE,
 ];
 
 pub fn find(name: &str) -> Option<&'static Suite> {

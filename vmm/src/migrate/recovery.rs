@@ -1,0 +1,146 @@
+//! Postcopy recovery (after QEMU's postcopy-paused / postcopy-recover): when the connection breaks
+//! after the switch both sides pause; `migrate-recover URI` makes the destination listen anew and
+//! `migrate URI --resume` reconnects the source, which then sends the pages still missing.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use devices::VmExitReason;
+use migration::incoming;
+use migration::outgoing::{self, MigrationError};
+use migration::peer::Heartbeat;
+use migration::progress::{summary, MigrationState};
+use migration::stream::StreamReader;
+use migration::transport::{self, Endpoint};
+use migration::MigratableVm;
+
+use super::flows::{spawn_postcopy_tail, OnDone};
+use crate::vm::VmInner;
+
+/// Destination: listens on `endpoint` for the source's reconnection, in the background.
+pub fn listen(vm: &Arc<VmInner>, endpoint: Endpoint) -> Result<(), String> {
+    let mut refused = None;
+    vm.migration.update(|s| {
+        if s.role != "destination" || s.state != MigrationState::PostcopyPaused {
+            refused = Some(format!(
+                "nothing to recover here: migrate-recover needs a destination in postcopy-paused (this side: {} {})",
+                if s.role.is_empty() { "no migration" } else { &s.role },
+                s.state
+            ));
+        } else {
+            s.state = MigrationState::PostcopyRecover;
+            s.endpoint = endpoint.to_string();
+        }
+    });
+    if let Some(why) = refused {
+        return Err(why);
+    }
+    let Some(listener) = devices::bus::lock(&vm.postcopy_paused).take() else {
+        vm.migration
+            .update(|s| s.state = MigrationState::PostcopyPaused);
+        return Err("the postcopy state is gone; nothing to recover".into());
+    };
+    let vm = vm.clone();
+    std::thread::Builder::new()
+        .name("postcopy-recover".into())
+        .spawn(move || {
+            eprintln!("tern: waiting for the source to recover postcopy on {endpoint}");
+            let t0 = Instant::now();
+            let failed = |why: String, listener: migration::postcopy::Listener| {
+                eprintln!("tern: error: postcopy recovery failed: {why}");
+                // Keep what we have: another recovery may be tried.
+                *devices::bus::lock(&vm.postcopy_paused) = Some(listener);
+                vm.migration.update(|s| {
+                    s.state = MigrationState::PostcopyPaused;
+                    s.error = Some(format!("postcopy recovery failed: {why}"));
+                });
+            };
+            let mut channel = match transport::accept(&endpoint) {
+                Ok(c) => c,
+                Err(e) => return failed(format!("waiting on {endpoint}: {e}"), listener),
+            };
+            let (Some(r), Some(w)) = (channel.reader.take(), channel.writer.take()) else {
+                return failed(
+                    "recovery needs a connection with a return path".into(),
+                    listener,
+                );
+            };
+            let outcome = incoming::recover(StreamReader::new(r), w, listener, &vm.record);
+            match outcome {
+                Ok((tail, resent)) => {
+                    let left = tail.listener.pages_left();
+                    let rp = tail.listener.return_path();
+                    let heartbeat = match Heartbeat::start(rp.clone()) {
+                        Ok(h) => Some(h),
+                        Err(e) => {
+                            log::warn!("no heartbeat during the recovered postcopy: {e}");
+                            None
+                        }
+                    };
+                    vm.migration.update(|s| {
+                        s.state = MigrationState::Active;
+                        s.phase = "RUNNING".into();
+                        s.error = None;
+                        s.recovered_pages = left as u64;
+                    });
+                    spawn_postcopy_tail(&vm, tail, rp, t0, heartbeat);
+                    eprintln!(
+                        "tern: postcopy recovered: {left} pages still to come, {resent} requests sent again"
+                    );
+                    if let Err(e) = vm.resume() {
+                        eprintln!("tern: error: cannot resume the guest after recovery: {e}");
+                    }
+                }
+                Err(b) => {
+                    let (e, listener) = *b;
+                    failed(e.to_string(), listener);
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the recovery thread: {e}"))
+}
+
+/// Source: reconnects a paused postcopy to `endpoint` and finishes it, in the background.
+pub fn reconnect(vm: &Arc<VmInner>, endpoint: Endpoint, on_done: OnDone) -> Result<(), String> {
+    let mut refused = None;
+    vm.migration.update(|s| {
+        if s.role != "source" || s.state != MigrationState::PostcopyPaused {
+            refused = Some(format!(
+                "nothing to resume: `migrate --resume` needs a source in postcopy-paused (this side: {} {})",
+                if s.role.is_empty() { "no migration" } else { &s.role },
+                s.state
+            ));
+        } else {
+            s.state = MigrationState::PostcopyRecover;
+        }
+    });
+    if let Some(why) = refused {
+        return Err(why);
+    }
+    let vm = vm.clone();
+    std::thread::Builder::new()
+        .name("migration".into())
+        .spawn(move || {
+            let result = outgoing::recover(&*vm, &endpoint, &vm.migration);
+            let status = vm.migration.get();
+            match result {
+                Ok(()) => {
+                    eprintln!("tern: {}", summary(&status));
+                    on_done(&status);
+                    vm.exit.request(VmExitReason::HostRequest(format!(
+                        "guest migrated to {endpoint} (postcopy recovered)"
+                    )));
+                }
+                Err(e) => {
+                    let e: MigrationError = e;
+                    eprintln!(
+                        "tern: error: postcopy recovery to {endpoint} failed, the guest stays paused here (postcopy-paused, retry with migrate --resume): {e}"
+                    );
+                    on_done(&status);
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the recovery thread: {e}"))
+}

@@ -1,0 +1,182 @@
+//! Postcopy recovery: the connection is cut after the switch (twice: once in the push, once
+//! during the recovery itself); both sides pause, the destination listens anew
+//! (`migrate-recover`), the source reconnects (`migrate --resume`), and the guest finishes on the
+//! destination with the same checksum as a run that never migrated: no write is lost.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::proxy::{Dir, Plan, Proxy};
+use common::{dirty_round, remote, remote_json, scratch, Running};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(180);
+const ROUNDS: u64 = 600;
+
+fn guest() -> String {
+    format!("suite=dirty mib=64 static=16 rounds={ROUNDS}")
+}
+
+fn final_checksum(r: &Running) -> Option<String> {
+    r.stdout_lines()
+        .into_iter()
+        .find(|l| dirty_round(l) == Some(ROUNDS))
+}
+
+fn wait_state(sock: &str, want: &str, who: &Running) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = remote_json(sock, &["migrate-status"]);
+        if v["state"] == want {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "want {want}: {v}\n{}",
+            who.describe()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn postcopy_cut_twice_recovers_without_losing_a_write() {
+    let dir = scratch("recovery");
+    let sock = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    let (a, b) = (sock("a.sock"), sock("b.sock"));
+    // The same workload without migration, alongside: its last round's checksum is the truth.
+    let mut reference = Running::spawn(&["--memory", "size=512M", "--cmdline", &guest()]);
+    let src = Running::spawn(&[
+        "--memory",
+        "size=512M",
+        "--cmdline",
+        &guest(),
+        "--api-socket",
+        &a,
+        "--postcopy",
+        "--postcopy-after-iterations",
+        "0",
+    ]);
+    assert!(
+        src.wait_stdout(WAIT, |l| dirty_round(l).is_some_and(|r| r >= 5))
+            .is_some(),
+        "{}",
+        src.describe()
+    );
+    let real = dir.join("mig.sock");
+    let mut dst = Running::spawn(&[
+        "--incoming",
+        &format!("unix:{}", real.display()),
+        "--postcopy",
+        "--api-socket",
+        &b,
+    ]);
+    assert!(dst.wait_stderr(WAIT, "waiting for an incoming migration"));
+
+    // 1. The stream is cut in the middle of the background push.
+    let cut1 = Proxy::start(
+        &dir.join("relay1.sock"),
+        &real,
+        Plan::CutForwardAfter(24 << 20),
+    );
+    let o = remote(&a, &["migrate", &format!("unix:{}", cut1.path.display())]);
+    assert_ne!(o.code, Some(0), "{}", o.describe());
+    wait_state(&a, "postcopy-paused", &src);
+    let st = wait_state(&b, "postcopy-paused", &dst);
+    assert!(
+        st["error"].as_str().unwrap_or("").contains("never arrived"),
+        "{st}"
+    );
+
+    // 2. A recovery whose connection is cut too: both sides end up paused again.
+    let rec1 = dir.join("rec1.sock");
+    let v = remote_json(
+        &b,
+        &["migrate-recover", &format!("unix:{}", rec1.display())],
+    );
+    assert!(v["listening"].is_string(), "{v}");
+    assert_eq!(
+        remote_json(&b, &["migrate-status"])["state"],
+        "postcopy-recover"
+    );
+    let cut2 = Proxy::start(
+        &dir.join("relay2.sock"),
+        &rec1,
+        Plan::CutForwardAfter(8 << 20),
+    );
+    let o = remote(
+        &a,
+        &[
+            "migrate",
+            "--resume",
+            &format!("unix:{}", cut2.path.display()),
+        ],
+    );
+    assert_ne!(o.code, Some(0), "{}", o.describe());
+    assert!(
+        cut2.bytes(Dir::Forward) >= 8 << 20,
+        "the recovery never pushed pages"
+    );
+    let st = wait_state(&a, "postcopy-paused", &src);
+    assert!(st["recovered_pages"].as_u64() > Some(0), "{st}");
+    wait_state(&b, "postcopy-paused", &dst);
+    for s in [&a, &b] {
+        let o = remote(s, &["resume"]);
+        assert!(o.stderr.contains("refused"), "{}", o.describe());
+    }
+
+    // 3. Recovered for good.
+    let rec2 = dir.join("rec2.sock");
+    remote_json(
+        &b,
+        &["migrate-recover", &format!("unix:{}", rec2.display())],
+    );
+    let v = remote_json(
+        &a,
+        &["migrate", "--resume", &format!("unix:{}", rec2.display())],
+    );
+    assert_eq!(v["state"], "completed", "{v}");
+    let left_at_second = v["recovered_pages"].as_u64().unwrap_or(0);
+    assert!(left_at_second > 0, "{v}");
+
+    // The guest finishes on the destination with the reference's checksum.
+    assert_eq!(dst.wait_exit(WAIT), Some(0), "{}", dst.describe());
+    assert_eq!(
+        reference.wait_exit(WAIT),
+        Some(0),
+        "{}",
+        reference.describe()
+    );
+    let want = final_checksum(&reference).expect("reference final round");
+    assert_eq!(
+        final_checksum(&dst).as_deref(),
+        Some(want.as_str()),
+        "{}",
+        dst.describe()
+    );
+    assert!(
+        !dst.stdout_lines().iter().any(|l| l.contains("FAIL")),
+        "{}",
+        dst.describe()
+    );
+}
+
+#[test]
+fn recover_is_refused_where_nothing_is_paused() {
+    let dir = scratch("recovery-refused");
+    let a = dir.join("a.sock").to_string_lossy().into_owned();
+    let _vm = Running::spawn(&[
+        "--memory",
+        "size=64M",
+        "--cmdline",
+        "suite=idle",
+        "--api-socket",
+        &a,
+    ]);
+    common::wait_socket(&a, WAIT);
+    let o = remote(&a, &["migrate-recover", "unix:/tmp/nowhere.sock"]);
+    assert!(o.stderr.contains("nothing to recover"), "{}", o.describe());
+    let o = remote(&a, &["migrate", "--resume", "unix:/tmp/nowhere.sock"]);
+    assert!(o.stderr.contains("nothing to resume"), "{}", o.describe());
+}
