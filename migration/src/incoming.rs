@@ -5,6 +5,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use crate::outgoing::MigrationError;
+use crate::postcopy::preempt::AdviseRecord;
 use crate::postcopy::{probe_userfaultfd, DiscardRecord, Listener};
 use crate::progress::StatusCell;
 use crate::state::{
@@ -76,7 +77,7 @@ pub enum Received {
     Postcopy {
         state: VmState,
         paused_at: Option<u64>,
-        tail: PostcopyTail,
+        tail: Box<PostcopyTail>,
     },
 }
 
@@ -126,7 +127,14 @@ impl PostcopyTail {
                     let left = self.listener.pages_left();
                     status.update(|s| s.remaining_bytes = (left * PAGE_SIZE) as u64);
                 }
-                Section::End => break,
+                Section::End => {
+                    // Requested pages on the preempt channel may still be on their way.
+                    let deadline = std::time::Instant::now() + crate::peer::peer_timeout();
+                    while !self.listener.complete() && std::time::Instant::now() < deadline {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    break;
+                }
                 Section::Heartbeat => {}
                 Section::PageRefused => {
                     let r: crate::postcopy::PageRefusal = frame.decode()?;
@@ -163,6 +171,8 @@ pub struct Options {
     /// Guest RAM is a shared memfd: postcopy's MADV_DONTNEED discards would not make its pages
     /// missing (the guest would read stale memory), so ADVISE is refused.
     pub shared_ram: bool,
+    /// The endpoint, still listening: the postcopy preempt channel is accepted on it.
+    pub preempt: std::sync::Mutex<Option<crate::transport::Listening>>,
 }
 
 /// Receives RAM and device state into `vm` until the end section (precopy) or RUN (postcopy).
@@ -275,6 +285,7 @@ fn apply(
     let mut listener: Option<Listener> = None;
     // Postcopy goes ADVISE (accepted here) -> DISCARD -> state -> RUN, in that order only.
     let mut advised = false;
+    let mut preempt = false;
     let zero = vec![0u8; PAGE_SIZE];
     let (mut vcpus, mut clock, mut irqchip, mut pit, mut devices) = (None, None, None, None, None);
     let (mut full, mut zeros, mut iteration, mut bytes) = (0u64, 0u64, 0u32, 0u64);
@@ -358,9 +369,17 @@ fn apply(
                         "postcopy needs a return path".into(),
                     ));
                 };
+                // A preempt channel when the source asks for one and the endpoint can take it.
+                let asked = AdviseRecord::decode(&frame.payload).preempt;
+                let can = options
+                    .preempt
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_some();
+                preempt = asked && can;
                 let mut w = rp.lock().unwrap_or_else(|e| e.into_inner());
                 match &verdict {
-                    Ok(()) => w.section(Section::Advise, &[])?,
+                    Ok(()) => w.record(Section::Advise, &AdviseRecord { preempt })?,
                     Err(why) => w.record(Section::Abort, why)?,
                 }
                 w.flush()?;
@@ -383,6 +402,16 @@ fn apply(
                         MigrationError::Vm(crate::VmSideError(format!("postcopy listen: {e}")))
                     })?;
                 status.update(|s| s.phase = "LISTEN".into());
+                if preempt {
+                    let taken = options
+                        .preempt
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take();
+                    if let Some(listening) = taken {
+                        crate::postcopy::preempt::serve(listening, l.placer());
+                    }
+                }
                 listener = Some(l);
             }
             Section::Run if listener.is_some() => {
@@ -395,11 +424,11 @@ fn apply(
                 return Ok(Received::Postcopy {
                     state,
                     paused_at,
-                    tail: PostcopyTail {
+                    tail: Box::new(PostcopyTail {
                         frames,
                         spare,
                         listener,
-                    },
+                    }),
                 });
             }
             other => {

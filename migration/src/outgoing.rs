@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::peer::PeerReader;
+use crate::postcopy::preempt::AdviseRecord;
 use crate::progress::{mb, MigrationState, ProgressLine, StatusCell};
 use crate::state::{EndRecord, VmState};
 use crate::stream::{RamBatch, Section, StreamError, StreamReader, StreamWriter};
@@ -24,6 +25,8 @@ pub struct Params {
     /// when the timeout expires, instead of a long stop-and-copy.
     pub postcopy: bool,
     pub postcopy_after_iterations: Option<u32>,
+    /// Requested postcopy pages on a second connection (if the destination agrees).
+    pub postcopy_preempt: bool,
 }
 
 impl Default for Params {
@@ -34,6 +37,7 @@ impl Default for Params {
             timeout: Duration::from_secs(120),
             postcopy: false,
             postcopy_after_iterations: None,
+            postcopy_preempt: true,
         }
     }
 }
@@ -85,6 +89,16 @@ pub(crate) struct PageSender<W: Write> {
 }
 
 impl<W: Write> PageSender<W> {
+    /// A sender with no cancellation check (postcopy's preempt channel, recovery).
+    pub(crate) fn new(w: StreamWriter<W>, batch: RamBatch, page: Vec<u8>) -> Self {
+        PageSender {
+            w,
+            batch,
+            page,
+            cancel: None,
+        }
+    }
+
     /// Sends the set pages of `region`. In the first pass the destination's RAM is still zero, so
     /// zero pages are only counted.
     fn send(
@@ -192,17 +206,18 @@ pub(crate) fn send_state<W: Write>(
 fn advise<W: Write>(
     w: &mut StreamWriter<W>,
     reader: Option<&PeerReader>,
-) -> Result<(), MigrationError> {
+    preempt: bool,
+) -> Result<bool, MigrationError> {
     let Some(rx) = reader else {
         return Err(MigrationError::Rejected(
             "postcopy needs a connection with a return path (unix: or tcp:)".into(),
         ));
     };
-    w.section(Section::Advise, &[])?;
+    w.record(Section::Advise, &AdviseRecord { preempt })?;
     w.flush()?;
     let answer = rx.next(ACK_TIMEOUT).map_err(MigrationError::NoAnswer)?;
     match answer.kind {
-        Section::Advise => Ok(()),
+        Section::Advise => Ok(preempt && AdviseRecord::decode(&answer.payload).preempt),
         Section::Abort => Err(MigrationError::Rejected(
             answer.decode::<String>().unwrap_or_else(|e| e.to_string()),
         )),
@@ -322,8 +337,11 @@ fn run(
         ),
         None => None,
     };
+    let mut preempt = None;
     if params.postcopy {
-        advise(&mut tx.w, reader.as_ref())?;
+        if advise(&mut tx.w, reader.as_ref(), params.postcopy_preempt)? {
+            preempt = crate::postcopy::preempt::open(endpoint);
+        }
         status.update(|s| s.phase = "precopy".into());
     }
     let regions = vm.ram_regions();
@@ -360,6 +378,7 @@ fn run(
             none.clone(),
             none,
             reader,
+            preempt,
             status,
             start,
             paused,
@@ -408,7 +427,7 @@ fn run(
                 .map(|r| DirtyBitmap::full(r.pages()))
                 .collect();
             return crate::postcopy::source::switch(
-                vm, tx, &regions, sent, dirty, reader, status, start, paused,
+                vm, tx, &regions, sent, dirty, reader, preempt, status, start, paused,
             );
         }
         if converged || iteration >= params.max_iterations || start.elapsed() >= params.timeout {
@@ -584,7 +603,7 @@ pub fn recover(
             s.remaining_bytes = (left * PAGE_SIZE) as u64;
             s.recovered_pages = left as u64;
         });
-        crate::postcopy::source::push(vm, tx, &regions, missing, rx, status, start, requests)
+        crate::postcopy::source::push(vm, tx, &regions, missing, rx, None, status, start, requests)
     })();
     if let Err(e) = &result {
         // Whatever broke, the destination runs the guest: stay paused and recoverable.

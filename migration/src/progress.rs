@@ -75,6 +75,10 @@ pub struct MigrationStatus {
     pub switching: bool,
     /// Postcopy recovery: pages the destination still lacked when the connection came back.
     pub recovered_pages: u64,
+    /// Destination, postcopy recovery: from the source's reconnection to the guest running again
+    /// (ms), and the page requests it sent again.
+    pub recovery_ms: f64,
+    pub recovery_requests_resent: u64,
     /// Postcopy figures (destination: measured; source: as the destination reported them).
     pub postcopy: Option<serde_json::Value>,
 }

@@ -50,13 +50,16 @@ pub enum Section {
     Heartbeat = 14,
     /// Source: the migration was cancelled before the switch; the destination drops it.
     Cancel = 15,
-    /// Source, first section of a local migration: guest RAM comes as the descriptors sent with
-    /// the header, one per region (an older destination refuses the unknown kind).
-    LocalRam = 17,
+    /// Source, first section of a local migration (numbered apart from the kinds added in
+    /// sequence): guest RAM is the descriptors sent with the header, one per region (an older
+    /// destination refuses the unknown kind).
+    LocalRam = 0x20,
     /// Either way, postcopy recovery: the source reconnects to a paused postcopy (its payload:
     /// the configuration record, so a wrong peer is refused); the destination ends its list of
     /// missing pages with it.
     Recover = 16,
+    /// Postcopy preempt channel: the first section on the second connection.
+    Preempt = 17,
     /// Return path: the destination resumed the guest.
     Resumed = 0x40,
     /// Return path: the destination gave up; the payload says why.
@@ -66,7 +69,7 @@ pub enum Section {
     /// Return path (postcopy): every page arrived; the figures follow.
     Complete = 0x43,
     /// Return path (local migration): the VM is built on the handed-over RAM; pause now.
-    Ready = 0x45,
+    Ready = 0x50,
     /// Return path (postcopy recovery): runs of pages the destination still lacks.
     Missing = 0x44,
 }
@@ -92,6 +95,7 @@ impl Section {
             Cancel,
             LocalRam,
             Recover,
+            Preempt,
             Resumed,
             Abort,
             PageRequest,
@@ -106,8 +110,8 @@ impl Section {
     /// The largest payload this kind of section may have.
     pub fn max_len(self) -> usize {
         match self {
-            Section::Ram | Section::Discard | Section::Vcpus => MAX_SECTION,
-            Section::Config | Section::Devices => MAX_STATE_RECORD,
+            Section::Ram | Section::Discard | Section::Vcpus | Section::Missing => MAX_SECTION,
+            Section::Config | Section::Devices | Section::Recover => MAX_STATE_RECORD,
             _ => MAX_SMALL_RECORD,
         }
     }
@@ -132,6 +136,7 @@ impl Section {
             Section::Heartbeat => "heartbeat",
             Section::Cancel => "cancel",
             Section::Recover => "postcopy recover",
+            Section::Preempt => "preempt channel",
             Section::Missing => "missing pages",
             Section::PageRequest => "page request",
             Section::Complete => "postcopy complete",

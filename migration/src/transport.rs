@@ -181,42 +181,131 @@ pub fn connect(ep: &Endpoint) -> io::Result<Channel> {
 
 /// Destination side: wait for the source (or open the file).
 pub fn accept(ep: &Endpoint) -> io::Result<Channel> {
+    accept_keep(ep).map(|(c, _)| c)
+}
+
+/// A destination's endpoint still listening after the first connection, for a second one (the
+/// postcopy preempt channel). A Unix socket's path goes away with it.
+pub enum Listening {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Listening {
+    fn accept_blocking(&self) -> io::Result<Conn> {
+        match self {
+            Listening::Unix(l, _) => l.accept().map(|(s, _)| Conn::Unix(s)),
+            Listening::Tcp(l) => l.accept().map(|(s, _)| Conn::Tcp(s)),
+        }
+    }
+
+    /// The next connection, if one comes within `timeout`.
+    pub fn accept_within(&self, timeout: Duration) -> io::Result<Channel> {
+        let deadline = std::time::Instant::now() + timeout;
+        match self {
+            Listening::Unix(l, _) => l.set_nonblocking(true)?,
+            Listening::Tcp(l) => l.set_nonblocking(true)?,
+        }
+        loop {
+            match self.accept_blocking() {
+                Ok(c) => return c.into_channel(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "no second connection came",
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        if let Listening::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    /// Timeouts as a destination wants them: the source writes all the time or sends
+    /// heartbeats, so silence is a dead source.
+    fn into_channel(self) -> io::Result<Channel> {
+        match self {
+            Conn::Unix(s) => {
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(peer_timeout()))?;
+                s.set_write_timeout(Some(STALL_TIMEOUT))?;
+                let r = s.try_clone()?;
+                Ok(split(r, s))
+            }
+            Conn::Tcp(s) => {
+                s.set_nonblocking(false)?;
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(peer_timeout()))?;
+                s.set_write_timeout(Some(STALL_TIMEOUT))?;
+                let r = s.try_clone()?;
+                Ok(split(r, s))
+            }
+        }
+    }
+}
+
+/// The first connection of a Unix endpoint. A local migration's descriptors ride on the stream
+/// header: it is read with recvmsg before any buffered read could take (and so drop) them.
+fn first_unix_channel(s: UnixStream) -> io::Result<Channel> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(peer_timeout()))?;
+    s.set_write_timeout(Some(STALL_TIMEOUT))?;
+    let mut head = vec![0u8; HEADER_LEN];
+    let (n, fds) = crate::fdpass::recv_with_fds(&s, &mut head)?;
+    head.truncate(n);
+    let r = s.try_clone()?;
+    Ok(Channel {
+        reader: Some(Box::new(
+            Cursor::new(head).chain(BufReader::with_capacity(READ_BUF, r)),
+        )),
+        writer: Some(Box::new(BufWriter::with_capacity(BUF, s))),
+        fds,
+    })
+}
+
+/// Destination side: waits for the source (or opens the file); the endpoint keeps listening
+/// (for a preempt channel) until the returned [`Listening`] is dropped.
+pub fn accept_keep(ep: &Endpoint) -> io::Result<(Channel, Option<Listening>)> {
     match ep {
         Endpoint::Unix { path: p, .. } => {
-            let l = bind_private(p)?;
-            let (s, _) = l.accept()?;
-            let _ = std::fs::remove_file(p);
-            // The source writes all the time or sends heartbeats: silence is a dead source.
-            s.set_read_timeout(Some(peer_timeout()))?;
-            s.set_write_timeout(Some(STALL_TIMEOUT))?;
-            // A local migration's descriptors ride on the header: read it with recvmsg before
-            // any buffered read could take (and so drop) them.
-            let mut head = vec![0u8; HEADER_LEN];
-            let (n, fds) = crate::fdpass::recv_with_fds(&s, &mut head)?;
-            head.truncate(n);
-            let r = s.try_clone()?;
-            Ok(Channel {
-                reader: Some(Box::new(
-                    Cursor::new(head).chain(BufReader::with_capacity(READ_BUF, r)),
-                )),
-                writer: Some(Box::new(BufWriter::with_capacity(BUF, s))),
-                fds,
-            })
+            // Made first, so the path goes away whatever happens next.
+            let listening = Listening::Unix(bind_private(p)?, p.clone());
+            let first = match listening.accept_blocking()? {
+                Conn::Unix(s) => first_unix_channel(s)?,
+                other => other.into_channel()?,
+            };
+            Ok((first, Some(listening)))
         }
         Endpoint::Tcp(a) => {
-            let l = TcpListener::bind(a)?;
-            let (s, _) = l.accept()?;
-            s.set_nodelay(true)?;
-            s.set_read_timeout(Some(peer_timeout()))?;
-            s.set_write_timeout(Some(STALL_TIMEOUT))?;
-            let r = s.try_clone()?;
-            Ok(split(r, s))
+            let listening = Listening::Tcp(TcpListener::bind(a)?);
+            let first = listening.accept_blocking()?;
+            Ok((first.into_channel()?, Some(listening)))
         }
-        Endpoint::File(p) => Ok(Channel {
-            reader: Some(Box::new(BufReader::with_capacity(BUF, File::open(p)?))),
-            writer: None,
-            fds: Vec::new(),
-        }),
+        Endpoint::File(p) => Ok((
+            Channel {
+                reader: Some(Box::new(BufReader::with_capacity(BUF, File::open(p)?))),
+                writer: None,
+                fds: Vec::new(),
+            },
+            None,
+        )),
     }
 }
 

@@ -182,6 +182,11 @@ pub struct RunArgs {
     /// Outgoing migrations with --postcopy: switch after this many precopy iterations.
     #[arg(long, value_name = "N", requires = "postcopy")]
     pub postcopy_after_iterations: Option<u32>,
+
+    /// Outgoing postcopy: send requested pages on a second connection (the preempt channel) so
+    /// they never wait behind the background push; `off` keeps everything on one connection.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
+    pub postcopy_preempt: String,
 }
 
 impl RunArgs {

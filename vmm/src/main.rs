@@ -77,6 +77,7 @@ fn run(start: Instant) -> anyhow::Result<Outcome> {
             args.timeout,
             args.postcopy,
             args.postcopy_after_iterations,
+            args.postcopy_preempt == "on",
         );
         let server = api::ApiServer::bind(path, vm.inner.clone(), params, start)
             .map_err(|e| anyhow::anyhow!("--api-socket {}: {e}", path.display()))?;

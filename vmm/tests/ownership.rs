@@ -77,7 +77,8 @@ fn lost_resumed_reply_leaves_exactly_one_running_guest() {
     );
     assert!(dst.wait_stderr(WAIT, "waiting for an incoming migration"));
     // Everything the destination says (its Resumed, its heartbeats) is lost on the way.
-    let proxy = Proxy::start(&dir.join("relay.sock"), &real, Plan::Swallow(Dir::Back));
+    let proxy =
+        Proxy::start(&dir.join("relay.sock"), &real, Plan::Swallow(Dir::Back)).expect("relay");
     let o = remote(&a, &["migrate", &format!("unix:{}", proxy.path.display())]);
     assert_ne!(o.code, Some(0), "{}", o.describe());
     // The destination resumed the guest and runs it...
@@ -140,7 +141,8 @@ fn broken_postcopy_pauses_both_sides_and_refuses_resume() {
         &dir.join("relay.sock"),
         &real,
         Plan::CutForwardAfter(64 << 20),
-    );
+    )
+    .expect("relay");
     let o = remote(&a, &["migrate", &format!("unix:{}", proxy.path.display())]);
     assert_ne!(o.code, Some(0), "{}", o.describe());
     assert!(proxy.bytes(Dir::Forward) >= 64 << 20);
@@ -265,7 +267,8 @@ fn postcopy_push_longer_than_the_peer_timeout_completes() {
         &dir.join("relay.sock"),
         &mig,
         Plan::ThrottleForward(100_000_000),
-    );
+    )
+    .expect("relay");
     let dst = Running::spawn_env(
         &[
             "--incoming",

@@ -393,6 +393,11 @@ fn vcpu_blocked_time_follows_the_page_latency_in_pure_postcopy() {
         vcpu0[2].as_f64().unwrap_or(0.0),
     );
     assert!(faults >= 10.0, "the guest barely faulted: {v}");
+    // Requested pages took the preempt channel (on by default).
+    assert!(
+        v["postcopy"]["source_pages_preempt"].as_u64() > Some(0),
+        "{v}"
+    );
     // Generous for a loaded machine, far below one lost wake-up (~1 s) per few faults.
     let bound = 4.0 * faults * p99_us.max(1000.0);
     assert!(
@@ -402,6 +407,52 @@ fn vcpu_blocked_time_follows_the_page_latency_in_pure_postcopy() {
     // The guest made progress on the destination and verified its memory.
     assert!(
         dst.wait_stdout(WAIT, |l| dirty_round(l).is_some())
+            .is_some(),
+        "{}",
+        dst.describe()
+    );
+    assert!(
+        !dst.stdout_lines().iter().any(|l| l.contains("FAIL")),
+        "{}",
+        dst.describe()
+    );
+}
+
+/// `--postcopy-preempt off` keeps every page on the one connection, and the guest still
+/// finishes with the right memory.
+#[test]
+fn postcopy_without_the_preempt_channel_sends_requests_on_the_main_stream() {
+    let dir = scratch("postcopy-no-preempt");
+    let a = dir.join("a.sock").to_string_lossy().into_owned();
+    let mig = format!("unix:{}", dir.join("mig.sock").display());
+    let src = Running::spawn(&[
+        "--memory",
+        "size=512M",
+        "--cmdline",
+        "suite=dirty mib=192",
+        "--api-socket",
+        &a,
+        "--postcopy",
+        "--postcopy-after-iterations",
+        "0",
+        "--postcopy-preempt",
+        "off",
+    ]);
+    assert!(
+        src.wait_stdout(WAIT, |l| dirty_round(l).is_some_and(|r| r >= 2))
+            .is_some(),
+        "{}",
+        src.describe()
+    );
+    let dst = Running::spawn(&["--incoming", &mig, "--postcopy"]);
+    assert!(dst.wait_stderr(WAIT, "waiting for an incoming migration"));
+    let v = common::remote_json(&a, &["migrate", &mig]);
+    let p = &v["postcopy"];
+    assert!(p["pages_requested"].as_u64() > Some(0), "{v}");
+    assert_eq!(p["source_pages_preempt"], 0, "{v}");
+    let after = dirty_round(&src.stdout_lines().last().cloned().unwrap_or_default()).unwrap_or(0);
+    assert!(
+        dst.wait_stdout(WAIT, |l| dirty_round(l).is_some_and(|r| r > after + 1))
             .is_some(),
         "{}",
         dst.describe()

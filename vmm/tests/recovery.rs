@@ -79,7 +79,8 @@ fn postcopy_cut_twice_recovers_without_losing_a_write() {
         &dir.join("relay1.sock"),
         &real,
         Plan::CutForwardAfter(24 << 20),
-    );
+    )
+    .expect("relay");
     let o = remote(&a, &["migrate", &format!("unix:{}", cut1.path.display())]);
     assert_ne!(o.code, Some(0), "{}", o.describe());
     wait_state(&a, "postcopy-paused", &src);
@@ -104,7 +105,8 @@ fn postcopy_cut_twice_recovers_without_losing_a_write() {
         &dir.join("relay2.sock"),
         &rec1,
         Plan::CutForwardAfter(8 << 20),
-    );
+    )
+    .expect("relay");
     let o = remote(
         &a,
         &[

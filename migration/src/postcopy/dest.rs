@@ -3,7 +3,6 @@
 //! request on the return path (never twice: per-page state Missing -> Requested -> Received), and
 //! the listen side places pages atomically (UFFDIO_COPY / UFFDIO_ZEROPAGE).
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,6 +11,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::placer::{log2_bucket, trim, Placer, Tracker};
 use crate::pagestate::{PageState, PageStates};
 use crate::stream::{Section, StreamError, StreamWriter};
 use crate::uffd::{Fault, Userfaultfd, NEEDED_RANGE_IOCTLS, UFFD_FEATURE_THREAD_ID};
@@ -110,51 +110,6 @@ pub struct PostcopyFigures {
     pub async_faults: u64,
 }
 
-#[derive(Default)]
-struct Tracker {
-    /// gpa -> when it was requested.
-    requested_at: HashMap<u64, Instant>,
-    /// gpa -> the threads that faulted on it and when.
-    waiters: HashMap<u64, Vec<(u32, Instant)>>,
-    latencies_us: Vec<f64>,
-    blocked: HashMap<u32, (u64, f64)>,
-    /// Histogram of single vCPU-thread waits (log2 µs).
-    vcpu_waits_log2: Vec<u64>,
-    vcpu_tids: Vec<u32>,
-    async_faults: u64,
-    faults: u64,
-}
-
-/// log2 bucket of a duration in µs: [2^i, 2^(i+1)).
-fn log2_bucket(us: f64) -> usize {
-    (us.max(1.0).log2() as usize).min(23)
-}
-
-fn trim(mut hist: Vec<u64>) -> Vec<u64> {
-    while hist.last() == Some(&0) {
-        hist.pop();
-    }
-    hist
-}
-
-impl Tracker {
-    /// The page is here: every thread that waited on it stops waiting now.
-    fn end_wait(&mut self, gpa: u64, now: Instant) {
-        for (tid, at) in self.waiters.remove(&gpa).unwrap_or_default() {
-            let us = now.duration_since(at).as_secs_f64() * 1e6;
-            let e = self.blocked.entry(tid).or_default();
-            e.0 += 1;
-            e.1 += us;
-            if self.vcpu_tids.contains(&tid) {
-                if self.vcpu_waits_log2.is_empty() {
-                    self.vcpu_waits_log2 = vec![0; 24];
-                }
-                self.vcpu_waits_log2[log2_bucket(us)] += 1;
-            }
-        }
-    }
-}
-
 /// The destination's postcopy machinery.
 pub struct Listener {
     uffd: Arc<Userfaultfd>,
@@ -165,7 +120,9 @@ pub struct Listener {
     observer: Option<Arc<dyn FaultObserver>>,
     vcpu_tids: Vec<u32>,
     missing_at_switch: u64,
-    pushed: AtomicU64,
+    pushed: Arc<AtomicU64>,
+    /// Places pages (shared with the preempt channel's reader).
+    placer: Placer,
     stop: Arc<AtomicBool>,
     fault_thread: Option<JoinHandle<()>>,
     /// Why the fault thread stopped, if it did: the vCPUs would wait forever, so the
@@ -273,6 +230,15 @@ impl Listener {
             .name("postcopy-faults".into())
             .spawn(move || worker.run())
             .map_err(|e| format!("starting the fault thread: {e}"))?;
+        let pushed = Arc::new(AtomicU64::new(0));
+        let placer = Placer {
+            uffd: uffd.clone(),
+            states: states.clone(),
+            spans: spans.clone(),
+            tracker: tracker.clone(),
+            observer: observer.clone(),
+            pushed: pushed.clone(),
+        };
         Ok(Listener {
             uffd,
             states,
@@ -281,7 +247,8 @@ impl Listener {
             observer,
             vcpu_tids,
             missing_at_switch: missing,
-            pushed: AtomicU64::new(0),
+            pushed,
+            placer,
             stop,
             fault_thread: Some(fault_thread),
             fault_error,
@@ -351,46 +318,12 @@ impl Listener {
 
     /// Places one page that arrived (None: a zero page). Pages already Received are ignored.
     pub fn place(&self, gpa: u64, data: Option<&[u8]>) -> Result<(), StreamError> {
-        let Some(&(sgpa, hva, _, first)) =
-            self.spans.iter().find(|s| gpa >= s.0 && gpa < s.0 + s.2)
-        else {
-            return Err(StreamError::Decode {
-                section: Section::Ram.name(),
-                msg: format!("page {gpa:#x} is outside guest RAM"),
-            });
-        };
-        let page = first + ((gpa - sgpa) / PAGE_SIZE as u64) as usize;
-        let was = self.states.get(page);
-        if was == PageState::Received {
-            return Ok(());
-        }
-        let dst = hva + (gpa - sgpa);
-        let placed = match data {
-            Some(d) => self.uffd.copy(dst, d),
-            None => self.uffd.zeropage(dst, PAGE_SIZE as u64),
-        };
-        placed.map_err(|e| StreamError::Decode {
-            section: Section::Ram.name(),
-            msg: format!("placing page {gpa:#x}: {e}"),
-        })?;
-        self.states.receive(page);
-        let now = Instant::now();
-        let mut t = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
-        match t.requested_at.remove(&gpa) {
-            Some(at) => {
-                let us = now.duration_since(at).as_secs_f64() * 1e6;
-                t.latencies_us.push(us);
-            }
-            None => {
-                self.pushed.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        t.end_wait(gpa, now);
-        drop(t);
-        if let Some(o) = &self.observer {
-            o.placed(gpa);
-        }
-        Ok(())
+        self.placer.place(gpa, data)
+    }
+
+    /// A handle that places pages from another thread (the preempt channel's reader).
+    pub fn placer(&self) -> Placer {
+        self.placer.clone()
     }
 
     /// END: stops the fault thread, unregisters RAM and returns the figures.

@@ -2,6 +2,8 @@
 //! background or requested on the return path when the guest faults on them.
 
 pub mod dest;
+pub mod placer;
+pub mod preempt;
 pub mod source;
 
 pub use dest::{

@@ -13,6 +13,9 @@ use crate::{DirtyBitmap, MigratableVm, RamRegion, PAGE_SIZE};
 
 use super::{ranges, DiscardRecord, PageRefusal, PageRequest};
 
+/// The preempt channel's sender, if the destination agreed to one.
+type Preempt = PageSender<Box<dyn Write + Send>>;
+
 /// A background push batch ends after this many pages or this long, or as soon as a page
 /// request arrives.
 const PUSH_BATCH_PAGES: usize = 16;
@@ -67,6 +70,7 @@ pub(crate) fn switch<W: Write>(
     sent: Vec<DirtyBitmap>,
     mut pending: Vec<DirtyBitmap>,
     rx: PeerReader,
+    preempt: Option<Preempt>,
     status: &StatusCell,
     start: Instant,
     paused: &mut bool,
@@ -102,7 +106,17 @@ pub(crate) fn switch<W: Write>(
     // Until this flush completes no whole RUN went out (its checksum comes last): a failure
     // before here leaves the guest with this side. From here on the destination may run it.
     tx.w.flush()?;
-    push(vm, tx, regions, missing, rx, status, start, Vec::new())
+    push(
+        vm,
+        tx,
+        regions,
+        missing,
+        rx,
+        preempt,
+        status,
+        start,
+        Vec::new(),
+    )
 }
 
 /// RUN -> END: pushes every page in `missing` in the background, serving the destination's
@@ -115,6 +129,7 @@ pub(crate) fn push<W: Write>(
     regions: &[RamRegion],
     mut missing: Vec<DirtyBitmap>,
     rx: PeerReader,
+    mut preempt: Option<Preempt>,
     status: &StatusCell,
     start: Instant,
     requests: Vec<u64>,
@@ -136,6 +151,8 @@ pub(crate) fn push<W: Write>(
     let mut last_sent = Instant::now();
 
     let (mut requested, mut pushed, mut left) = (0u64, 0u64, missing_total);
+    // Requested pages that went on the preempt channel.
+    let mut preempted = 0u64;
     let mut cursor = (0usize, 0usize);
     let mut complete = None;
     // An event that arrived during a push batch (it ends the batch early).
@@ -152,9 +169,26 @@ pub(crate) fn push<W: Write>(
             match ev {
                 Incoming::Request(gpa) => match region_page(regions, gpa) {
                     Some((ri, p)) if missing[ri].get(p) => {
-                        tx.send_one(vm, gpa).map_err(|e| broken(e.to_string()))?;
-                        tx.flush_batch().map_err(|e| broken(e.to_string()))?;
-                        tx.w.flush().map_err(|e| broken(e.to_string()))?;
+                        // The preempt channel if there is one (a broken one is given up; the
+                        // page goes on the main stream then).
+                        let fast = preempt.as_mut().map(|c| {
+                            c.send_one(vm, gpa)
+                                .and_then(|_| c.flush_batch())
+                                .and_then(|_| c.w.flush().map_err(MigrationError::from))
+                        });
+                        if let Some(Err(e)) = &fast {
+                            log::warn!(
+                                "postcopy: preempt channel failed ({e}); using the main stream"
+                            );
+                            preempt = None;
+                        }
+                        if matches!(fast, Some(Ok(()))) {
+                            preempted += 1;
+                        } else {
+                            tx.send_one(vm, gpa).map_err(|e| broken(e.to_string()))?;
+                            tx.flush_batch().map_err(|e| broken(e.to_string()))?;
+                            tx.w.flush().map_err(|e| broken(e.to_string()))?;
+                        }
                         missing[ri].unset(p);
                         left -= 1;
                         requested += 1;
@@ -240,6 +274,7 @@ pub(crate) fn push<W: Write>(
         // Pause here to resume there: only the destination knows when it resumed.
         s.downtime_ms = figures["downtime_ms"].as_f64().unwrap_or(f64::NAN);
         figures["source_pages_requested"] = requested.into();
+        figures["source_pages_preempt"] = preempted.into();
         figures["source_pages_pushed"] = pushed.into();
         s.postcopy = Some(figures);
     });

@@ -147,10 +147,13 @@ pub fn receive(
     start: Instant,
 ) -> Result<Vm, IncomingError> {
     eprintln!("tern: waiting for an incoming migration on {endpoint}");
-    let mut channel = transport::accept(endpoint).map_err(|source| IncomingError::Accept {
-        endpoint: endpoint.clone(),
-        source,
-    })?;
+    let (mut channel, listening) =
+        transport::accept_keep(endpoint).map_err(|source| IncomingError::Accept {
+            endpoint: endpoint.clone(),
+            source,
+        })?;
+    // Kept listening only for a postcopy preempt channel (a Unix path goes with it).
+    let listening = if opts.postcopy { listening } else { None };
     let t0 = Instant::now();
     let reader = channel
         .reader
@@ -222,6 +225,7 @@ pub fn receive(
             vcpu_tids: vm.inner.vcpu_thread_ids(),
             local: local_ram,
             shared_ram: record.shared,
+            preempt: Mutex::new(listening),
         };
         let received =
             incoming::receive(rx, &*vm.inner, &status, t0, return_path.clone(), &options)?;
@@ -241,7 +245,7 @@ pub fn receive(
                 let rp = return_path.clone().ok_or_else(|| {
                     MigrationError::Rejected("postcopy needs a return path".into())
                 })?;
-                spawn_postcopy_tail(&vm.inner, tail, rp, t0, heartbeat.take());
+                spawn_postcopy_tail(&vm.inner, *tail, rp, t0, heartbeat.take());
                 (state, paused_at, true)
             }
         };
@@ -378,6 +382,7 @@ pub fn params(
     timeout_s: u64,
     postcopy: bool,
     postcopy_after_iterations: Option<u32>,
+    postcopy_preempt: bool,
 ) -> Params {
     Params {
         downtime: std::time::Duration::from_millis(downtime_ms),
@@ -385,6 +390,7 @@ pub fn params(
         timeout: std::time::Duration::from_secs(timeout_s),
         postcopy,
         postcopy_after_iterations,
+        postcopy_preempt,
     }
 }
 

@@ -65,6 +65,7 @@ pub fn listen(vm: &Arc<VmInner>, endpoint: Endpoint) -> Result<(), String> {
                     listener,
                 );
             };
+            let reconnected = Instant::now();
             let outcome = incoming::recover(StreamReader::new(r), w, listener, &vm.record);
             match outcome {
                 Ok((tail, resent)) => {
@@ -90,6 +91,11 @@ pub fn listen(vm: &Arc<VmInner>, endpoint: Endpoint) -> Result<(), String> {
                     if let Err(e) = vm.resume() {
                         eprintln!("tern: error: cannot resume the guest after recovery: {e}");
                     }
+                    let ms = reconnected.elapsed().as_secs_f64() * 1e3;
+                    vm.migration.update(|s| {
+                        s.recovery_ms = ms;
+                        s.recovery_requests_resent = resent as u64;
+                    });
                 }
                 Err(b) => {
                     let (e, listener) = *b;

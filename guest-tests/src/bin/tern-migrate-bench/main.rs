@@ -1,8 +1,11 @@
-//! Migration benchmarks: `tern-migrate-bench [precopy|postcopy|random|local|thp]` prints tables
-//! (precopy and postcopy by default; the postcopy tables end with the random-access one, `random`
-//! runs only it).
+//! Migration benchmarks: `tern-migrate-bench [precopy|postcopy|random|recovery|local|thp]` prints
+//! tables (precopy and postcopy by default; the postcopy tables end with the random-access one;
+//! `random`, `recovery`, `local` and `thp` run only that table).
 //! Needs `cargo build --release --workspace` first (it runs the `tern` next to itself). Everything
 //! is measured side by side in one run.
+
+mod random;
+mod recovery;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -193,7 +196,7 @@ fn migrate_run_uri(
     // A guest that reports progress gets to report it a few times before the switch.
     if ready == "touch n=" {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while touches(&src).len() < 3 && Instant::now() < deadline {
+        while random::touches(&src).len() < 3 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -222,20 +225,20 @@ fn main() -> Result<()> {
         None | Some("all") => (true, true),
         Some("precopy") => (true, false),
         Some("postcopy") => (false, true),
-        Some("random" | "local" | "thp") => (false, false),
-        Some(other) => {
-            bail!(
-                "usage: tern-migrate-bench [all|precopy|postcopy|random|local|thp] (got `{other}`)"
-            )
-        }
+        Some("random" | "recovery" | "local" | "thp") => (false, false),
+        Some(other) => bail!(
+            "usage: tern-migrate-bench [all|precopy|postcopy|random|recovery|local|thp] (got \
+             `{other}`)"
+        ),
     };
     let dir: PathBuf = std::env::temp_dir().join(format!("tern-mbench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = (|| {
         match what.as_deref() {
+            Some("random") => return random::random_access_table(&dir),
+            Some("recovery") => return recovery::recovery_table(&dir),
             Some("local") => return local::table(&dir),
             Some("thp") => return thp::table(&dir),
-            Some("random") => return random_access_table(&dir),
             _ => {}
         }
         if pre {
@@ -508,78 +511,5 @@ fn postcopy_table(dir: &Path) -> Result<()> {
         println!("- {n}");
     }
     println!();
-    random_access_table(dir)
-}
-
-/// The `touch n=` counts a tern's guest printed so far.
-fn touches(t: &Tern) -> Vec<u64> {
-    let lines = t.lines.lock().unwrap_or_else(|e| e.into_inner());
-    lines
-        .iter()
-        .filter_map(|l| field(l.strip_prefix("tern-guest: touch")?, "n"))
-        .collect()
-}
-
-/// Random reads over 512 MiB of a 1 GiB guest, pure postcopy: thousands of page requests while
-/// the background push runs (QEMU's random-access postcopy latency test).
-fn random_access_table(dir: &Path) -> Result<()> {
-    println!(
-        "| random access, 512 MiB of 1 GiB, pure postcopy | requested / pushed | request p50 / p99 \
-         / max µs | vCPU waits | vCPU blocked ms (mean µs a wait) | vCPU waits, log2 µs buckets \
-         from 1 µs | touches/s before | touches/s during postcopy | total ms |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    let m = migrate_run(
-        dir,
-        "pc-random",
-        &[
-            "--memory",
-            "size=1G",
-            "--postcopy",
-            "--postcopy-after-iterations",
-            "0",
-            "--cmdline",
-            "suite=touch mib=512",
-        ],
-        // Three reports (~0.75 s of touching) before the switch: the rate before postcopy.
-        "touch n=",
-        &["--postcopy"],
-    )?;
-    let s = postcopy_status(&m, "random access")?;
-    let p = &s["postcopy"];
-    let before = touches(&m.src);
-    // Reports come every 250 ms of guest time.
-    let rate_before = before
-        .windows(2)
-        .last()
-        .map_or(0.0, |w| (w[1].saturating_sub(w[0])) as f64 / 0.25);
-    let last_src = before.last().copied().unwrap_or(0);
-    let during = touches(&m.dst)
-        .into_iter()
-        .max()
-        .unwrap_or(last_src)
-        .saturating_sub(last_src);
-    let total_s = s["total_ms"].as_f64().unwrap_or(f64::NAN) / 1e3;
-    let ((vf, vus), _) = blocked(p);
-    let hist: Vec<String> = p["vcpu_blocked_log2_us"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|v| v.to_string())
-        .collect();
-    println!(
-        "| one channel | {} / {} | {:.0} / {:.0} / {:.0} | {vf} | {:.1} ({:.0}) | {} | {:.0} | {:.0} | {:.0} |",
-        p["pages_requested"].as_u64().unwrap_or(0),
-        p["pages_pushed"].as_u64().unwrap_or(0),
-        p["request_latency_p50_us"].as_f64().unwrap_or(f64::NAN),
-        p["request_latency_p99_us"].as_f64().unwrap_or(f64::NAN),
-        p["request_latency_max_us"].as_f64().unwrap_or(f64::NAN),
-        vus / 1e3,
-        if vf > 0 { vus / vf as f64 } else { 0.0 },
-        hist.join(" "),
-        rate_before,
-        during as f64 / total_s,
-        total_s * 1e3,
-    );
-    Ok(())
+    random::random_access_table(dir)
 }

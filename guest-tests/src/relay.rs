@@ -1,4 +1,4 @@
-//! A fault-injection relay for migration tests: it sits between source and destination on Unix
+//! A fault-injection relay for migration tests and benchmarks: it sits between source and destination on Unix
 //! sockets and can cut the connection, swallow one direction, or stop forwarding, at a chosen
 //! byte count or on demand.
 
@@ -42,7 +42,12 @@ struct Shared {
 impl Shared {
     fn cut_now(&self) {
         self.cut.store(true, Ordering::SeqCst);
-        for s in self.sockets.lock().unwrap().iter() {
+        for s in self
+            .sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
@@ -55,30 +60,21 @@ pub struct Proxy {
 
 impl Proxy {
     /// Listens on `listen` and relays the first connection to `target`.
-    pub fn start(listen: &Path, target: &Path, plan: Plan) -> Proxy {
-        let listener = UnixListener::bind(listen).expect("proxy bind");
+    pub fn start(listen: &Path, target: &Path, plan: Plan) -> std::io::Result<Proxy> {
+        let listener = UnixListener::bind(listen)?;
         let shared = Arc::new(Shared::default());
         let s = shared.clone();
         let target = target.to_path_buf();
         std::thread::spawn(move || {
-            let Ok((src, _)) = listener.accept() else {
-                return;
-            };
-            let dst = UnixStream::connect(&target).expect("proxy connect to the destination");
-            {
-                let mut v = s.sockets.lock().unwrap();
-                v.push(src.try_clone().unwrap());
-                v.push(dst.try_clone().unwrap());
+            if let Err(e) = relay(&listener, &target, plan, &s) {
+                eprintln!("relay: {e}");
+                s.cut_now();
             }
-            let (s1, s2) = (s.clone(), s.clone());
-            let (src2, dst2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
-            std::thread::spawn(move || pump(src, dst, Dir::Forward, plan, &s1));
-            std::thread::spawn(move || pump(dst2, src2, Dir::Back, plan, &s2));
         });
-        Proxy {
+        Ok(Proxy {
             path: listen.to_path_buf(),
             shared,
-        }
+        })
     }
 
     /// Cuts both directions now.
@@ -104,6 +100,27 @@ impl Proxy {
         }
         true
     }
+}
+
+/// Accepts one connection, connects it to `target` and starts the two pumps.
+fn relay(
+    listener: &UnixListener,
+    target: &Path,
+    plan: Plan,
+    s: &Arc<Shared>,
+) -> std::io::Result<()> {
+    let (src, _) = listener.accept()?;
+    let dst = UnixStream::connect(target)?;
+    {
+        let mut v = s.sockets.lock().unwrap_or_else(|e| e.into_inner());
+        v.push(src.try_clone()?);
+        v.push(dst.try_clone()?);
+    }
+    let (s1, s2) = (s.clone(), s.clone());
+    let (src2, dst2) = (src.try_clone()?, dst.try_clone()?);
+    std::thread::spawn(move || pump(src, dst, Dir::Forward, plan, &s1));
+    std::thread::spawn(move || pump(dst2, src2, Dir::Back, plan, &s2));
+    Ok(())
 }
 
 fn pump(mut from: UnixStream, mut to: UnixStream, dir: Dir, plan: Plan, s: &Shared) {
