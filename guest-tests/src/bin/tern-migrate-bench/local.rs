@@ -11,8 +11,11 @@ const REPEATS: usize = 3;
 
 /// The destination's own downtime figure (source pause to its resume), from its summary line.
 fn destination_downtime(m: &Migration) -> f64 {
+    // It prints its summary just after confirming, so it may come a moment after the reply.
     m.dst
-        .find_line(|l| l.contains("migration completed (destination)"))
+        .wait_line(std::time::Duration::from_secs(10), |l| {
+            l.contains("migration completed (destination)")
+        })
         .and_then(|l| {
             let rest = l.split("downtime ").nth(1)?;
             rest.split_whitespace().next()?.parse().ok()
