@@ -96,8 +96,10 @@ fn connect(path: &Path, dst: &Running) -> UnixStream {
 /// The destination ends with exit status 1 and one `tern: error:` line containing `expect`.
 fn assert_refused(mut dst: Running, expect: &str) {
     let code = dst.wait_exit(WAIT);
-    let err = dst.stderr_text();
     assert_eq!(code, Some(1), "hung or crashed\n{}", dst.describe());
+    // The process may end before the collector thread has read its last line.
+    dst.wait_stderr(Duration::from_secs(5), "tern: error: ");
+    let err = dst.stderr_text();
     assert!(!err.contains("panicked"), "{}", dst.describe());
     let line = err
         .lines()
