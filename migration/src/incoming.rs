@@ -200,14 +200,17 @@ fn spawn_reader(
     let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
     std::thread::Builder::new()
         .name("migration-reader".into())
-        .spawn(move || loop {
-            while let Ok(buf) = spare_rx.try_recv() {
-                r.recycle(buf);
-            }
-            let frame = r.read_section();
-            let last = !matches!(&frame, Ok(f) if f.kind != Section::End);
-            if frames_tx.send(frame).is_err() || last {
-                return;
+        .spawn(move || {
+            crate::thread_started("migration-reader");
+            loop {
+                while let Ok(buf) = spare_rx.try_recv() {
+                    r.recycle(buf);
+                }
+                let frame = r.read_section();
+                let last = !matches!(&frame, Ok(f) if f.kind != Section::End);
+                if frames_tx.send(frame).is_err() || last {
+                    return;
+                }
             }
         })
         .map_err(|e| MigrationError::NoAnswer(format!("starting the reader thread: {e}")))?;

@@ -11,6 +11,7 @@ pub mod pagestate;
 pub mod peer;
 pub mod postcopy;
 pub mod progress;
+pub mod snapshot;
 pub mod state;
 pub mod stream;
 pub mod transport;
@@ -18,6 +19,20 @@ pub mod uffd;
 
 pub use bitmap::DirtyBitmap;
 pub use state::{VmConfigRecord, VmState};
+
+static THREAD_START: std::sync::OnceLock<fn(&'static str)> = std::sync::OnceLock::new();
+
+/// Lets the VMM act first in every thread this crate starts (tern installs its seccomp filter
+/// there), by the thread's name.
+pub fn set_thread_start_hook(hook: fn(&'static str)) {
+    let _ = THREAD_START.set(hook);
+}
+
+pub(crate) fn thread_started(name: &'static str) {
+    if let Some(hook) = THREAD_START.get() {
+        hook(name);
+    }
+}
 
 /// Guest pages are 4 KiB everywhere in tern.
 pub const PAGE_SIZE: usize = 4096;

@@ -276,6 +276,19 @@ pub fn migrate(
     result
 }
 
+/// A snapshot cannot be cancelled once it starts (it is short and pauses the guest anyway).
+fn begin_switch_snapshot(status: &StatusCell) -> Result<(), MigrationError> {
+    let mut cancelled = false;
+    status.update(|s| {
+        cancelled = s.cancel_requested;
+        s.switching = !cancelled;
+    });
+    if cancelled {
+        return Err(MigrationError::Cancelled);
+    }
+    Ok(())
+}
+
 /// Marks the switch as started unless a cancel came first (one lock: `migrate-cancel` sees
 /// either a cancelled precopy or a switch it must refuse).
 fn begin_switch<W: Write>(
@@ -304,6 +317,13 @@ fn run(
 ) -> Result<(), MigrationError> {
     if let Endpoint::Unix { path, local: true } = endpoint {
         return crate::local::run(vm, path, params, status, start, paused);
+    }
+    // A snapshot: the guest pauses once and is written whole, in the snapshot layout.
+    if let Endpoint::File(path) = endpoint {
+        begin_switch_snapshot(status)?;
+        vm.pause()?;
+        *paused = true;
+        return crate::snapshot::write(vm, path, status);
     }
     // Postcopy makes discarded pages missing with MADV_DONTNEED, which does not drop the pages
     // of a shared mapping: the guest would read stale memory.

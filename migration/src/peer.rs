@@ -107,15 +107,18 @@ impl PeerReader {
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("return-path".into())
-            .spawn(move || loop {
-                let ev = match r.read_section() {
-                    Ok(f) if f.kind == Section::Heartbeat => continue,
-                    Ok(f) => PeerEvent::Frame(f),
-                    Err(e) => PeerEvent::Broken(explain(e)),
-                };
-                let last = matches!(ev, PeerEvent::Broken(_));
-                if tx.send(ev).is_err() || last {
-                    return;
+            .spawn(move || {
+                crate::thread_started("return-path");
+                loop {
+                    let ev = match r.read_section() {
+                        Ok(f) if f.kind == Section::Heartbeat => continue,
+                        Ok(f) => PeerEvent::Frame(f),
+                        Err(e) => PeerEvent::Broken(explain(e)),
+                    };
+                    let last = matches!(ev, PeerEvent::Broken(_));
+                    if tx.send(ev).is_err() || last {
+                        return;
+                    }
                 }
             })?;
         Ok(PeerReader { rx })

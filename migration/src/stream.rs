@@ -18,6 +18,8 @@ pub const MAGIC: &[u8; 8] = b"TERNMIG\0";
 pub const VERSION: u32 = 1;
 /// Magic, version and flags.
 pub const HEADER_LEN: usize = 16;
+/// Snapshot files (`file:` endpoints) have their own layout; see `snapshot.rs`.
+pub const SNAPSHOT_VERSION: u32 = 2;
 /// Largest section payload tern writes or accepts (RAM batches, the discard list, vCPU state).
 pub const MAX_SECTION: usize = 8 << 20;
 /// Largest configuration or device-state record: far above what tern writes (a few KiB), far
@@ -60,6 +62,8 @@ pub enum Section {
     Recover = 16,
     /// Postcopy preempt channel: the first section on the second connection.
     Preempt = 17,
+    /// Snapshot: (gpa u64 LE, crc32 u32 LE) of each stored page, in file order.
+    PageIndex = 18,
     /// Return path: the destination resumed the guest.
     Resumed = 0x40,
     /// Return path: the destination gave up; the payload says why.
@@ -96,6 +100,7 @@ impl Section {
             LocalRam,
             Recover,
             Preempt,
+            PageIndex,
             Resumed,
             Abort,
             PageRequest,
@@ -110,7 +115,11 @@ impl Section {
     /// The largest payload this kind of section may have.
     pub fn max_len(self) -> usize {
         match self {
-            Section::Ram | Section::Discard | Section::Vcpus | Section::Missing => MAX_SECTION,
+            Section::Ram
+            | Section::Discard
+            | Section::Vcpus
+            | Section::Missing
+            | Section::PageIndex => MAX_SECTION,
             Section::Config | Section::Devices | Section::Recover => MAX_STATE_RECORD,
             _ => MAX_SMALL_RECORD,
         }
@@ -137,6 +146,7 @@ impl Section {
             Section::Cancel => "cancel",
             Section::Recover => "postcopy recover",
             Section::Preempt => "preempt channel",
+            Section::PageIndex => "page index",
             Section::Missing => "missing pages",
             Section::PageRequest => "page request",
             Section::Complete => "postcopy complete",
@@ -202,12 +212,20 @@ impl<W: Write> StreamWriter<W> {
     }
 
     pub fn header(&mut self) -> Result<(), StreamError> {
-        self.raw(&header_bytes())
+        self.header_version(VERSION)
     }
 
     /// Counts bytes that went out around this writer (a header sent with descriptors).
     pub fn count_sent(&mut self, n: usize) {
         self.bytes += n as u64;
+    }
+
+    pub fn header_version(&mut self, version: u32) -> Result<(), StreamError> {
+        let mut h = Vec::with_capacity(16);
+        h.extend_from_slice(MAGIC);
+        h.extend_from_slice(&version.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        self.raw(&h)
     }
 
     fn raw(&mut self, b: &[u8]) -> Result<(), StreamError> {
@@ -304,17 +322,25 @@ impl<R: Read> StreamReader<R> {
     }
 
     pub fn header(&mut self) -> Result<(), StreamError> {
+        match self.header_version()? {
+            VERSION => Ok(()),
+            SNAPSHOT_VERSION => Err(StreamError::Decode {
+                section: "stream header",
+                msg: "this is a snapshot file, not a migration stream (restore it with --incoming file:PATH)".into(),
+            }),
+            v => Err(StreamError::Version(v)),
+        }
+    }
+
+    /// Reads the header and returns its version, whatever it is.
+    pub fn header_version(&mut self) -> Result<u32, StreamError> {
         let mut h = [0u8; 16];
         read_exact_in(&mut self.r, &mut h, "stream header")?;
         self.bytes += 16;
         if &h[..8] != MAGIC {
             return Err(StreamError::BadMagic);
         }
-        let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-        if version != VERSION {
-            return Err(StreamError::Version(version));
-        }
-        Ok(())
+        Ok(u32::from_le_bytes([h[8], h[9], h[10], h[11]]))
     }
 
     /// Gives a payload buffer back for reuse.

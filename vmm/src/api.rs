@@ -111,6 +111,8 @@ impl ApiServer {
         let spawned = std::thread::Builder::new()
             .name("api-client".into())
             .spawn(move || {
+                // Under the main thread's filter.
+                crate::seccomp::label("API client");
                 if let Err(e) = handler.serve(stream) {
                     log::warn!("api: {e}");
                 }

@@ -146,6 +146,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "kvm|tern|off", default_value = "kvm")]
     pub async_pf: String,
 
+    /// seccomp filters on every thread: on (a forbidden system call stops tern with a report
+    /// naming it), log (the kernel logs it and it runs), off.
+    #[arg(long, value_name = "on|log|off", default_value = "on")]
+    pub seccomp: String,
+
     /// Log level on stderr: error, warn, info, debug.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: String,
@@ -158,6 +163,12 @@ pub struct RunArgs {
     /// of booting one; the stream carries the VM's configuration.
     #[arg(long, value_name = "URI", conflicts_with_all = ["kernel", "initramfs", "cmdline", "cmdline_append", "memory", "cpus", "balloon"])]
     pub incoming: Option<String>,
+
+    /// `--incoming file:` only: `eager` reads all of the snapshot's RAM before the guest runs;
+    /// `lazy` runs it at once and serves pages from the file on first touch (and in the
+    /// background).
+    #[arg(long, value_enum, default_value = "eager", requires = "incoming")]
+    pub restore: crate::migrate::restore::RestoreMode,
 
     /// Outgoing migrations: stop the guest once the rest fits this downtime at the measured
     /// bandwidth.

@@ -15,6 +15,7 @@ mod logger;
 mod memory;
 mod migrate;
 mod remote;
+mod seccomp;
 mod serial_socket;
 mod vm;
 
@@ -50,6 +51,8 @@ fn run(start: Instant) -> anyhow::Result<Outcome> {
     }
     let args = cli.run;
     logger::init(&args.log_level)?;
+    // Filters go on each thread once it is set up (the main thread's when its event loop starts).
+    seccomp::init(args.seccomp.parse().map_err(anyhow::Error::msg)?)?;
     let mut vm = match &args.incoming {
         Some(uri) => {
             let ep: migration::transport::Endpoint = uri.parse()?;
@@ -57,6 +60,7 @@ fn run(start: Instant) -> anyhow::Result<Outcome> {
                 serial: config::parse_serial(&args.serial)?,
                 async_pf: args.async_pf.parse().map_err(anyhow::Error::msg)?,
                 postcopy: args.postcopy,
+                restore: args.restore,
             };
             migrate::flows::receive(&ep, opts, start)?
         }

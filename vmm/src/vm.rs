@@ -61,6 +61,8 @@ pub enum VmError {
     Lazy(#[from] lazy::LazyError),
     #[error("the incoming VM cannot be built here: {0}")]
     Incompatible(String),
+    #[error("{0}")]
+    Seccomp(String),
 }
 
 pub(crate) fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
@@ -101,6 +103,8 @@ pub struct VmInner {
     /// A destination's postcopy machinery while postcopy is paused (broken connection), kept
     /// for `migrate-recover`.
     pub postcopy_paused: Mutex<Option<migration::postcopy::Listener>>,
+    /// A lazy snapshot restore's fault thread (`--incoming file: --restore lazy`).
+    pub restore_lazy: Mutex<Option<LazyMemory>>,
 }
 
 pub struct Vm {
@@ -211,7 +215,12 @@ impl Vm {
                     source,
                 })?;
                 let observer = apf.clone().map(|a| a as Arc<dyn FaultObserver>);
-                Some(lazy::start(&mem, Box::new(source), observer)?)
+                Some(lazy::start(
+                    &mem,
+                    Box::new(source),
+                    observer,
+                    lazy::LazyOptions::default(),
+                )?)
             }
             None => None,
         };
@@ -304,6 +313,7 @@ impl Vm {
                 vcpu_tids: tids,
                 balloon,
                 postcopy_paused: Mutex::new(None),
+                restore_lazy: Mutex::new(None),
             }),
             console_input: matches!(cfg.serial, SerialConfig::Tty),
             serial2,
@@ -319,6 +329,8 @@ impl Vm {
         if self.console_input {
             extra.push(Arc::new(Mutex::new(ConsoleInput::new(inner.com1.clone()))));
         }
+        crate::seccomp::install(crate::seccomp::ThreadKind::Main)
+            .map_err(|e| VmError::Seccomp(e.to_string()))?;
         let result = event_loop::run(inner.exit.clone(), extra);
         if result.is_err() {
             inner

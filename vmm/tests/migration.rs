@@ -151,8 +151,9 @@ fn killed_destination_leaves_the_source_running() {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "migration never failed: {}",
-            s.describe()
+            "migration never failed: {}\n--- source\n{}",
+            s.describe(),
+            src.describe()
         );
         std::thread::sleep(Duration::from_millis(50));
     }

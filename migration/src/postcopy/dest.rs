@@ -228,7 +228,10 @@ impl Listener {
         };
         let fault_thread = std::thread::Builder::new()
             .name("postcopy-faults".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                crate::thread_started("postcopy-faults");
+                worker.run()
+            })
             .map_err(|e| format!("starting the fault thread: {e}"))?;
         let pushed = Arc::new(AtomicU64::new(0));
         let placer = Placer {

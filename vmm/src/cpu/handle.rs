@@ -35,7 +35,10 @@ impl VcpuHandle {
         };
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu.run(port))?;
+            .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Vcpu);
+                vcpu.run(port)
+            })?;
         let handle = VcpuHandle {
             id,
             pause,

@@ -36,6 +36,21 @@ pub struct LazyStats {
     pub faults: AtomicU64,
     pub pages: AtomicU64,
     pub fault_to_placed_ns: AtomicU64,
+    /// Pages placed ahead of any fault by the background prefault.
+    pub prefaulted: AtomicU64,
+    /// When the background prefault placed its last page (ns after start; 0: not done).
+    pub prefault_done_ns: AtomicU64,
+}
+
+/// How a lazy memory behaves beyond serving faults.
+#[derive(Default)]
+pub struct LazyOptions {
+    /// Guest pages to place in the background, in this order, whenever no fault waits (a lazy
+    /// restore fills all of RAM this way; plain lazy memory leaves pages missing until touched).
+    pub prefault: Vec<u64>,
+    /// A page the source cannot supply stops the VM with this callback's message, instead of
+    /// being mapped as zeros (snapshot pages are checked: never map garbage).
+    pub on_fatal: Option<Box<dyn Fn(String) + Send>>,
 }
 
 /// (guest physical, host virtual, length) of one RAM region.
@@ -58,6 +73,7 @@ pub fn start(
     mem: &GuestMemory,
     source: Box<dyn PageSource>,
     observer: Option<Arc<dyn FaultObserver>>,
+    options: LazyOptions,
 ) -> Result<LazyMemory, LazyError> {
     let uffd = Userfaultfd::new(UFFD_FEATURE_THREAD_ID).map_err(LazyError::Open)?;
     if uffd.features & UFFD_FEATURE_THREAD_ID == 0 {
@@ -88,10 +104,14 @@ pub fn start(
         observer,
         stats: stats.clone(),
         stop: stop.clone(),
+        options,
     };
     let thread = std::thread::Builder::new()
         .name("uffd-faults".into())
-        .spawn(move || worker.run())
+        .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Faults);
+            worker.run()
+        })
         .map_err(LazyError::Thread)?;
     Ok(LazyMemory {
         stats,
@@ -116,7 +136,11 @@ struct FaultWorker {
     observer: Option<Arc<dyn FaultObserver>>,
     stats: Arc<LazyStats>,
     stop: Arc<AtomicBool>,
+    options: LazyOptions,
 }
+
+/// Pages the background prefault places between two looks at the fault queue.
+const PREFAULT_BATCH: usize = 32;
 
 impl FaultWorker {
     fn gpa_of(&self, hva: u64) -> Option<(u64, u64)> {
@@ -126,12 +150,51 @@ impl FaultWorker {
             .map(|s| (s.gpa + (hva - s.hva), hva))
     }
 
+    fn hva_of(&self, gpa: u64) -> Option<u64> {
+        self.spans
+            .iter()
+            .find(|s| gpa >= s.gpa && gpa < s.gpa + s.len)
+            .map(|s| s.hva + (gpa - s.gpa))
+    }
+
+    /// Places guest page `gpa` at `hva` from the source. Err: the source failed and the VM was
+    /// told to stop (fatal mode).
+    fn place(&mut self, gpa: u64, hva: u64, page: &mut [u8]) -> Result<(), ()> {
+        let placed = match self.source.fetch(gpa, page) {
+            Ok(true) => self.uffd.copy(hva, page),
+            Ok(false) => self.uffd.zeropage(hva, PAGE),
+            Err(e) => match &self.options.on_fatal {
+                Some(stop_vm) => {
+                    stop_vm(format!("lazy memory: {e}"));
+                    return Err(());
+                }
+                None => {
+                    log::error!("page source failed for {gpa:#x}: {e}; placing zeros");
+                    self.uffd.zeropage(hva, PAGE)
+                }
+            },
+        };
+        if let Err(e) = placed {
+            log::error!("placing guest page {gpa:#x}: {e}");
+        }
+        Ok(())
+    }
+
     fn run(mut self) {
+        let started = Instant::now();
         let mut faults: Vec<Fault> = Vec::new();
         let mut page = vec![0u8; PAGE as usize];
         let mut done: HashSet<u64> = HashSet::new();
+        let prefault = std::mem::take(&mut self.options.prefault);
+        let mut next_prefault = 0usize;
         while !self.stop.load(Ordering::SeqCst) {
-            if let Err(e) = self.uffd.wait_faults(100, &mut faults) {
+            // Faults first; with background work left, only look, do not wait.
+            let wait_ms = if next_prefault < prefault.len() {
+                0
+            } else {
+                100
+            };
+            if let Err(e) = self.uffd.wait_faults(wait_ms, &mut faults) {
                 log::error!("userfaultfd read failed: {e}");
                 return;
             }
@@ -151,17 +214,8 @@ impl FaultWorker {
                 if let Some(o) = &self.observer {
                     o.fault(f.tid, gpa);
                 }
-                let placed = match self.source.fetch(gpa, &mut page) {
-                    Ok(true) => self.uffd.copy(hva, &page),
-                    Ok(false) => self.uffd.zeropage(hva, PAGE),
-                    Err(e) => {
-                        log::error!("page source failed for {gpa:#x}: {e}; placing zeros");
-                        self.uffd.zeropage(hva, PAGE)
-                    }
-                };
-                if let Err(e) = placed {
-                    log::error!("placing guest page {gpa:#x}: {e}");
-                    continue;
+                if self.place(gpa, hva, &mut page).is_err() {
+                    return;
                 }
                 done.insert(gpa);
                 self.stats.pages.fetch_add(1, Ordering::Relaxed);
@@ -170,6 +224,33 @@ impl FaultWorker {
                     .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 if let Some(o) = &self.observer {
                     o.placed(gpa);
+                }
+            }
+            let mut placed = 0;
+            while placed < PREFAULT_BATCH && next_prefault < prefault.len() {
+                let gpa = prefault[next_prefault];
+                next_prefault += 1;
+                if done.contains(&gpa) {
+                    continue;
+                }
+                let Some(hva) = self.hva_of(gpa) else {
+                    continue;
+                };
+                if self.place(gpa, hva, &mut page).is_err() {
+                    return;
+                }
+                done.insert(gpa);
+                self.stats.prefaulted.fetch_add(1, Ordering::Relaxed);
+                placed += 1;
+                if next_prefault == prefault.len() {
+                    let ns = started.elapsed().as_nanos() as u64;
+                    self.stats.prefault_done_ns.store(ns, Ordering::Relaxed);
+                    eprintln!(
+                        "tern: lazy memory: background pass placed {} pages in {:.1} ms ({} faults served first)",
+                        self.stats.prefaulted.load(Ordering::Relaxed),
+                        ns as f64 / 1e6,
+                        self.stats.faults.load(Ordering::Relaxed)
+                    );
                 }
             }
         }

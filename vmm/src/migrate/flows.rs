@@ -39,6 +39,7 @@ pub fn start_outgoing(
     std::thread::Builder::new()
         .name("migration".into())
         .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Migration);
             let result = outgoing::migrate(&*vm, &endpoint, &params, &vm.migration);
             let status = vm.migration.get();
             match result {
@@ -89,11 +90,13 @@ pub struct IncomingOptions {
     pub serial: SerialConfig,
     pub async_pf: AsyncPfMode,
     pub postcopy: bool,
+    /// `file:` snapshots: read all of RAM first, or serve it on first touch.
+    pub restore: super::restore::RestoreMode,
 }
 
 /// The VM an incoming stream describes, through the command line's checks (and one more: the RAM
 /// layout must be the one tern builds for that size), before anything is created.
-fn config_from_record(
+pub(crate) fn config_from_record(
     record: &migration::VmConfigRecord,
     opts: &IncomingOptions,
 ) -> Result<VmConfig, crate::vm::VmError> {
@@ -146,6 +149,9 @@ pub fn receive(
     opts: IncomingOptions,
     start: Instant,
 ) -> Result<Vm, IncomingError> {
+    if let Endpoint::File(path) = endpoint {
+        return super::restore::restore(path, &opts, start);
+    }
     eprintln!("tern: waiting for an incoming migration on {endpoint}");
     let (mut channel, listening) =
         transport::accept_keep(endpoint).map_err(|source| IncomingError::Accept {
@@ -305,6 +311,7 @@ pub(crate) fn spawn_postcopy_tail(
     let spawned = std::thread::Builder::new()
         .name("postcopy-listen".into())
         .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::PostcopyListen);
             let status = inner.migration.clone();
             let outcome = tail.run(&status);
             drop(heartbeat);

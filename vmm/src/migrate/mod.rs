@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod flows;
 pub mod recovery;
+pub mod restore;
 
 use std::sync::atomic::Ordering;
 

@@ -128,6 +128,7 @@ pub fn reconnect(vm: &Arc<VmInner>, endpoint: Endpoint, on_done: OnDone) -> Resu
     std::thread::Builder::new()
         .name("migration".into())
         .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Migration);
             let result = outgoing::recover(&*vm, &endpoint, &vm.migration);
             let status = vm.migration.get();
             match result {

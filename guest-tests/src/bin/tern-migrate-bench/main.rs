@@ -1,11 +1,12 @@
-//! Migration benchmarks: `tern-migrate-bench [precopy|postcopy|random|recovery|local|thp]` prints
-//! tables (precopy and postcopy by default; the postcopy tables end with the random-access one;
-//! `random`, `recovery`, `local` and `thp` run only that table).
+//! Migration benchmarks: `tern-migrate-bench [precopy|postcopy|random|recovery|restore|local|thp]`
+//! prints tables (precopy and postcopy by default; the postcopy tables end with the random-access
+//! one; `random`, `recovery`, `restore`, `local` and `thp` run only that table).
 //! Needs `cargo build --release --workspace` first (it runs the `tern` next to itself). Everything
 //! is measured side by side in one run.
 
 mod random;
 mod recovery;
+mod restore;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -225,10 +226,10 @@ fn main() -> Result<()> {
         None | Some("all") => (true, true),
         Some("precopy") => (true, false),
         Some("postcopy") => (false, true),
-        Some("random" | "recovery" | "local" | "thp") => (false, false),
+        Some("random" | "recovery" | "restore" | "local" | "thp") => (false, false),
         Some(other) => bail!(
-            "usage: tern-migrate-bench [all|precopy|postcopy|random|recovery|local|thp] (got \
-             `{other}`)"
+            "usage: tern-migrate-bench [all|precopy|postcopy|random|recovery|restore|local|thp] \
+             (got `{other}`)"
         ),
     };
     let dir: PathBuf = std::env::temp_dir().join(format!("tern-mbench-{}", std::process::id()));
@@ -239,6 +240,7 @@ fn main() -> Result<()> {
             Some("recovery") => return recovery::recovery_table(&dir),
             Some("local") => return local::table(&dir),
             Some("thp") => return thp::table(&dir),
+            Some("restore") => return restore::restore_table(&dir),
             _ => {}
         }
         if pre {
