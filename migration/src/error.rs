@@ -28,6 +28,8 @@ pub enum MigrationError {
     Unconfirmed(String),
     #[error("the migration was cancelled (migrate-cancel on the source)")]
     Cancelled,
+    #[error("local migration refused: {0}")]
+    LocalRefused(String),
 }
 
 impl MigrationError {

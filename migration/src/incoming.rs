@@ -9,7 +9,7 @@ use crate::postcopy::preempt::AdviseRecord;
 use crate::postcopy::{probe_userfaultfd, DiscardRecord, Listener};
 use crate::progress::StatusCell;
 use crate::state::{
-    ClockState, DeviceStates, EndRecord, IoapicState, PicState, PitState, VcpuState,
+    ClockState, DeviceStates, EndRecord, IoapicState, LocalRamRecord, PicState, PitState, VcpuState,
 };
 use crate::stream::{
     parse_ram, Frame, PageRecord, Section, StreamError, StreamReader, StreamWriter,
@@ -36,10 +36,19 @@ fn prepare_dense_range(vm: &dyn MigratableVm, payload: &[u8]) {
     }
 }
 
-/// Reads the header and the configuration section.
-pub fn read_config<R: Read>(r: &mut StreamReader<R>) -> Result<VmConfigRecord, StreamError> {
+/// Reads the header and the configuration section, and the local-memory section before it when
+/// the source hands RAM over (a local migration).
+pub fn read_start<R: Read>(
+    r: &mut StreamReader<R>,
+) -> Result<(VmConfigRecord, Option<LocalRamRecord>), StreamError> {
     r.header()?;
-    r.read_section()?.expect(Section::Config)?.decode()
+    let first = r.read_section()?;
+    if first.kind == Section::LocalRam {
+        let local = first.decode()?;
+        let config = r.read_section()?.expect(Section::Config)?.decode()?;
+        return Ok((config, Some(local)));
+    }
+    Ok((first.expect(Section::Config)?.decode()?, None))
 }
 
 fn refused(section: Section, why: &'static str) -> MigrationError {
@@ -157,6 +166,11 @@ impl PostcopyTail {
 pub struct Options {
     pub postcopy: bool,
     pub vcpu_tids: Vec<u32>,
+    /// RAM was handed over: a RAM or postcopy section would write into memory the guest owns.
+    pub local: bool,
+    /// Guest RAM is a shared memfd: postcopy's MADV_DONTNEED discards would not make its pages
+    /// missing (the guest would read stale memory), so ADVISE is refused.
+    pub shared_ram: bool,
     /// The endpoint, still listening: the postcopy preempt channel is accepted on it.
     pub preempt: std::sync::Mutex<Option<crate::transport::Listening>>,
 }
@@ -283,6 +297,18 @@ fn apply(
             .recv()
             .map_err(|_| StreamError::Truncated("stream: the reader stopped".into()))??;
         bytes += frame.payload.len() as u64 + 9;
+        if options.local
+            && matches!(
+                frame.kind,
+                Section::Ram | Section::Advise | Section::Discard | Section::Run
+            )
+        {
+            return Err(StreamError::Unexpected {
+                got: frame.kind.name(),
+                expected: "device state (local migration: RAM was handed over)",
+            }
+            .into());
+        }
         match frame.kind {
             // The pages are already registered with userfaultfd: writing one here would wait
             // for a fault nobody serves (and the source sends none between DISCARD and RUN).
@@ -330,7 +356,9 @@ fn apply(
             }
             Section::Advise => {
                 status.update(|s| s.phase = "ADVISE".into());
-                let verdict = if options.postcopy {
+                let verdict = if options.shared_ram {
+                    Err("postcopy is not supported with shared=on guest RAM".into())
+                } else if options.postcopy {
                     probe_userfaultfd()
                 } else {
                     Err(

@@ -4,7 +4,9 @@
 
 pub mod bitmap;
 pub mod error;
+pub mod fdpass;
 pub mod incoming;
+pub mod local;
 pub mod outgoing;
 pub mod pagestate;
 pub mod peer;
@@ -102,5 +104,10 @@ pub trait MigratableVm: Send + Sync {
     /// discarded. A discarded page would look missing on the destination and be fetched again.
     fn inhibit_discards(&self, _on: bool) -> u64 {
         0
+    }
+    /// The memfds behind guest RAM, one per region of [`MigratableVm::ram_regions`]; empty when
+    /// RAM is private (a local migration needs them).
+    fn shared_memory_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        Vec::new()
     }
 }

@@ -278,12 +278,24 @@ fn run(
     start: Instant,
     paused: &mut bool,
 ) -> Result<(), MigrationError> {
+    if let Endpoint::Unix { path, local: true } = endpoint {
+        return crate::local::run(vm, path, params, status, start, paused);
+    }
     // A snapshot: the guest pauses once and is written whole, in the snapshot layout.
     if let Endpoint::File(path) = endpoint {
         begin_switch_snapshot(status)?;
         vm.pause()?;
         *paused = true;
         return crate::snapshot::write(vm, path, status);
+    }
+    // Postcopy makes discarded pages missing with MADV_DONTNEED, which does not drop the pages
+    // of a shared mapping: the guest would read stale memory.
+    if params.postcopy && !vm.shared_memory_fds().is_empty() {
+        return Err(MigrationError::Rejected(
+            "postcopy is not supported with shared=on guest RAM (start the source without \
+--postcopy)"
+                .into(),
+        ));
     }
     let mut channel = transport::connect(endpoint).map_err(|source| MigrationError::Connect {
         endpoint: endpoint.to_string(),
@@ -436,6 +448,23 @@ fn run(
     }
 }
 
+/// After the end section: the destination's word that it runs the guest, or that it did not.
+pub(crate) fn await_resumed(rx: &PeerReader) -> Result<(), MigrationError> {
+    let answer = rx.next(ACK_TIMEOUT).map_err(MigrationError::Unconfirmed)?;
+    match answer.kind {
+        Section::Resumed => Ok(()),
+        // The destination says it did not run the guest: it is safe to run it here again.
+        Section::Abort => {
+            let why: String = answer.decode().unwrap_or_else(|e| e.to_string());
+            Err(MigrationError::Rejected(why))
+        }
+        other => Err(MigrationError::Unconfirmed(format!(
+            "unexpected {} section",
+            other.name()
+        ))),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn stop_and_copy<W: Write>(
     vm: &dyn MigratableVm,
@@ -466,21 +495,7 @@ fn stop_and_copy<W: Write>(
     // still only here. From a completed flush on, the destination may run it.
     tx.w.flush()?;
     if let Some(rx) = reader {
-        let answer = rx.next(ACK_TIMEOUT).map_err(MigrationError::Unconfirmed)?;
-        match answer.kind {
-            Section::Resumed => {}
-            // The destination says it did not run the guest: it is safe to run it here again.
-            Section::Abort => {
-                let why: String = answer.decode().unwrap_or_else(|e| e.to_string());
-                return Err(MigrationError::Rejected(why));
-            }
-            other => {
-                return Err(MigrationError::Unconfirmed(format!(
-                    "unexpected {} section",
-                    other.name()
-                )))
-            }
-        }
+        await_resumed(&rx)?;
     }
     let total = start.elapsed().as_secs_f64();
     let downtime = paused_at.elapsed().as_secs_f64();

@@ -18,6 +18,20 @@ pub struct VmConfigRecord {
     /// A virtio-balloon device, if the VM has one (its state travels with the devices).
     #[serde(default)]
     pub balloon: Option<BalloonConfigRecord>,
+    /// Guest RAM is a shared memfd per region (`--memory shared=on`); the destination keeps it so.
+    #[serde(default)]
+    pub shared: bool,
+    /// Guest RAM is advised MADV_HUGEPAGE (`--memory thp=on`); the destination advises it too.
+    #[serde(default)]
+    pub thp: bool,
+}
+
+/// The first section of a local migration: guest RAM is the descriptors sent with the header,
+/// one per region, in this order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalRamRecord {
+    /// (guest physical address, length) of each region, as in the configuration's `ram`.
+    pub regions: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,4 +255,17 @@ pub struct VmState {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndRecord {
     pub paused_at_unix_ns: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_configuration_from_before_shared_and_thp_still_reads() {
+        let old = r#"{"ram":[[0,536870912]],"memory_size":536870912,"mergeable":false,
+            "vcpus":1,"pv_features":0,"cpuid":[]}"#;
+        let rec: VmConfigRecord = serde_json::from_str(old).unwrap();
+        assert!(!rec.shared && !rec.thp && rec.balloon.is_none());
+    }
 }

@@ -16,6 +16,8 @@ use crate::PAGE_SIZE;
 
 pub const MAGIC: &[u8; 8] = b"TERNMIG\0";
 pub const VERSION: u32 = 1;
+/// Magic, version and flags.
+pub const HEADER_LEN: usize = 16;
 /// Snapshot files (`file:` endpoints) have their own layout; see `snapshot.rs`.
 pub const SNAPSHOT_VERSION: u32 = 2;
 /// Largest section payload tern writes or accepts (RAM batches, the discard list, vCPU state).
@@ -50,6 +52,10 @@ pub enum Section {
     Heartbeat = 14,
     /// Source: the migration was cancelled before the switch; the destination drops it.
     Cancel = 15,
+    /// Source, first section of a local migration (numbered apart from the kinds added in
+    /// sequence): guest RAM is the descriptors sent with the header, one per region (an older
+    /// destination refuses the unknown kind).
+    LocalRam = 0x20,
     /// Either way, postcopy recovery: the source reconnects to a paused postcopy (its payload:
     /// the configuration record, so a wrong peer is refused); the destination ends its list of
     /// missing pages with it.
@@ -66,6 +72,8 @@ pub enum Section {
     PageRequest = 0x42,
     /// Return path (postcopy): every page arrived; the figures follow.
     Complete = 0x43,
+    /// Return path (local migration): the VM is built on the handed-over RAM; pause now.
+    Ready = 0x50,
     /// Return path (postcopy recovery): runs of pages the destination still lacks.
     Missing = 0x44,
 }
@@ -89,6 +97,7 @@ impl Section {
             PageRefused,
             Heartbeat,
             Cancel,
+            LocalRam,
             Recover,
             Preempt,
             PageIndex,
@@ -96,6 +105,7 @@ impl Section {
             Abort,
             PageRequest,
             Complete,
+            Ready,
             Missing,
         ]
         .into_iter()
@@ -140,6 +150,8 @@ impl Section {
             Section::Missing => "missing pages",
             Section::PageRequest => "page request",
             Section::Complete => "postcopy complete",
+            Section::LocalRam => "local memory",
+            Section::Ready => "ready",
         }
     }
 }
@@ -180,6 +192,14 @@ pub enum StreamError {
     },
 }
 
+/// The stream header.
+pub fn header_bytes() -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h
+}
+
 /// Writes sections, counting bytes.
 pub struct StreamWriter<W: Write> {
     w: W,
@@ -193,6 +213,11 @@ impl<W: Write> StreamWriter<W> {
 
     pub fn header(&mut self) -> Result<(), StreamError> {
         self.header_version(VERSION)
+    }
+
+    /// Counts bytes that went out around this writer (a header sent with descriptors).
+    pub fn count_sent(&mut self, n: usize) {
+        self.bytes += n as u64;
     }
 
     pub fn header_version(&mut self, version: u32) -> Result<(), StreamError> {

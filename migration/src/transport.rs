@@ -1,7 +1,7 @@
-//! Where a migration stream goes: `unix:PATH`, `tcp:HOST:PORT` or `file:PATH`.
+//! Where a migration stream goes: `unix:PATH[,local=on]`, `tcp:HOST:PORT` or `file:PATH`.
 
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Cursor, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -13,21 +13,54 @@ use crate::peer::peer_timeout;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
-    Unix(PathBuf),
+    /// `local`: hand guest RAM over as memfds (SCM_RIGHTS) instead of copying it.
+    Unix {
+        path: PathBuf,
+        local: bool,
+    },
     Tcp(String),
     File(PathBuf),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("`{0}` is not a migration endpoint (expected unix:PATH, tcp:HOST:PORT or file:PATH)")]
-pub struct BadEndpoint(pub String);
+pub enum BadEndpoint {
+    #[error("`{0}` is not a migration endpoint (expected unix:PATH[,local=on], tcp:HOST:PORT or file:PATH)")]
+    Syntax(String),
+    #[error("`{0}`: local=on needs a unix:PATH endpoint (memory is handed over as file descriptors on a Unix socket)")]
+    LocalNeedsUnix(String),
+}
+
+/// The `,local=on|off` suffix, if any: (the rest, local).
+fn local_suffix(s: &str) -> (&str, Option<bool>) {
+    if let Some(rest) = s.strip_suffix(",local=on") {
+        (rest, Some(true))
+    } else if let Some(rest) = s.strip_suffix(",local=off") {
+        (rest, Some(false))
+    } else {
+        (s, None)
+    }
+}
+
+impl Endpoint {
+    /// A local migration: RAM is handed over, not copied.
+    pub fn is_local(&self) -> bool {
+        matches!(self, Endpoint::Unix { local: true, .. })
+    }
+}
 
 impl FromStr for Endpoint {
     type Err = BadEndpoint;
-    fn from_str(s: &str) -> Result<Self, BadEndpoint> {
-        let bad = || BadEndpoint(s.to_string());
+    fn from_str(full: &str) -> Result<Self, BadEndpoint> {
+        let bad = || BadEndpoint::Syntax(full.to_string());
+        let (s, local) = local_suffix(full);
+        if local == Some(true) && !s.starts_with("unix:") {
+            return Err(BadEndpoint::LocalNeedsUnix(full.to_string()));
+        }
         match s.split_once(':') {
-            Some(("unix", p)) if !p.is_empty() => Ok(Endpoint::Unix(p.into())),
+            Some(("unix", p)) if !p.is_empty() => Ok(Endpoint::Unix {
+                path: p.into(),
+                local: local.unwrap_or(false),
+            }),
             Some(("file", p)) if !p.is_empty() => Ok(Endpoint::File(p.into())),
             Some(("tcp", a))
                 if a.rsplit_once(':')
@@ -43,7 +76,14 @@ impl FromStr for Endpoint {
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Unix { path, local } => {
+                write!(
+                    f,
+                    "unix:{}{}",
+                    path.display(),
+                    if *local { ",local=on" } else { "" }
+                )
+            }
             Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
             Endpoint::File(p) => write!(f, "file:{}", p.display()),
         }
@@ -54,6 +94,8 @@ impl std::fmt::Display for Endpoint {
 pub struct Channel {
     pub reader: Option<Box<dyn Read + Send>>,
     pub writer: Option<Box<dyn Write + Send>>,
+    /// Descriptors the source sent with the stream header (a local migration's guest RAM).
+    pub fds: Vec<File>,
 }
 
 const BUF: usize = 1 << 20;
@@ -64,7 +106,23 @@ fn split<S: Read + Write + Send + 'static>(a: S, b: S) -> Channel {
     Channel {
         reader: Some(Box::new(BufReader::with_capacity(READ_BUF, a))),
         writer: Some(Box::new(BufWriter::with_capacity(BUF, b))),
+        fds: Vec::new(),
     }
+}
+
+/// Source side of a Unix endpoint, before any byte went out (a local migration sends its
+/// descriptors with the first bytes, then calls [`unix_channel`]).
+pub fn connect_unix(path: &std::path::Path) -> io::Result<UnixStream> {
+    let s = UnixStream::connect(path)?;
+    s.set_write_timeout(Some(STALL_TIMEOUT))?;
+    s.set_read_timeout(Some(peer_timeout()))?;
+    Ok(s)
+}
+
+/// Buffered directions of a connected Unix socket.
+pub fn unix_channel(s: UnixStream) -> io::Result<Channel> {
+    let r = s.try_clone()?;
+    Ok(split(r, s))
 }
 
 /// Binds a Unix socket at `path` that only this user may connect to (mode 0600), for every
@@ -104,13 +162,7 @@ pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
 /// Source side: connect to (or create) the endpoint.
 pub fn connect(ep: &Endpoint) -> io::Result<Channel> {
     match ep {
-        Endpoint::Unix(p) => {
-            let s = UnixStream::connect(p)?;
-            s.set_write_timeout(Some(STALL_TIMEOUT))?;
-            s.set_read_timeout(Some(peer_timeout()))?;
-            let r = s.try_clone()?;
-            Ok(split(r, s))
-        }
+        Endpoint::Unix { path, .. } => unix_channel(connect_unix(path)?),
         Endpoint::Tcp(a) => {
             let s = TcpStream::connect(a)?;
             s.set_nodelay(true)?;
@@ -122,6 +174,7 @@ pub fn connect(ep: &Endpoint) -> io::Result<Channel> {
         Endpoint::File(p) => Ok(Channel {
             reader: None,
             writer: Some(Box::new(BufWriter::with_capacity(BUF, File::create(p)?))),
+            fds: Vec::new(),
         }),
     }
 }
@@ -208,15 +261,37 @@ impl Conn {
     }
 }
 
+/// The first connection of a Unix endpoint. A local migration's descriptors ride on the stream
+/// header: it is read with recvmsg before any buffered read could take (and so drop) them.
+fn first_unix_channel(s: UnixStream) -> io::Result<Channel> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(peer_timeout()))?;
+    s.set_write_timeout(Some(STALL_TIMEOUT))?;
+    let mut head = vec![0u8; HEADER_LEN];
+    let (n, fds) = crate::fdpass::recv_with_fds(&s, &mut head)?;
+    head.truncate(n);
+    let r = s.try_clone()?;
+    Ok(Channel {
+        reader: Some(Box::new(
+            Cursor::new(head).chain(BufReader::with_capacity(READ_BUF, r)),
+        )),
+        writer: Some(Box::new(BufWriter::with_capacity(BUF, s))),
+        fds,
+    })
+}
+
 /// Destination side: waits for the source (or opens the file); the endpoint keeps listening
 /// (for a preempt channel) until the returned [`Listening`] is dropped.
 pub fn accept_keep(ep: &Endpoint) -> io::Result<(Channel, Option<Listening>)> {
     match ep {
-        Endpoint::Unix(p) => {
+        Endpoint::Unix { path: p, .. } => {
             // Made first, so the path goes away whatever happens next.
             let listening = Listening::Unix(bind_private(p)?, p.clone());
-            let first = listening.accept_blocking()?;
-            Ok((first.into_channel()?, Some(listening)))
+            let first = match listening.accept_blocking()? {
+                Conn::Unix(s) => first_unix_channel(s)?,
+                other => other.into_channel()?,
+            };
+            Ok((first, Some(listening)))
         }
         Endpoint::Tcp(a) => {
             let listening = Listening::Tcp(TcpListener::bind(a)?);
@@ -227,11 +302,15 @@ pub fn accept_keep(ep: &Endpoint) -> io::Result<(Channel, Option<Listening>)> {
             Channel {
                 reader: Some(Box::new(BufReader::with_capacity(BUF, File::open(p)?))),
                 writer: None,
+                fds: Vec::new(),
             },
             None,
         )),
     }
 }
+
+/// The stream header's length (see `stream`).
+const HEADER_LEN: usize = crate::stream::HEADER_LEN;
 
 /// How long the source waits for the destination's answer after the end section.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -244,7 +323,32 @@ mod tests {
 
     #[test]
     fn parses_endpoints() {
-        assert_eq!("unix:/tmp/s".parse(), Ok(Endpoint::Unix("/tmp/s".into())));
+        assert_eq!(
+            "unix:/tmp/s".parse(),
+            Ok(Endpoint::Unix {
+                path: "/tmp/s".into(),
+                local: false
+            })
+        );
+        let local: Endpoint = "unix:/tmp/a,b,local=on".parse().unwrap();
+        assert_eq!(
+            local,
+            Endpoint::Unix {
+                path: "/tmp/a,b".into(),
+                local: true
+            }
+        );
+        assert_eq!(local.to_string(), "unix:/tmp/a,b,local=on");
+        assert!(!"unix:/tmp/s,local=off"
+            .parse::<Endpoint>()
+            .unwrap()
+            .is_local());
+        for bad in ["tcp:127.0.0.1:4444,local=on", "file:/tmp/x,local=on"] {
+            assert_eq!(
+                bad.parse::<Endpoint>(),
+                Err(BadEndpoint::LocalNeedsUnix(bad.into()))
+            );
+        }
         assert_eq!(
             "tcp:127.0.0.1:4444".parse(),
             Ok(Endpoint::Tcp("127.0.0.1:4444".into()))

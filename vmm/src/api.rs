@@ -237,7 +237,9 @@ impl Handler {
             }),
             None => Box::new(|_| {}),
         };
-        let started = if resume {
+        let started = if resume && ep.is_local() {
+            Err("local=on cannot resume a postcopy (a local migration never uses postcopy)".into())
+        } else if resume {
             crate::migrate::recovery::reconnect(&self.vm, ep, on_done)
         } else {
             flows::start_outgoing(&self.vm, ep, self.params.clone(), on_done)

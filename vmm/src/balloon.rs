@@ -54,10 +54,21 @@ impl DiscardRam for GuestRamDiscard {
             .0
             .get_host_address(GuestAddress(gpa))
             .map_err(|e| e.to_string())?;
+        // MADV_DONTNEED on a shared mapping only unmaps: the memfd keeps the page (and its
+        // old contents). MADV_REMOVE frees it there.
+        let shared = self
+            .0
+            .find_region(GuestAddress(gpa))
+            .is_some_and(|r| r.file_offset().is_some());
+        let advice = if shared {
+            libc::MADV_REMOVE
+        } else {
+            libc::MADV_DONTNEED
+        };
         // SAFETY: [host, host + len) lies inside one live guest RAM mapping (checked above);
-        // MADV_DONTNEED on private anonymous memory only drops contents, the next touch reads
-        // zeros. The guest gave these pages up, nothing in tern holds references into them.
-        let rc = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
+        // either advice only drops contents, the next touch reads zeros. The guest gave these
+        // pages up, nothing in tern holds references into them.
+        let rc = unsafe { libc::madvise(host.cast(), len as usize, advice) };
         if rc != 0 {
             return Err(std::io::Error::last_os_error().to_string());
         }

@@ -62,6 +62,8 @@ pub enum RemoteCommand {
         force: bool,
     },
     /// Migrate the guest to unix:PATH, tcp:HOST:PORT or file:PATH (a snapshot); waits for the end.
+    /// unix:PATH,local=on hands shared=on guest RAM over to a destination on this host instead of
+    /// copying it.
     Migrate {
         uri: String,
         /// Return at once; follow with migrate-status.
@@ -92,10 +94,12 @@ pub enum RemoteCommand {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Guest RAM: size=SIZE[,mergeable=on|off][,prefault=on|off][,lazy-from=FILE[,lazy-delay-us=N]].
-    /// Guest RAM is always private anonymous memory, which is what KSM can merge: mergeable=on
-    /// marks it MADV_MERGEABLE; prefault=on populates it before the guest starts; lazy-from=FILE
-    /// fills each page from FILE (offset = guest physical address) on first touch (userfaultfd).
+    /// Guest RAM: size=SIZE[,mergeable=on|off][,prefault=on|off][,shared=on|off]
+    /// [,lazy-from=FILE[,lazy-delay-us=N]]. Private anonymous memory by default, which is what
+    /// KSM can merge: mergeable=on marks it MADV_MERGEABLE; prefault=on populates it before the
+    /// guest starts; shared=on backs it with memfds a local migration hands over (not with
+    /// mergeable=on: KSM merges only private anonymous memory); lazy-from=FILE fills each page
+    /// from FILE (offset = guest physical address) on first touch (userfaultfd).
     #[arg(long, value_name = "size=SIZE,...", default_value = "size=512M")]
     pub memory: String,
 

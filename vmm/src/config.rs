@@ -45,6 +45,10 @@ pub struct MemoryConfig {
     pub lazy_from: Option<PathBuf>,
     /// Injected delay per lazy page, in microseconds (tests, benchmarks).
     pub lazy_delay_us: u64,
+    /// Back guest RAM with a memfd mapped MAP_SHARED, so a local migration can hand it over.
+    pub shared: bool,
+    /// madvise(MADV_HUGEPAGE) on guest RAM: transparent huge pages where the host allows them.
+    pub thp: bool,
 }
 
 impl Default for MemoryConfig {
@@ -55,6 +59,8 @@ impl Default for MemoryConfig {
             prefault: false,
             lazy_from: None,
             lazy_delay_us: 0,
+            shared: false,
+            thp: false,
         }
     }
 }
@@ -166,6 +172,8 @@ impl MemoryConfig {
                 }
                 "mergeable" => cfg.mergeable = parse_switch("memory", "mergeable", v)?,
                 "prefault" => cfg.prefault = parse_switch("memory", "prefault", v)?,
+                "shared" => cfg.shared = parse_switch("memory", "shared", v)?,
+                "thp" => cfg.thp = parse_switch("memory", "thp", v)?,
                 "lazy-from" if !v.is_empty() => cfg.lazy_from = Some(v.into()),
                 "lazy-delay-us" => {
                     cfg.lazy_delay_us = v.parse().map_err(|_| ConfigError::BadValue {
@@ -179,7 +187,8 @@ impl MemoryConfig {
                     return Err(ConfigError::UnknownKey {
                         option: "memory",
                         key: k.to_string(),
-                        expected: "size, mergeable, prefault, lazy-from, lazy-delay-us",
+                        expected:
+                            "size, mergeable, prefault, shared, thp, lazy-from, lazy-delay-us",
                     })
                 }
             }
@@ -199,6 +208,18 @@ impl MemoryConfig {
         if self.lazy_from.is_some() && self.prefault {
             return Err(ConfigError::Conflict(
                 "prefault=on and lazy-from populate RAM in opposite ways",
+            ));
+        }
+        // KSM merges only private anonymous memory; lazy RAM's userfaultfd works on private.
+        if self.shared && self.mergeable {
+            return Err(ConfigError::Conflict(
+                "shared=on and mergeable=on cannot be combined: KSM merges only private anonymous \
+memory, and shared=on backs guest RAM with a shared memfd",
+            ));
+        }
+        if self.shared && self.lazy_from.is_some() {
+            return Err(ConfigError::Conflict(
+                "lazy-from needs private guest RAM (shared=off)",
             ));
         }
         Ok(())
@@ -353,6 +374,18 @@ mod tests {
             MemoryConfig::parse("size=3000001"),
             Err(ConfigError::MemoryNotPageAligned(3000001))
         );
+    }
+
+    #[test]
+    fn shared_memory_options() {
+        let m = MemoryConfig::parse("size=1G,shared=on").unwrap();
+        assert!(m.shared && !m.mergeable && !m.thp);
+        assert!(MemoryConfig::parse("thp=on,mergeable=on").unwrap().thp);
+        assert!(MemoryConfig::parse("thp=sometimes").is_err());
+        let err = MemoryConfig::parse("size=1G,shared=on,mergeable=on").unwrap_err();
+        assert!(err.to_string().contains("KSM"), "{err}");
+        assert!(MemoryConfig::parse("shared=on,lazy-from=/tmp/x").is_err());
+        assert!(MemoryConfig::parse("shared=maybe").is_err());
     }
 
     #[test]

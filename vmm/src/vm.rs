@@ -116,6 +116,17 @@ pub struct Vm {
 
 impl Vm {
     pub fn create(cfg: &VmConfig, origin: Origin, start: Instant) -> Result<Self, VmError> {
+        let mem = memory::create(&cfg.memory)?;
+        Self::create_on(cfg, origin, start, mem)
+    }
+
+    /// Builds the VM on guest RAM that exists already (handed over by a local migration).
+    pub fn create_on(
+        cfg: &VmConfig,
+        origin: Origin,
+        start: Instant,
+        mem: GuestMemory,
+    ) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         vm_fd
@@ -133,7 +144,6 @@ impl Vm {
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let mem = memory::create(&cfg.memory)?;
         register_memory(&vm_fd, &mem, false)?;
 
         let exit = ExitRequest::new().map_err(io_err("exit eventfd"))?;
@@ -266,6 +276,8 @@ impl Vm {
                 .collect(),
             memory_size: cfg.memory.size,
             mergeable: cfg.memory.mergeable,
+            shared: cfg.memory.shared,
+            thp: cfg.memory.thp,
             vcpus: cfg.vcpus,
             pv_features: pv.0,
             cpuid: template

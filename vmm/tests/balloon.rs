@@ -38,11 +38,28 @@ fn cycle_report(lines: &[String]) -> Option<std::collections::HashMap<String, u6
 
 #[test]
 fn inflated_pages_go_back_to_the_host_and_return_zeroed() {
-    let dir = scratch("balloon");
+    balloon_round_trip("balloon", "size=256M");
+}
+
+/// Inside a transparent huge page, a 4 KiB discard splits it and the page still comes back zero.
+#[test]
+fn inflated_pages_return_zeroed_from_thp_guest_ram() {
+    balloon_round_trip("balloon-thp", "size=256M,thp=on");
+}
+
+/// On a shared memfd MADV_DONTNEED would keep the page (it would come back intact, not zero):
+/// discards there must free it from the memfd.
+#[test]
+fn inflated_pages_return_zeroed_from_shared_guest_ram() {
+    balloon_round_trip("balloon-shared", "size=256M,shared=on");
+}
+
+fn balloon_round_trip(name: &str, memory: &str) {
+    let dir = scratch(name);
     let sock = dir.join("api.sock").to_string_lossy().into_owned();
     let mut vm = Running::spawn(&[
         "--memory",
-        "size=256M",
+        memory,
         "--balloon",
         "size=16M,deflate-on-oom=on",
         "--api-socket",

@@ -27,6 +27,8 @@ fn config() -> VmConfigRecord {
         pv_features: 0,
         cpuid: Vec::new(),
         balloon: None,
+        shared: false,
+        thp: false,
     }
 }
 
@@ -94,8 +96,10 @@ fn connect(path: &Path, dst: &Running) -> UnixStream {
 /// The destination ends with exit status 1 and one `tern: error:` line containing `expect`.
 fn assert_refused(mut dst: Running, expect: &str) {
     let code = dst.wait_exit(WAIT);
-    let err = dst.stderr_text();
     assert_eq!(code, Some(1), "hung or crashed\n{}", dst.describe());
+    // The process may end before the collector thread has read its last line.
+    dst.wait_stderr(Duration::from_secs(5), "tern: error: ");
+    let err = dst.stderr_text();
     assert!(!err.contains("panicked"), "{}", dst.describe());
     let line = err
         .lines()
@@ -253,4 +257,101 @@ fn device_state_is_bounded_and_never_kept_unread() {
     };
     send_state(&mut src, &devices);
     assert_refused(dst, "the stream has state for an unknown device `mystery`");
+}
+
+/// A regular file of `len` bytes (not a memfd, so not sealed).
+fn plain_file(name: &str, len: u64) -> std::fs::File {
+    let p = scratch(name).join("ram");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
+    f.set_len(len).unwrap();
+    f
+}
+
+/// A local migration's start as a hostile source makes it: `fds` with the header, the local
+/// memory section if `announce`, then the configuration.
+fn local_destination(
+    name: &str,
+    cfg: &VmConfigRecord,
+    fds: &[std::fs::File],
+    announce: bool,
+) -> (Running, StreamWriter<UnixStream>) {
+    use std::os::fd::AsFd;
+    let dir = scratch(name);
+    let path = dir.join("mig.sock");
+    let dst = Running::spawn(&["--incoming", &format!("unix:{}", path.display())]);
+    let sock = connect(&path, &dst);
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    migration::fdpass::send_with_fds(&sock, &migration::stream::header_bytes(), &borrowed).unwrap();
+    let mut tx = StreamWriter::new(sock);
+    if announce {
+        let regions = migration::state::LocalRamRecord {
+            regions: cfg.ram.clone(),
+        };
+        let _ = tx.record(Section::LocalRam, &regions);
+    }
+    let _ = tx.record(Section::Config, cfg);
+    let _ = tx.flush();
+    (dst, tx)
+}
+
+#[test]
+fn handed_over_memory_that_does_not_match_the_configuration_is_refused() {
+    let shared = VmConfigRecord {
+        shared: true,
+        ..config()
+    };
+    let cases = [
+        (
+            "local-size",
+            vec![plain_file("local-size-f", MEM / 2)],
+            true,
+            "needs a memfd of",
+        ),
+        (
+            "local-unsealed",
+            vec![plain_file("local-unsealed-f", MEM)],
+            true,
+            "not a memfd sealed against shrinking",
+        ),
+        (
+            "local-count",
+            vec![
+                plain_file("local-count-a", MEM),
+                plain_file("local-count-b", MEM),
+            ],
+            true,
+            "2 memory fds for 1 RAM regions",
+        ),
+        (
+            "local-none",
+            Vec::new(),
+            true,
+            "0 memory fds for 1 RAM regions",
+        ),
+        (
+            "local-unannounced",
+            vec![plain_file("local-unannounced-f", MEM)],
+            false,
+            "file descriptors but no local memory section",
+        ),
+    ];
+    for (name, fds, announce, expect) in cases {
+        // The connection stays open until the destination has decided.
+        let (dst, _tx) = local_destination(name, &shared, &fds, announce);
+        assert_refused(dst, expect);
+    }
+    // A local memory section for a configuration that is not shared=on.
+    let (dst, _tx) = local_destination(
+        "local-private",
+        &config(),
+        &[plain_file("local-private-f", MEM)],
+        true,
+    );
+    assert_refused(dst, "local memory section names regions");
 }

@@ -153,6 +153,7 @@ fn ksm() -> Result<()> {
             REGION_MIB,
             1,
             1,
+            false,
         )?;
         let mut none = || Ok(());
         let mbps = |r: &guest_tests::ksm::guest::Reply| {

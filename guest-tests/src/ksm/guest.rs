@@ -62,6 +62,7 @@ impl Guest {
         alloc_mib: u64,
         cpus: u32,
         allocators: u32,
+        thp: bool,
     ) -> Result<Guest, KsmError> {
         let console = dir.join(format!("g{index}.console"));
         let sock = dir.join(format!("g{index}.sock"));
@@ -69,7 +70,10 @@ impl Guest {
             .map_err(KsmError::io("creating", dir))?;
         let child = Command::new(tern)
             .arg("--memory")
-            .arg(format!("size={guest_mib}M,mergeable=on"))
+            .arg(format!(
+                "size={guest_mib}M,mergeable=on,thp={}",
+                if thp { "on" } else { "off" }
+            ))
             .arg("--cpus")
             .arg(format!("boot={cpus}"))
             .arg("--cmdline")

@@ -302,7 +302,16 @@ impl Ctx<'_> {
         for g in 0..p.vms as usize {
             host::check_stop()?;
             guard(self.opts.guard_mib + p.guest_mib.min(64))?;
-            let guest = Guest::spawn(tern, dir, g, p.guest_mib, p.alloc_mib, p.cpus, p.allocators)?;
+            let guest = Guest::spawn(
+                tern,
+                dir,
+                g,
+                p.guest_mib,
+                p.alloc_mib,
+                p.cpus,
+                p.allocators,
+                self.opts.thp,
+            )?;
             self.guests.push(guest);
         }
         match self.opts.mode {

@@ -48,12 +48,14 @@ pub struct Options {
     /// Test hook: kill the last guest's tern after this phase.
     pub kill_guest_after_phase: Option<u32>,
     pub json: Option<std::path::PathBuf>,
+    /// Guest RAM on transparent huge pages (`--memory ...,thp=on`): ksmd must split them to merge.
+    pub thp: bool,
 }
 
 pub const USAGE: &str =
     "usage: tern-suite ksm [--mode serial|parallel] [--overcommit R] [--vms N] \
 [--guest-mem MIB] [--allocators K] [--pages-to-scan N] [--sleep-ms MS] [--guard-mib MIB] \
-[--merge-timeout S] [--json PATH] [--kill-guest-after-phase P]";
+[--merge-timeout S] [--json PATH] [--kill-guest-after-phase P] [--thp on|off]";
 
 impl Default for Options {
     fn default() -> Self {
@@ -71,6 +73,7 @@ impl Default for Options {
             merge_timeout_s: 120,
             kill_guest_after_phase: None,
             json: None,
+            thp: false,
         }
     }
 }
@@ -162,6 +165,20 @@ impl Options {
                 "--guard-mib" => o.guard_mib = positive("--guard-mib", &value()?)?,
                 "--merge-timeout" => o.merge_timeout_s = positive("--merge-timeout", &value()?)?,
                 "--json" => o.json = Some(value()?.into()),
+                "--thp" => {
+                    let v = value()?;
+                    o.thp = match v.as_str() {
+                        "on" => true,
+                        "off" => false,
+                        _ => {
+                            return Err(PlanError::BadValue {
+                                flag: "--thp",
+                                value: v,
+                                what: "on or off",
+                            })
+                        }
+                    }
+                }
                 "--kill-guest-after-phase" => {
                     o.kill_guest_after_phase = Some(num(
                         "--kill-guest-after-phase",

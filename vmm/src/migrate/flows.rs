@@ -107,6 +107,8 @@ pub(crate) fn config_from_record(
     let memory = MemoryConfig {
         size: record.memory_size,
         mergeable: record.mergeable,
+        shared: record.shared,
+        thp: record.thp,
         ..Default::default()
     };
     memory.check().map_err(|e| refuse(e.to_string()))?;
@@ -178,10 +180,43 @@ pub fn receive(
         })?),
         None => None,
     };
+    let fds = std::mem::take(&mut channel.fds);
     let result = (|| {
-        let record = incoming::read_config(&mut rx)?;
+        let (record, local) = incoming::read_start(&mut rx)?;
         let cfg = config_from_record(&record, &opts)?;
-        let vm = Vm::create(&cfg, Origin::Incoming(&record), start)?;
+        let incompatible = |e: String| crate::vm::VmError::Incompatible(e);
+        let local_ram = local.is_some();
+        let vm = match local {
+            Some(l) => {
+                if !record.shared || l.regions != record.ram {
+                    return Err(incompatible(format!(
+                        "the local memory section names regions {:x?} for a configuration of \
+{:x?} (shared={})",
+                        l.regions, record.ram, record.shared
+                    ))
+                    .into());
+                }
+                // Counts and sizes of the descriptors are checked against the regions there.
+                let mem = crate::memory::from_files(&cfg.memory, fds)
+                    .map_err(crate::vm::VmError::Memory)?;
+                let vm = Vm::create_on(&cfg, Origin::Incoming(&record), start, mem)?;
+                // Built on the same memory: the source may pause the guest now.
+                if let Some(rp) = &return_path {
+                    let mut w = rp.lock().unwrap_or_else(|e| e.into_inner());
+                    w.section(Section::Ready, &[])?;
+                    w.flush()?;
+                }
+                vm
+            }
+            None if !fds.is_empty() => {
+                return Err(incompatible(format!(
+                    "the source sent {} file descriptors but no local memory section",
+                    fds.len()
+                ))
+                .into())
+            }
+            None => Vm::create(&cfg, Origin::Incoming(&record), start)?,
+        };
         if opts.postcopy {
             // Until END (or a precopy-only completion) a discarded page would look missing.
             vm.inner.inhibit_discards(true);
@@ -195,6 +230,8 @@ pub fn receive(
         let options = incoming::Options {
             postcopy: opts.postcopy,
             vcpu_tids: vm.inner.vcpu_thread_ids(),
+            local: local_ram,
+            shared_ram: record.shared,
             preempt: Mutex::new(listening),
         };
         let received =

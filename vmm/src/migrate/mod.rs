@@ -359,6 +359,10 @@ impl MigratableVm for VmInner {
             .as_ref()
             .map_or(0, |b| crate::balloon::inhibit_discards(b, on))
     }
+
+    fn shared_memory_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        crate::memory::shared_fds(&self.mem)
+    }
 }
 
 impl VmInner {

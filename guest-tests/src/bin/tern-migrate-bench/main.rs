@@ -1,6 +1,6 @@
-//! Migration benchmarks: `tern-migrate-bench [precopy|postcopy|random|recovery|restore]` prints
-//! tables (precopy and postcopy by default; the postcopy tables end with the random-access one;
-//! `random`, `recovery` and `restore` run only that table).
+//! Migration benchmarks: `tern-migrate-bench [precopy|postcopy|random|recovery|restore|local|thp]`
+//! prints tables (precopy and postcopy by default; the postcopy tables end with the random-access
+//! one; `random`, `recovery`, `restore`, `local` and `thp` run only that table).
 //! Needs `cargo build --release --workspace` first (it runs the `tern` next to itself). Everything
 //! is measured side by side in one run.
 
@@ -18,16 +18,32 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use guest_tests::tern_binary;
 
+mod local;
+mod thp;
+
 const GIB: usize = 1 << 30;
 
 /// Throughput of a plain 1 GiB copy through a Unix socket between two threads, in MB/s.
 fn raw_socket_copy() -> Result<f64> {
+    raw_copy(false)
+}
+
+/// The same copy, but the reader receives into 1 GiB of fresh (never touched) memory, as a
+/// migration destination must.
+fn raw_socket_copy_fresh() -> Result<f64> {
+    raw_copy(true)
+}
+
+fn raw_copy(fresh: bool) -> Result<f64> {
     let (mut a, mut b) = UnixStream::pair()?;
     let reader = std::thread::spawn(move || -> std::io::Result<usize> {
-        let mut buf = vec![0u8; 1 << 20];
+        // calloc of 1 GiB is a fresh anonymous mapping: each page is first touched by recv.
+        let mut buf = vec![0u8; if fresh { GIB } else { 1 << 20 }];
         let mut total = 0;
         while total < GIB {
-            let n = b.read(&mut buf)?;
+            let at = if fresh { total } else { 0 };
+            let end = (at + (1 << 20)).min(buf.len());
+            let n = b.read(&mut buf[at..end])?;
             if n == 0 {
                 break;
             }
@@ -159,8 +175,21 @@ fn migrate_run(
     ready: &str,
     dst_args: &[&str],
 ) -> Result<Migration> {
+    migrate_run_uri(dir, name, guest_args, ready, dst_args, "")
+}
+
+/// [`migrate_run`] with `uri_suffix` appended to the source's `migrate unix:PATH` (`,local=on`).
+fn migrate_run_uri(
+    dir: &Path,
+    name: &str,
+    guest_args: &[&str],
+    ready: &str,
+    dst_args: &[&str],
+    uri_suffix: &str,
+) -> Result<Migration> {
     let sock = dir.join(format!("{name}.sock"));
     let mig = format!("unix:{}", dir.join(format!("{name}.mig")).display());
+    let uri = format!("{mig}{uri_suffix}");
     let sock_s = sock.to_string_lossy().into_owned();
     let mut args: Vec<&str> = guest_args.to_vec();
     args.extend_from_slice(&["--api-socket", &sock_s]);
@@ -175,7 +204,7 @@ fn migrate_run(
     let mut dargs = vec!["--incoming", mig.as_str()];
     dargs.extend_from_slice(dst_args);
     let dst = start(&dargs, "waiting for an incoming migration")?;
-    let status = remote(&sock, &["migrate", &mig])?;
+    let status = remote(&sock, &["migrate", &uri])?;
     Ok(Migration { status, src, dst })
 }
 
@@ -197,9 +226,10 @@ fn main() -> Result<()> {
         None | Some("all") => (true, true),
         Some("precopy") => (true, false),
         Some("postcopy") => (false, true),
-        Some("random" | "recovery" | "restore") => (false, false),
+        Some("random" | "recovery" | "restore" | "local" | "thp") => (false, false),
         Some(other) => bail!(
-            "usage: tern-migrate-bench [all|precopy|postcopy|random|recovery|restore] (got `{other}`)"
+            "usage: tern-migrate-bench [all|precopy|postcopy|random|recovery|restore|local|thp] \
+             (got `{other}`)"
         ),
     };
     let dir: PathBuf = std::env::temp_dir().join(format!("tern-mbench-{}", std::process::id()));
@@ -208,6 +238,8 @@ fn main() -> Result<()> {
         match what.as_deref() {
             Some("random") => return random::random_access_table(&dir),
             Some("recovery") => return recovery::recovery_table(&dir),
+            Some("local") => return local::table(&dir),
+            Some("thp") => return thp::table(&dir),
             Some("restore") => return restore::restore_table(&dir),
             _ => {}
         }

@@ -1,5 +1,7 @@
 //! `tern remote`: drives a running tern through its API socket.
 
+mod progress;
+
 use std::path::Path;
 
 use anyhow::{bail, Result};
@@ -44,7 +46,12 @@ pub fn run(socket: &Path, cmd: &RemoteCommand) -> Result<()> {
         },
         RemoteCommand::MigrateRecover { uri } => Request::MigrateRecover { uri: uri.clone() },
     };
-    let result = result_of(call(socket, &request)?)?;
+    // An attached migrate shows progress on stderr while it waits.
+    let progress = matches!(cmd, RemoteCommand::Migrate { detach: false, .. })
+        .then(|| progress::Progress::start(socket));
+    let reply = call(socket, &request);
+    drop(progress);
+    let result = result_of(reply?)?;
     println!("{result}");
     Ok(())
 }
