@@ -50,6 +50,8 @@ pub mod ports {
     pub const BOOT_TIMER_MAGIC: u8 = 123;
     /// QEMU-compatible isa-debug-exit: a write of code C makes tern exit with (C << 1) | 1.
     pub const ISA_DEBUG_EXIT: u16 = 0xf4;
+    /// QEMU fw_cfg (selector 0x510, data 0x511): CPU count and RAM size for kvm-unit-tests.
+    pub const FW_CFG: u16 = 0x510;
 }
 
 /// Legacy IRQ lines (GSI numbers on the in-kernel PIC/IOAPIC).

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::legacy::{
-    BootTimer, IsaDebugExit, SerialDevice, SerialOutput, SocketClient, TestExit, I8042,
+    BootTimer, FwCfg, IsaDebugExit, SerialDevice, SerialOutput, SocketClient, TestExit, I8042,
 };
 use devices::{BusError, ExitRequest, IrqLine, MmioBus, PioBus, VmExitReason};
 use kvm_bindings::{
@@ -135,6 +135,8 @@ impl Vm {
             add_legacy_devices(&vm_fd, &mut pio, &exit, &cfg.serial, &cfg.serial2)?;
         let timer = BootTimer::new(start, ports::BOOT_TIMER_MAGIC);
         pio.insert(ports::BOOT_TIMER, 1, Arc::new(Mutex::new(timer)))?;
+        let fw_cfg = FwCfg::new(cfg.vcpus.into(), cfg.memory.size);
+        pio.insert(ports::FW_CFG, 2, Arc::new(Mutex::new(fw_cfg)))?;
         let mut mmio = MmioBus::new();
         let balloon_cfg = match origin {
             Origin::Boot => cfg.balloon.clone(),

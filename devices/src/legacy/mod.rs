@@ -1,11 +1,13 @@
 //! Legacy PC devices on the port-I/O bus.
 
 mod debug_ports;
+mod fw_cfg;
 mod i8042;
 mod serial;
 mod socket;
 
 pub use debug_ports::{BootTimer, IsaDebugExit, TestExit};
+pub use fw_cfg::{keys as fw_cfg_keys, FwCfg};
 pub use i8042::I8042;
 pub use serial::{SerialDevice, SerialOutput};
 pub use socket::{SocketClient, SocketOutput};

@@ -12,7 +12,7 @@ use thiserror::Error;
 use super::state::{self, StatePolicy};
 use super::{cpuid, lapic, msrs};
 use crate::apf::ApfController;
-use crate::boot::regs;
+use crate::boot::{regs, EntryState};
 use crate::compat;
 use crate::memory::GuestMemory;
 use migration::state::VcpuState;
@@ -97,7 +97,7 @@ impl Vcpu {
         &self,
         cpuid_template: &CpuId,
         vcpus: u8,
-        boot_entry: Option<u64>,
+        boot_entry: Option<EntryState>,
     ) -> Result<(), VcpuError> {
         let tsc_khz = self
             .fd
@@ -126,11 +126,18 @@ impl Vcpu {
             .map_err(self.kvm_err("KVM_SET_LAPIC"))?;
         if let Some(entry) = boot_entry {
             let sregs = self.fd.get_sregs().map_err(self.kvm_err("KVM_GET_SREGS"))?;
+            let (sregs, gprs) = match entry {
+                EntryState::Long64 { rip } => (regs::boot_sregs(sregs), regs::boot_regs(rip)),
+                EntryState::Multiboot32 { eip, info } => (
+                    regs::protected_mode_sregs(sregs),
+                    regs::multiboot_regs(eip, info),
+                ),
+            };
             self.fd
-                .set_sregs(&regs::boot_sregs(sregs))
+                .set_sregs(&sregs)
                 .map_err(self.kvm_err("KVM_SET_SREGS"))?;
             self.fd
-                .set_regs(&regs::boot_regs(entry))
+                .set_regs(&gprs)
                 .map_err(self.kvm_err("KVM_SET_REGS"))?;
             self.fd
                 .set_fpu(&regs::boot_fpu())
