@@ -174,15 +174,21 @@ first_failure() {
 		tail -n1 "$log"
 }
 
+mkdir -p "$BUILD"
+# One build at a time (the CI test and a manual run may start together).
+exec 9>"$BUILD/.lock"
+flock 9
 build_suite
+flock -u 9
 if [ "$list" = yes ]; then parse_cfg | cut -d'|' -f1; exit 0; fi
 if [ ! -x "$TERN" ]; then
 	(cd "$ROOT" && cargo build --release -q) || die "cannot build tern"
 fi
 mkdir -p "$LOGS"
+# The environment module (kvm-unit-tests reads KEY=VALUE lines from it). tern has the
+# pc-testdev, so TEST_DEVICE stays at its default; NR_CPUS comes from fw_cfg.
 env_file=$BUILD/environ
-# No pc-testdev (port 0xe0) in tern; tests that need it check TEST_DEVICE.
-printf 'TEST_DEVICE=0\n' >"$env_file"
+printf 'TARGET=tern\n' >"$env_file"
 
 declare -A count=([PASS]=0 [FAIL]=0 [SKIP]=0 [timeout]=0)
 total_start=$EPOCHREALTIME

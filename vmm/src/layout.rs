@@ -52,6 +52,10 @@ pub mod ports {
     pub const ISA_DEBUG_EXIT: u16 = 0xf4;
     /// QEMU fw_cfg (selector 0x510, data 0x511): CPU count and RAM size for kvm-unit-tests.
     pub const FW_CFG: u16 = 0x510;
+    /// QEMU pc-testdev (kvm-unit-tests): scratch register, flush-page port, IRQ line ports.
+    pub const TESTDEV_DATA: u16 = 0xe0;
+    pub const TESTDEV_FLUSH: u16 = 0xe4;
+    pub const TESTDEV_IRQ: u16 = 0x2000;
 }
 
 /// Legacy IRQ lines (GSI numbers on the in-kernel PIC/IOAPIC).

@@ -16,6 +16,7 @@ mod memory;
 mod migrate;
 mod remote;
 mod serial_socket;
+mod testdev;
 mod vm;
 
 use std::process::ExitCode;

@@ -5,7 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::legacy::{
-    BootTimer, FwCfg, IsaDebugExit, SerialDevice, SerialOutput, SocketClient, TestExit, I8042,
+    BootTimer, FwCfg, IsaDebugExit, SerialDevice, SerialOutput, SocketClient, TestDevData,
+    TestDevFlush, TestDevHost, TestDevIrq, TestExit, I8042, TESTDEV_IRQ_LINES,
 };
 use devices::{BusError, ExitRequest, IrqLine, MmioBus, PioBus, VmExitReason};
 use kvm_bindings::{
@@ -137,6 +138,7 @@ impl Vm {
         pio.insert(ports::BOOT_TIMER, 1, Arc::new(Mutex::new(timer)))?;
         let fw_cfg = FwCfg::new(cfg.vcpus.into(), cfg.memory.size);
         pio.insert(ports::FW_CFG, 2, Arc::new(Mutex::new(fw_cfg)))?;
+        add_testdev(&mut pio, &vm_fd, &mem)?;
         let mut mmio = MmioBus::new();
         let balloon_cfg = match origin {
             Origin::Boot => cfg.balloon.clone(),
@@ -452,6 +454,28 @@ fn add_legacy_devices(
         Arc::new(Mutex::new(IsaDebugExit::new(exit.clone()))),
     )?;
     Ok((com1, com2))
+}
+
+/// QEMU's pc-testdev, which kvm-unit-tests uses (ioapic drives IRQ lines through it).
+fn add_testdev(pio: &mut PioBus, vm_fd: &Arc<VmFd>, mem: &GuestMemory) -> Result<(), VmError> {
+    let host: Arc<dyn TestDevHost> =
+        Arc::new(crate::testdev::KvmTestDev::new(vm_fd.clone(), mem.clone()));
+    pio.insert(
+        ports::TESTDEV_DATA,
+        4,
+        Arc::new(Mutex::new(TestDevData::default())),
+    )?;
+    pio.insert(
+        ports::TESTDEV_FLUSH,
+        4,
+        Arc::new(Mutex::new(TestDevFlush::new(host.clone()))),
+    )?;
+    pio.insert(
+        ports::TESTDEV_IRQ,
+        TESTDEV_IRQ_LINES,
+        Arc::new(Mutex::new(TestDevIrq::new(host))),
+    )?;
+    Ok(())
 }
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
