@@ -29,11 +29,23 @@ pub enum InsnKind {
     Cld,
     /// `clac`: clear RFLAGS.AC.
     Clac,
+    /// `stac`: set RFLAGS.AC (kernel mode only: user mode raises #UD before any exit).
+    Stac,
+    /// `int imm8`: a software interrupt through the IDT.
+    IntN(u8),
     Ldmxcsr(MemOperand),
     Stmxcsr(MemOperand),
 }
 
 impl InsnKind {
+    /// The RFLAGS bits the instruction sets (AC for stac).
+    pub fn rflags_set(self) -> u64 {
+        match self {
+            InsnKind::Stac => 1 << 18,
+            _ => 0,
+        }
+    }
+
     /// The RFLAGS bits the instruction clears (DF for cld, AC for clac).
     pub fn rflags_cleared(self) -> u64 {
         match self {
@@ -127,6 +139,7 @@ pub fn decode(bytes: &[u8]) -> Option<Insn> {
     let kind = match op {
         0xcc if c.pos == 1 => InsnKind::Int3,
         0x9b if c.pos == 1 => InsnKind::Fwait,
+        0xcd if c.pos == 1 => InsnKind::IntN(c.byte()?),
         0x90 => InsnKind::Nop,
         0xfc => InsnKind::Cld,
         0x0f if c.bytes.get(c.pos) == Some(&0x1f) => {
@@ -145,6 +158,10 @@ pub fn decode(bytes: &[u8]) -> Option<Insn> {
         0x0f if c.bytes.get(c.pos..c.pos + 2) == Some(&[0x01, 0xca]) => {
             c.pos += 2;
             InsnKind::Clac
+        }
+        0x0f if c.bytes.get(c.pos..c.pos + 2) == Some(&[0x01, 0xcb]) => {
+            c.pos += 2;
+            InsnKind::Stac
         }
         0x0f if c.byte()? == 0xae => {
             let modrm = c.byte()?;
@@ -244,7 +261,9 @@ mod tests {
         assert_eq!(kinds(&[0xf3, 0x0f, 0x1e, 0xfa]), Some((InsnKind::Nop, 4)));
         assert_eq!(kinds(&[0xfc, 0xe8]), Some((InsnKind::Cld, 1)));
         assert_eq!(kinds(&[0x0f, 0x01, 0xca]), Some((InsnKind::Clac, 3)));
-        assert_eq!(decode(&[0x0f, 0x01, 0xcb]), None); // stac: not ours
+        assert_eq!(kinds(&[0x0f, 0x01, 0xcb]), Some((InsnKind::Stac, 3)));
+        assert_eq!(kinds(&[0xcd, 0x20, 0x41]), Some((InsnKind::IntN(0x20), 2)));
+        assert_eq!(decode(&[0xcd]), None);
         assert_eq!(decode(&[0xe8, 0, 0, 0, 0]), None);
     }
 

@@ -1,6 +1,7 @@
 //! Nested-KVM compatibility: on this machine's hypervisor (design.md §1) a few instructions reach
 //! KVM's instruction emulator, which cannot run them, and KVM_RUN returns an emulation failure.
-//! This module completes the ones measured to be safe to complete (int3, fwait, ldmxcsr, stmxcsr)
+//! This module completes the ones measured to be safe to complete (int3, int imm8, fwait, ldmxcsr,
+//! stmxcsr, stac/clac)
 //! and turns every other failure into a clear error. `syscall` completes user-mode SYSCALL, which
 //! the hypervisor leaves half done (see there); `exits` counts exits by reason. On a host with real
 //! VMX/SVM nothing here runs (the counters aside).
@@ -89,10 +90,11 @@ fn hex(bytes: &[u8]) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Completed {
     Int3,
+    IntN,
     Fwait,
     Ldmxcsr,
     Stmxcsr,
-    /// nop, cld or clac (the emulator runs these; listed for completeness).
+    /// nop, cld, clac or stac.
     Other,
 }
 
@@ -181,9 +183,23 @@ fn complete(
             fd.set_vcpu_events(&events).map_err(kvm_err("int3"))?;
             return Ok(Completed::Int3);
         }
+        InsnKind::IntN(vector) => {
+            // Delivered through the IDT like an external interrupt at the next instruction: the
+            // same frame as `int n` (no error code); the gate DPL check does not apply at CPL0,
+            // the only place this exit happens.
+            regs.rip = next_rip;
+            fd.set_regs(&regs).map_err(kvm_err("int"))?;
+            let mut events = fd.get_vcpu_events().map_err(kvm_err("int"))?;
+            events.interrupt.injected = 1;
+            events.interrupt.nr = vector;
+            events.interrupt.soft = 0;
+            fd.set_vcpu_events(&events).map_err(kvm_err("int"))?;
+            return Ok(Completed::IntN);
+        }
         InsnKind::Fwait => Completed::Fwait,
-        InsnKind::Nop | InsnKind::Cld | InsnKind::Clac => {
+        InsnKind::Nop | InsnKind::Cld | InsnKind::Clac | InsnKind::Stac => {
             regs.rflags &= !insn.kind.rflags_cleared();
+            regs.rflags |= insn.kind.rflags_set();
             Completed::Other
         }
         InsnKind::Ldmxcsr(op) | InsnKind::Stmxcsr(op) => {
