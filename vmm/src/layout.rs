@@ -32,6 +32,8 @@ pub const VIRTIO_BALLOON_MMIO: u64 = 0xd000_0000;
 /// Default addresses of the in-kernel interrupt controllers.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
+/// pc-testdev's iomem window (64 KiB of MMIO that reads back what was written).
+pub const TESTDEV_IOMEM: u64 = 0xff00_0000;
 /// Where the initramfs goes: as high as possible below this limit (Linux's initrd_addr_max default).
 pub const INITRAMFS_MAX_END: u64 = 0x3800_0000;
 

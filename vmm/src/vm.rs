@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use devices::legacy::{
     BootTimer, FwCfg, IsaDebugExit, SerialDevice, SerialOutput, SocketClient, TestDevData,
-    TestDevFlush, TestDevHost, TestDevIrq, TestExit, I8042, TESTDEV_IRQ_LINES,
+    TestDevFlush, TestDevHost, TestDevIoMem, TestDevIrq, TestExit, I8042, TESTDEV_IOMEM_LEN,
+    TESTDEV_IRQ_LINES,
 };
 use devices::{BusError, ExitRequest, IrqLine, MmioBus, PioBus, VmExitReason};
 use kvm_bindings::{
@@ -138,8 +139,8 @@ impl Vm {
         pio.insert(ports::BOOT_TIMER, 1, Arc::new(Mutex::new(timer)))?;
         let fw_cfg = FwCfg::new(cfg.vcpus.into(), cfg.memory.size);
         pio.insert(ports::FW_CFG, 2, Arc::new(Mutex::new(fw_cfg)))?;
-        add_testdev(&mut pio, &vm_fd, &mem)?;
         let mut mmio = MmioBus::new();
+        add_testdev(&mut pio, &mut mmio, &vm_fd, &mem)?;
         let balloon_cfg = match origin {
             Origin::Boot => cfg.balloon.clone(),
             // Its size comes with the device state.
@@ -457,7 +458,12 @@ fn add_legacy_devices(
 }
 
 /// QEMU's pc-testdev, which kvm-unit-tests uses (ioapic drives IRQ lines through it).
-fn add_testdev(pio: &mut PioBus, vm_fd: &Arc<VmFd>, mem: &GuestMemory) -> Result<(), VmError> {
+fn add_testdev(
+    pio: &mut PioBus,
+    mmio: &mut MmioBus,
+    vm_fd: &Arc<VmFd>,
+    mem: &GuestMemory,
+) -> Result<(), VmError> {
     let host: Arc<dyn TestDevHost> =
         Arc::new(crate::testdev::KvmTestDev::new(vm_fd.clone(), mem.clone()));
     pio.insert(
@@ -474,6 +480,11 @@ fn add_testdev(pio: &mut PioBus, vm_fd: &Arc<VmFd>, mem: &GuestMemory) -> Result
         ports::TESTDEV_IRQ,
         TESTDEV_IRQ_LINES,
         Arc::new(Mutex::new(TestDevIrq::new(host))),
+    )?;
+    mmio.insert(
+        crate::layout::TESTDEV_IOMEM,
+        TESTDEV_IOMEM_LEN,
+        Arc::new(Mutex::new(TestDevIoMem::default())),
     )?;
     Ok(())
 }

@@ -13,6 +13,7 @@ pub use i8042::I8042;
 pub use serial::{SerialDevice, SerialOutput};
 pub use socket::{SocketClient, SocketOutput};
 pub use testdev::{
-    TestDevData, TestDevFlush, TestDevHost, TestDevIrq, IRQ_LINES as TESTDEV_IRQ_LINES,
+    TestDevData, TestDevFlush, TestDevHost, TestDevIoMem, TestDevIrq,
+    IOMEM_LEN as TESTDEV_IOMEM_LEN, IRQ_LINES as TESTDEV_IRQ_LINES,
 };
 pub use vm_superio::serial::SerialState;

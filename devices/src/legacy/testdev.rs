@@ -1,11 +1,13 @@
 //! QEMU's pc-testdev, which kvm-unit-tests expects next to isa-debug-exit: a 4-byte scratch
 //! register at 0xe0 (any width, read back as written), a "flush page" port at 0xe4 (the host
 //! drops its mapping of that guest page, so the next access faults into KVM again), and 24 IRQ
-//! line ports at 0x2000 (a write sets ISA/IOAPIC input N to the value's truth).
+//! line ports at 0x2000 (a write sets ISA/IOAPIC input N to the value's truth), and 64 KiB of
+//! MMIO "iomem" at 0xff000000 that reads back what was written (every access exits, so the
+//! guest's instructions on it go through KVM's emulator: kvm-unit-tests' emulator test).
 
 use std::sync::Arc;
 
-use crate::bus::PioDevice;
+use crate::bus::{MmioDevice, PioDevice};
 
 /// What the test device asks of the VMM.
 pub trait TestDevHost: Send + Sync {
@@ -91,6 +93,45 @@ impl PioDevice for TestDevIrq {
     }
 }
 
+/// Size of the iomem window.
+pub const IOMEM_LEN: u64 = 0x10000;
+
+/// The iomem window: plain bytes behind MMIO exits.
+pub struct TestDevIoMem {
+    bytes: Vec<u8>,
+}
+
+impl Default for TestDevIoMem {
+    fn default() -> Self {
+        TestDevIoMem {
+            bytes: vec![0; IOMEM_LEN as usize],
+        }
+    }
+}
+
+impl TestDevIoMem {
+    fn range(&self, offset: u64, len: usize) -> Option<std::ops::Range<usize>> {
+        let start = usize::try_from(offset).ok()?;
+        let end = start.checked_add(len)?;
+        (end <= self.bytes.len()).then_some(start..end)
+    }
+}
+
+impl MmioDevice for TestDevIoMem {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match self.range(offset, data.len()) {
+            Some(r) => data.copy_from_slice(&self.bytes[r]),
+            None => data.fill(0),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(r) = self.range(offset, data.len()) {
+            self.bytes[r].copy_from_slice(data);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +160,18 @@ mod tests {
         let mut w = [0u8; 4];
         d.read(0, &mut w);
         assert_eq!(u32::from_le_bytes(w), 0x12cd_ab78);
+    }
+
+    #[test]
+    fn iomem_reads_back_and_ignores_out_of_range() {
+        let mut m = TestDevIoMem::default();
+        m.write(0x10, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        let mut q = [0u8; 8];
+        m.read(0x10, &mut q);
+        assert_eq!(q, [1, 2, 3, 4, 5, 6, 7, 8]);
+        m.write(IOMEM_LEN - 2, &[9; 4]);
+        m.read(IOMEM_LEN - 2, &mut q[..4]);
+        assert_eq!(q[..4], [0; 4]);
     }
 
     #[test]

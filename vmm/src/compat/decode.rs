@@ -33,6 +33,9 @@ pub enum InsnKind {
     Stac,
     /// `int imm8`: a software interrupt through the IDT.
     IntN(u8),
+    /// An encoding the CPU rejects with #UD that KVM's emulator cannot even decode (`movbe` with
+    /// a register operand).
+    Undefined,
     Ldmxcsr(MemOperand),
     Stmxcsr(MemOperand),
 }
@@ -120,6 +123,8 @@ pub fn decode(bytes: &[u8]) -> Option<Insn> {
     let mut c = Cursor { bytes, pos: 0 };
     let mut segment = None;
     let mut addr32 = false;
+    let mut repne = false;
+    let mut opsize = false;
     let mut rex = 0u8;
     let mut op = c.byte()?;
     loop {
@@ -127,7 +132,9 @@ pub fn decode(bytes: &[u8]) -> Option<Insn> {
             0x64 => segment = Some(Segment::Fs),
             0x65 => segment = Some(Segment::Gs),
             0x67 => addr32 = true,
-            0x26 | 0x2e | 0x36 | 0x3e | 0x66 | 0xf2 | 0xf3 => {}
+            0xf2 => repne = true,
+            0x66 => opsize = true,
+            0x26 | 0x2e | 0x36 | 0x3e | 0xf3 => {}
             _ => break,
         }
         op = c.byte()?;
@@ -159,6 +166,13 @@ pub fn decode(bytes: &[u8]) -> Option<Insn> {
             c.pos += 2;
             InsnKind::Clac
         }
+        // movbe (0f 38 f0/f1) takes only a memory operand; with F2 it is crc32, which is fine.
+        0x0f if !repne
+            && matches!(c.bytes.get(c.pos..c.pos + 3), Some(&[0x38, 0xf0 | 0xf1, m]) if m >> 6 == 3) =>
+        {
+            c.pos += 3;
+            InsnKind::Undefined
+        }
         0x0f if c.bytes.get(c.pos..c.pos + 2) == Some(&[0x01, 0xcb]) => {
             c.pos += 2;
             InsnKind::Stac
@@ -166,6 +180,14 @@ pub fn decode(bytes: &[u8]) -> Option<Insn> {
         0x0f if c.byte()? == 0xae => {
             let modrm = c.byte()?;
             let (md, reg, rm) = (modrm >> 6, (modrm >> 3) & 7, modrm & 7);
+            // clflush (/7), clflushopt (66 /7), clwb (66 /6): cache hints, nothing to emulate.
+            if md != 3 && (reg == 7 || (reg == 6 && opsize)) {
+                mem_operand(&mut c, rex, md, rm, segment, addr32)?;
+                return Some(Insn {
+                    kind: InsnKind::Nop,
+                    len: c.pos,
+                });
+            }
             if md == 3 || !(reg == 2 || reg == 3) {
                 return None;
             }
@@ -264,6 +286,12 @@ mod tests {
         assert_eq!(kinds(&[0x0f, 0x01, 0xcb]), Some((InsnKind::Stac, 3)));
         assert_eq!(kinds(&[0xcd, 0x20, 0x41]), Some((InsnKind::IntN(0x20), 2)));
         assert_eq!(decode(&[0xcd]), None);
+        assert_eq!(
+            kinds(&[0x0f, 0x38, 0xf0, 0xc0]),
+            Some((InsnKind::Undefined, 4))
+        );
+        assert_eq!(decode(&[0x0f, 0x38, 0xf0, 0x00]), None); // movbe (%rax): a real one
+        assert_eq!(decode(&[0xf2, 0x0f, 0x38, 0xf0, 0xc0]), None); // crc32
         assert_eq!(decode(&[0xe8, 0, 0, 0, 0]), None);
     }
 
@@ -294,7 +322,21 @@ mod tests {
             panic!("{i:?}")
         };
         assert_eq!(op.effective_address(&regs(), &s, 0x5007), 0x5107);
-        // fxsave (/0) and register forms are not completed
+        // clwb (%rbx), clflushopt 8(%rax), clflush (%rdi): cache hints
+        assert_eq!(
+            decode(&[0x66, 0x0f, 0xae, 0x33]).map(|i| (i.kind, i.len)),
+            Some((InsnKind::Nop, 4))
+        );
+        assert_eq!(
+            decode(&[0x66, 0x0f, 0xae, 0x78, 0x08]).map(|i| i.len),
+            Some(5)
+        );
+        assert_eq!(
+            decode(&[0x0f, 0xae, 0x3f]).map(|i| i.kind),
+            Some(InsnKind::Nop)
+        );
+        assert_eq!(decode(&[0x0f, 0xae, 0x30]), None); // xsaveopt-like /6 without 66: not ours
+                                                       // fxsave (/0) and register forms are not completed
         assert_eq!(decode(&[0x0f, 0xae, 0x00]), None);
         assert_eq!(decode(&[0x0f, 0xae, 0xd0]), None);
         // truncated

@@ -1,7 +1,7 @@
 //! Nested-KVM compatibility: on this machine's hypervisor (design.md §1) a few instructions reach
 //! KVM's instruction emulator, which cannot run them, and KVM_RUN returns an emulation failure.
 //! This module completes the ones measured to be safe to complete (int3, int imm8, fwait, ldmxcsr,
-//! stmxcsr, stac/clac)
+//! stmxcsr, stac/clac; #UD for movbe with a register operand)
 //! and turns every other failure into a clear error. `syscall` completes user-mode SYSCALL, which
 //! the hypervisor leaves half done (see there); `exits` counts exits by reason. On a host with real
 //! VMX/SVM nothing here runs (the counters aside).
@@ -48,6 +48,7 @@ pub fn host_emulates_kernel_mode() -> bool {
 /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: insn_bytes is valid.
 const FLAG_INSN_BYTES: u64 = 1;
 const BP_VECTOR: u8 = 3;
+const UD_VECTOR: u8 = 6;
 
 #[derive(Debug, Error)]
 pub enum CompatError {
@@ -91,6 +92,8 @@ fn hex(bytes: &[u8]) -> String {
 pub enum Completed {
     Int3,
     IntN,
+    /// #UD injected for an encoding the CPU rejects.
+    Undefined,
     Fwait,
     Ldmxcsr,
     Stmxcsr,
@@ -195,6 +198,15 @@ fn complete(
             events.interrupt.soft = 0;
             fd.set_vcpu_events(&events).map_err(kvm_err("int"))?;
             return Ok(Completed::IntN);
+        }
+        InsnKind::Undefined => {
+            // A fault: RIP stays on the instruction.
+            let mut events = fd.get_vcpu_events().map_err(kvm_err("#UD"))?;
+            events.exception.injected = 1;
+            events.exception.nr = UD_VECTOR;
+            events.exception.has_error_code = 0;
+            fd.set_vcpu_events(&events).map_err(kvm_err("#UD"))?;
+            return Ok(Completed::Undefined);
         }
         InsnKind::Fwait => Completed::Fwait,
         InsnKind::Nop | InsnKind::Cld | InsnKind::Clac | InsnKind::Stac => {

@@ -5,7 +5,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
 use devices::{ExitRequest, MmioBus, PioBus, VmExitReason};
-use kvm_bindings::CpuId;
+use kvm_bindings::{kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use thiserror::Error;
 
@@ -70,6 +70,15 @@ pub struct Vcpu {
     pub id: u8,
     fd: VcpuFd,
     ctx: Arc<VcpuContext>,
+}
+
+/// The size of each access in the current KVM_EXIT_IO.
+fn io_access_size(run: *const kvm_run) -> usize {
+    // SAFETY: `run` is this vCPU's kvm_run mapping, alive as long as its VcpuFd (the caller's);
+    // KVM filled the `io` member for this KVM_EXIT_IO exit. Only the header is read; the data
+    // the caller holds lies at io.data_offset, past the header, so nothing aliases.
+    let size = unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read() };
+    usize::from(size).max(1)
 }
 
 impl Vcpu {
@@ -203,6 +212,7 @@ impl Vcpu {
         if let Some(apf) = &self.ctx.apf {
             apf.register_thread(self.id);
         }
+        let run_area: *const kvm_run = self.fd.get_kvm_run();
         let mut syscall = compat::SyscallAssist::new();
         let mut exits = compat::ExitCounts::default();
         while !self.ctx.exit.is_requested() {
@@ -218,13 +228,18 @@ impl Vcpu {
             let result = self.fd.run();
             exits.record(&result);
             match result {
+                // String I/O (`rep outsb`...) brings `count` accesses of `size` bytes in one exit.
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    if !self.ctx.pio.write(port, data) {
-                        log::debug!("vcpu {}: write to unclaimed port {port:#x}", self.id);
+                    for access in data.chunks(io_access_size(run_area)) {
+                        if !self.ctx.pio.write(port, access) {
+                            log::debug!("vcpu {}: write to unclaimed port {port:#x}", self.id);
+                        }
                     }
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
-                    self.ctx.pio.read(port, data);
+                    for access in data.chunks_mut(io_access_size(run_area)) {
+                        self.ctx.pio.read(port, access);
+                    }
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     if !self.ctx.mmio.read(addr, data) {
