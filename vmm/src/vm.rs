@@ -11,8 +11,8 @@ use devices::legacy::{
 };
 use devices::{BusError, ExitRequest, IrqLine, MmioBus, PioBus, VmExitReason};
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_cpuid_entry2, kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, CpuId,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use migration::progress::StatusCell;
@@ -182,6 +182,9 @@ impl Vm {
             ),
             Origin::Incoming(_) => None,
         };
+        if let Some(boot::EntryState::Multiboot32 { .. }) = entry {
+            program_pic_like_a_bios(&vm_fd)?;
+        }
         let apf = match cfg.async_pf {
             AsyncPfMode::Tern => {
                 install_msr_filter(&vm_fd)
@@ -455,6 +458,34 @@ fn add_legacy_devices(
         Arc::new(Mutex::new(IsaDebugExit::new(exit.clone()))),
     )?;
     Ok((com1, com2))
+}
+
+/// A multiboot kernel comes after a BIOS, which leaves the 8259s initialised with vector bases
+/// 0x08 (IRQ 0-7) and 0x70 (IRQ 8-15); kvm-unit-tests' real-mode test relies on that (IRQ 11 at
+/// vector 0x73). KVM's reset state has base 0 and would deliver IRQs on exception vectors.
+fn program_pic_like_a_bios(vm_fd: &VmFd) -> Result<(), VmError> {
+    for (chip_id, base) in [
+        (KVM_IRQCHIP_PIC_MASTER, 0x08),
+        (KVM_IRQCHIP_PIC_SLAVE, 0x70),
+    ] {
+        let mut chip = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        vm_fd
+            .get_irqchip(&mut chip)
+            .map_err(kvm_err("KVM_GET_IRQCHIP (PIC)"))?;
+        // SAFETY: KVM filled the `pic` member for a PIC chip id; it is plain data.
+        let mut pic = unsafe { chip.chip.pic };
+        pic.irq_base = base;
+        pic.init4 = 1;
+        pic.init_state = 0;
+        chip.chip.pic = pic;
+        vm_fd
+            .set_irqchip(&chip)
+            .map_err(kvm_err("KVM_SET_IRQCHIP (PIC)"))?;
+    }
+    Ok(())
 }
 
 /// QEMU's pc-testdev, which kvm-unit-tests uses (ioapic drives IRQ lines through it).
