@@ -34,7 +34,7 @@ pub enum InsnKind {
     /// `int imm8`: a software interrupt through the IDT.
     IntN(u8),
     /// An encoding the CPU rejects with #UD that KVM's emulator cannot even decode (`movbe` with
-    /// a register operand).
+    /// a register operand; `rdpru`, which KVM never exposes).
     Undefined,
     Ldmxcsr(MemOperand),
     Stmxcsr(MemOperand),
@@ -173,6 +173,11 @@ pub fn decode(bytes: &[u8]) -> Option<Insn> {
             c.pos += 3;
             InsnKind::Undefined
         }
+        // rdpru: KVM never offers it to guests (no CPUID bit), so the CPU's answer is #UD.
+        0x0f if c.bytes.get(c.pos..c.pos + 2) == Some(&[0x01, 0xfd]) => {
+            c.pos += 2;
+            InsnKind::Undefined
+        }
         0x0f if c.bytes.get(c.pos..c.pos + 2) == Some(&[0x01, 0xcb]) => {
             c.pos += 2;
             InsnKind::Stac
@@ -291,6 +296,7 @@ mod tests {
             Some((InsnKind::Undefined, 4))
         );
         assert_eq!(decode(&[0x0f, 0x38, 0xf0, 0x00]), None); // movbe (%rax): a real one
+        assert_eq!(kinds(&[0x0f, 0x01, 0xfd]), Some((InsnKind::Undefined, 3)));
         assert_eq!(decode(&[0xf2, 0x0f, 0x38, 0xf0, 0xc0]), None); // crc32
         assert_eq!(decode(&[0xe8, 0, 0, 0, 0]), None);
     }
