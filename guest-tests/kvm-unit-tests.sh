@@ -50,8 +50,11 @@ build_suite() {
 	local sum
 	sum=$(sha256sum "$VENDOR_TAR" | cut -d' ' -f1)
 	[ "$sum" = "$VENDOR_SHA" ] || die "sha256 mismatch for $VENDOR_TAR: $sum"
-	command -v gcc >/dev/null && command -v make >/dev/null ||
-		die "gcc and make are needed (apt-get install build-essential)"
+	if ! command -v gcc >/dev/null || ! command -v make >/dev/null || ! command -v objcopy >/dev/null; then
+		echo "installing build-essential (apt-get) to build kvm-unit-tests ..." >&2
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends build-essential \
+			>"$BUILD/apt.log" 2>&1 || die "gcc, make and binutils are needed: apt-get install build-essential failed (see $BUILD/apt.log)"
+	fi
 	rm -rf "$SRC" && mkdir -p "$SRC"
 	tar xzf "$VENDOR_TAR" -C "$SRC" --strip-components=1 || die "cannot extract $VENDOR_TAR"
 	echo "building kvm-unit-tests in $SRC ..." >&2
