@@ -12,6 +12,8 @@ const INFO_LOADER_NAME: u32 = 1 << 9;
 
 const INFO_LEN: usize = 88;
 const MODULE_AT: usize = 0x80;
+// The module list sits after the 88-byte info structure.
+const _: () = assert!(INFO_LEN <= MODULE_AT);
 const MMAP_AT: usize = 0x100;
 /// Each mmap entry: size (u32, not counting itself) = 20, base (u64), length (u64), type (u32).
 const MMAP_ENTRY_LEN: usize = 24;
@@ -98,7 +100,6 @@ pub fn build_info(base: u64, input: &InfoInput) -> Result<InfoLayout, MultibootE
         module_at = Some(at);
     }
     put32(&mut bytes, 0, flags);
-    debug_assert!(INFO_LEN <= MODULE_AT);
     Ok(InfoLayout {
         bytes,
         len,
