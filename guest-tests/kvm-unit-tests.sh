@@ -175,7 +175,7 @@ strip_quotes() { local s=$1; s=${s#[\"\']}; s=${s%[\"\']}; echo "$s"; }
 
 first_failure() {
 	local log=$1
-	grep -m1 -E '^(FAIL|ABORT)|tern: error|Unhandled exception|instruction cannot be emulated|triple fault|KVM entry failed|Assertion' "$log" ||
+	grep -m1 -E '^(FAIL|ABORT)|tern: error|Unhandled exception|instruction cannot be emulated|triple fault|KVM entry failed|assert failed|Assertion' "$log" ||
 		tail -n1 "$log"
 }
 

@@ -33,6 +33,11 @@ pub enum InsnKind {
     Stac,
     /// `int imm8`: a software interrupt through the IDT.
     IntN(u8),
+    /// `invpcid reg, m128`: `reg` holds the type, the operand the descriptor.
+    Invpcid {
+        reg: u8,
+        op: MemOperand,
+    },
     /// An encoding the CPU rejects with #UD that KVM's emulator cannot even decode (`movbe` with
     /// a register operand; `rdpru`, which KVM never exposes).
     Undefined,
@@ -66,7 +71,7 @@ pub struct Insn {
 }
 
 /// A register by its x86 encoding number (0 = rax ... 15 = r15).
-fn gpr(regs: &kvm_regs, n: u8) -> u64 {
+pub fn gpr(regs: &kvm_regs, n: u8) -> u64 {
     [
         regs.rax, regs.rcx, regs.rdx, regs.rbx, regs.rsp, regs.rbp, regs.rsi, regs.rdi, regs.r8,
         regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
@@ -172,6 +177,16 @@ pub fn decode(bytes: &[u8]) -> Option<Insn> {
         {
             c.pos += 3;
             InsnKind::Undefined
+        }
+        0x0f if opsize && c.bytes.get(c.pos..c.pos + 2) == Some(&[0x38, 0x82]) => {
+            c.pos += 2;
+            let modrm = c.byte()?;
+            let (md, reg, rm) = (modrm >> 6, ((modrm >> 3) & 7) | ((rex & 4) << 1), modrm & 7);
+            if md == 3 {
+                return None;
+            }
+            let op = mem_operand(&mut c, rex, md, rm, segment, addr32)?;
+            InsnKind::Invpcid { reg, op }
         }
         // rdpru: KVM never offers it to guests (no CPUID bit), so the CPU's answer is #UD.
         0x0f if c.bytes.get(c.pos..c.pos + 2) == Some(&[0x01, 0xfd]) => {
@@ -297,6 +312,16 @@ mod tests {
         );
         assert_eq!(decode(&[0x0f, 0x38, 0xf0, 0x00]), None); // movbe (%rax): a real one
         assert_eq!(kinds(&[0x0f, 0x01, 0xfd]), Some((InsnKind::Undefined, 3)));
+        // invpcid (%rax), %rbx
+        let i = decode(&[0x66, 0x0f, 0x38, 0x82, 0x18]).unwrap();
+        let InsnKind::Invpcid { reg, op } = i.kind else {
+            panic!("{i:?}")
+        };
+        let s = kvm_sregs::default();
+        assert_eq!(
+            (i.len, reg, op.effective_address(&regs(), &s, 0)),
+            (5, 3, 0x1000)
+        );
         assert_eq!(decode(&[0xf2, 0x0f, 0x38, 0xf0, 0xc0]), None); // crc32
         assert_eq!(decode(&[0xe8, 0, 0, 0, 0]), None);
     }
