@@ -173,6 +173,9 @@ elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" -v d="$2" 'BEGIN { printf "%.*f"
 
 strip_quotes() { local s=$1; s=${s#[\"\']}; s=${s%[\"\']}; echo "$s"; }
 
+# The guest's last line (tern's own `tern: ...` lines left out).
+last_guest_line() { grep -v '^tern: ' "$1" | tail -n1; }
+
 first_failure() {
 	local log=$1
 	grep -m1 -E '^(FAIL|ABORT)|tern: error|Unhandled exception|instruction cannot be emulated|triple fault|KVM entry failed|assert failed|Assertion' "$log" ||
@@ -285,7 +288,7 @@ while IFS='|' read -r name file smp targs qparams arch accel tmo groups check; d
 	case $rc in
 	1) row "$name" PASS "$secs" "$(grep -m1 '^SUMMARY' "$log")" ;;
 	77) row "$name" SKIP "$secs" "$(grep -m1 -E '^SKIP' "$log" || grep -m1 '^SUMMARY' "$log")" ;;
-	124 | 137) row "$name" timeout "$secs" "limit ${limit}s; last line: $(tail -n1 "$log")"; failed=1 ;;
+	124 | 137) row "$name" timeout "$secs" "limit ${limit}s; last guest line: $(last_guest_line "$log")"; failed=1 ;;
 	*) row "$name" FAIL "$secs" "exit $rc: $(first_failure "$log")"; failed=1 ;;
 	esac
 done < <(parse_cfg)
