@@ -208,11 +208,13 @@ else
 fi
 row() {
 	count[$2]=$((count[$2] + 1))
-	local detail=${4//|/\\|}
+	# Guest lines end in CR LF.
+	local plain=${4//$'\r'/}
+	local detail=${plain//|/\\|}
 	if [ "$markdown" = yes ]; then
 		echo "| $1 | $2 | $3 | ${detail:0:160} |"
 	else
-		printf '%-42s %-8s %8s  %s\n' "$1" "$2" "$3" "${4:0:160}"
+		printf '%-42s %-8s %8s  %s\n' "$1" "$2" "$3" "${plain:0:160}"
 	fi
 }
 
