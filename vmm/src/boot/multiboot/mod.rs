@@ -352,12 +352,17 @@ pub fn load_segments(
             .ok_or(MultibootError::BadImage("segment outside the image"))?;
         mem.write_slice(data, GuestAddress(s.addr))
             .map_err(mem_err)?;
-        let bss = s.mem_size - data.len() as u64;
-        if bss > 0 {
-            // Guest RAM starts zeroed, but a segment may overlap what tern wrote before it.
-            let zeros = vec![0u8; bss as usize];
-            mem.write_slice(&zeros, GuestAddress(s.addr + data.len() as u64))
+        // Guest RAM starts zeroed, but a segment may overlap what tern wrote before it. BSS is
+        // bounded by guest RAM (checked), still zeroed a chunk at a time.
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK as usize];
+        let mut at = s.addr + data.len() as u64;
+        let end = s.addr + s.mem_size;
+        while at < end {
+            let n = (end - at).min(CHUNK) as usize;
+            mem.write_slice(&zeros[..n], GuestAddress(at))
                 .map_err(mem_err)?;
+            at += n as u64;
         }
     }
     Ok(())
