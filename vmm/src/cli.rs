@@ -213,6 +213,8 @@ impl RunArgs {
         let cmdline = match (&self.cmdline, &kernel) {
             (Some(c), _) => c.clone(),
             (None, KernelImage::Builtin) => BUILTIN_DEFAULT_CMDLINE.into(),
+            // A multiboot kernel gets only its path (kvm-unit-tests reads its arguments here).
+            (None, KernelImage::Path(p)) if crate::boot::is_multiboot(p) => String::new(),
             (None, KernelImage::Path(_)) => LINUX_DEFAULT_CMDLINE.into(),
         };
         let cmdline = match &self.cmdline_append {

@@ -32,6 +32,8 @@ pub const VIRTIO_BALLOON_MMIO: u64 = 0xd000_0000;
 /// Default addresses of the in-kernel interrupt controllers.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
+/// pc-testdev's iomem window (64 KiB of MMIO that reads back what was written).
+pub const TESTDEV_IOMEM: u64 = 0xff00_0000;
 /// Where the initramfs goes: as high as possible below this limit (Linux's initrd_addr_max default).
 pub const INITRAMFS_MAX_END: u64 = 0x3800_0000;
 
@@ -50,6 +52,12 @@ pub mod ports {
     pub const BOOT_TIMER_MAGIC: u8 = 123;
     /// QEMU-compatible isa-debug-exit: a write of code C makes tern exit with (C << 1) | 1.
     pub const ISA_DEBUG_EXIT: u16 = 0xf4;
+    /// QEMU fw_cfg (selector 0x510, data 0x511): CPU count and RAM size for kvm-unit-tests.
+    pub const FW_CFG: u16 = 0x510;
+    /// QEMU pc-testdev (kvm-unit-tests): scratch register, flush-page port, IRQ line ports.
+    pub const TESTDEV_DATA: u16 = 0xe0;
+    pub const TESTDEV_FLUSH: u16 = 0xe4;
+    pub const TESTDEV_IRQ: u16 = 0x2000;
 }
 
 /// Legacy IRQ lines (GSI numbers on the in-kernel PIC/IOAPIC).

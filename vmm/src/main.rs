@@ -17,6 +17,7 @@ mod migrate;
 mod remote;
 mod seccomp;
 mod serial_socket;
+mod testdev;
 mod vm;
 
 use std::process::ExitCode;

@@ -5,12 +5,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::legacy::{
-    BootTimer, IsaDebugExit, SerialDevice, SerialOutput, SocketClient, TestExit, I8042,
+    BootTimer, FwCfg, IsaDebugExit, SerialDevice, SerialOutput, SocketClient, TestDevData,
+    TestDevFlush, TestDevHost, TestDevIoMem, TestDevIrq, TestExit, I8042, TESTDEV_IOMEM_LEN,
+    TESTDEV_IRQ_LINES,
 };
 use devices::{BusError, ExitRequest, IrqLine, MmioBus, PioBus, VmExitReason};
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_cpuid_entry2, kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, CpuId,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use migration::progress::StatusCell;
@@ -152,7 +154,10 @@ impl Vm {
             add_legacy_devices(&vm_fd, &mut pio, &exit, &cfg.serial, &cfg.serial2)?;
         let timer = BootTimer::new(start, ports::BOOT_TIMER_MAGIC);
         pio.insert(ports::BOOT_TIMER, 1, Arc::new(Mutex::new(timer)))?;
+        let fw_cfg = FwCfg::new(cfg.vcpus.into(), cfg.memory.size);
+        pio.insert(ports::FW_CFG, 2, Arc::new(Mutex::new(fw_cfg)))?;
         let mut mmio = MmioBus::new();
+        add_testdev(&mut pio, &mut mmio, &vm_fd, &mem)?;
         let balloon_cfg = match origin {
             Origin::Boot => cfg.balloon.clone(),
             // Its size comes with the device state.
@@ -194,6 +199,9 @@ impl Vm {
             ),
             Origin::Incoming(_) => None,
         };
+        if let Some(boot::EntryState::Multiboot32 { .. }) = entry {
+            program_pic_like_a_bios(&vm_fd)?;
+        }
         let apf = match cfg.async_pf {
             AsyncPfMode::Tern => {
                 install_msr_filter(&vm_fd)
@@ -483,6 +491,66 @@ fn add_legacy_devices(
         Arc::new(Mutex::new(IsaDebugExit::new(exit.clone()))),
     )?;
     Ok((com1, com2))
+}
+
+/// A multiboot kernel comes after a BIOS, which leaves the 8259s initialised with vector bases
+/// 0x08 (IRQ 0-7) and 0x70 (IRQ 8-15); kvm-unit-tests' real-mode test relies on that (IRQ 11 at
+/// vector 0x73). KVM's reset state has base 0 and would deliver IRQs on exception vectors.
+fn program_pic_like_a_bios(vm_fd: &VmFd) -> Result<(), VmError> {
+    for (chip_id, base) in [
+        (KVM_IRQCHIP_PIC_MASTER, 0x08),
+        (KVM_IRQCHIP_PIC_SLAVE, 0x70),
+    ] {
+        let mut chip = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        vm_fd
+            .get_irqchip(&mut chip)
+            .map_err(kvm_err("KVM_GET_IRQCHIP (PIC)"))?;
+        // SAFETY: KVM filled the `pic` member for a PIC chip id; it is plain data.
+        let mut pic = unsafe { chip.chip.pic };
+        pic.irq_base = base;
+        pic.init4 = 1;
+        pic.init_state = 0;
+        chip.chip.pic = pic;
+        vm_fd
+            .set_irqchip(&chip)
+            .map_err(kvm_err("KVM_SET_IRQCHIP (PIC)"))?;
+    }
+    Ok(())
+}
+
+/// QEMU's pc-testdev, which kvm-unit-tests uses (ioapic drives IRQ lines through it).
+fn add_testdev(
+    pio: &mut PioBus,
+    mmio: &mut MmioBus,
+    vm_fd: &Arc<VmFd>,
+    mem: &GuestMemory,
+) -> Result<(), VmError> {
+    let host: Arc<dyn TestDevHost> =
+        Arc::new(crate::testdev::KvmTestDev::new(vm_fd.clone(), mem.clone()));
+    pio.insert(
+        ports::TESTDEV_DATA,
+        4,
+        Arc::new(Mutex::new(TestDevData::default())),
+    )?;
+    pio.insert(
+        ports::TESTDEV_FLUSH,
+        4,
+        Arc::new(Mutex::new(TestDevFlush::new(host.clone()))),
+    )?;
+    pio.insert(
+        ports::TESTDEV_IRQ,
+        TESTDEV_IRQ_LINES,
+        Arc::new(Mutex::new(TestDevIrq::new(host))),
+    )?;
+    mmio.insert(
+        crate::layout::TESTDEV_IOMEM,
+        TESTDEV_IOMEM_LEN,
+        Arc::new(Mutex::new(TestDevIoMem::default())),
+    )?;
+    Ok(())
 }
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}

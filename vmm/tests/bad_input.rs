@@ -80,3 +80,46 @@ fn malformed_command_line() {
         "invalid kernel command line",
     );
 }
+
+/// A multiboot ELF32 image: header at 0x80, one PT_LOAD of 16 bytes at 4 MiB.
+fn multiboot_image() -> Vec<u8> {
+    let mut img = vec![0u8; 0x110];
+    img[..6].copy_from_slice(b"\x7fELF\x01\x01");
+    img[18..20].copy_from_slice(&3u16.to_le_bytes());
+    img[24..28].copy_from_slice(&0x40_0000u32.to_le_bytes());
+    img[28..32].copy_from_slice(&52u32.to_le_bytes());
+    img[42..44].copy_from_slice(&32u16.to_le_bytes());
+    img[44..46].copy_from_slice(&1u16.to_le_bytes());
+    for (i, w) in [1u32, 0x100, 0x40_0000, 0x40_0000, 16, 16]
+        .iter()
+        .enumerate()
+    {
+        img[52 + 4 * i..56 + 4 * i].copy_from_slice(&w.to_le_bytes());
+    }
+    let magic = 0x1bad_b002u32;
+    for (i, w) in [magic, 0, 0u32.wrapping_sub(magic)].iter().enumerate() {
+        img[0x80 + 4 * i..0x84 + 4 * i].copy_from_slice(&w.to_le_bytes());
+    }
+    img
+}
+
+#[test]
+fn broken_multiboot_images() {
+    let dir = std::env::temp_dir().join(format!("tern-bad-multiboot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("kernel.flat");
+    let p = path.to_str().unwrap();
+    let mut img = multiboot_image();
+    img[0x88] ^= 1;
+    std::fs::write(&path, &img).unwrap();
+    assert_clean_error(&["--kernel", p], "has a bad checksum");
+    let mut img = multiboot_image();
+    img.truncate(0x108);
+    std::fs::write(&path, &img).unwrap();
+    assert_clean_error(&["--kernel", p], "image truncated: ELF segment");
+    let mut img = multiboot_image();
+    img[64..68].copy_from_slice(&0x7000_0000u32.to_le_bytes());
+    std::fs::write(&path, &img).unwrap();
+    assert_clean_error(&["--kernel", p], "outside guest RAM");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

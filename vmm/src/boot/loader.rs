@@ -12,6 +12,7 @@ use linux_loader::loader::{load_cmdline, KernelLoader, KernelLoaderResult};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::multiboot::{self, MultibootError};
 use super::params::{write_boot_params, BootParamsInput};
 use super::{mptable, regs};
 use crate::config::KernelImage;
@@ -30,12 +31,17 @@ pub enum BootError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} is not a kernel tern can boot (expected an ELF64 vmlinux or a bzImage)")]
+    #[error("{path} is not a kernel tern can boot (expected an ELF64 vmlinux, a bzImage or a multiboot image)")]
     NotAKernel { path: PathBuf },
     #[error("cannot load kernel {path}: {source}")]
     LoadKernel {
         path: PathBuf,
         source: linux_loader::loader::Error,
+    },
+    #[error("cannot boot multiboot kernel {path}: {source}")]
+    Multiboot {
+        path: PathBuf,
+        source: MultibootError,
     },
     #[error("cannot read initramfs {path}: {source}")]
     ReadInitramfs {
@@ -58,9 +64,18 @@ pub enum BootError {
     GuestMemory(#[from] vm_memory::GuestMemoryError),
 }
 
+/// How the boot vCPU enters the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryState {
+    /// 64-bit long mode at this RIP, RSI = boot_params (Linux, the built-in guest).
+    Long64 { rip: u64 },
+    /// Multiboot v1: 32-bit protected mode, paging off, EAX = 0x2BADB002, EBX = info.
+    Multiboot32 { eip: u32, info: u32 },
+}
+
 /// Where the guest starts.
 pub struct LoadedGuest {
-    pub entry: u64,
+    pub entry: EntryState,
 }
 
 enum Format {
@@ -80,6 +95,90 @@ fn detect(image: &mut (impl Read + Seek)) -> std::io::Result<Option<Format>> {
         return Ok(Some(Format::BzImage));
     }
     Ok(None)
+}
+
+/// Reads a kernel's first 8 KiB and says whether it is a multiboot image. A multiboot magic with
+/// a bad checksum is an error unless the file is plainly a Linux kernel (ELF64 or bzImage), where
+/// the magic may appear by chance.
+fn probe_multiboot(path: &Path) -> Result<bool, BootError> {
+    let open_err = |source| BootError::OpenKernel {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut head = Vec::with_capacity(multiboot::SEARCH_LEN);
+    File::open(path)
+        .and_then(|f| f.take(multiboot::SEARCH_LEN as u64).read_to_end(&mut head))
+        .map_err(open_err)?;
+    match multiboot::find_header(&head) {
+        Ok(found) => Ok(found.is_some()),
+        Err(_) if is_linux_kernel(&head) => Ok(false),
+        Err(source) => Err(BootError::Multiboot {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn is_linux_kernel(head: &[u8]) -> bool {
+    let elf64 = head.len() > 4 && head[..4] == *b"\x7fELF" && head[4] == 2;
+    let bzimage = head.get(0x202..0x206) == Some(b"HdrS".as_slice());
+    elf64 || bzimage
+}
+
+/// Whether `path` is a multiboot kernel (the command line then defaults to empty, not Linux's).
+pub fn is_multiboot(path: &Path) -> bool {
+    !path.is_dir() && matches!(probe_multiboot(path), Ok(true))
+}
+
+/// Loads a multiboot kernel with `initramfs` as module 0; the command line starts with the
+/// kernel's path, as GRUB and QEMU pass it.
+fn load_multiboot(
+    mem: &GuestMemory,
+    path: &Path,
+    cmdline: &str,
+    initramfs: Option<&Path>,
+    mem_size: u64,
+    vcpus: u8,
+) -> Result<LoadedGuest, BootError> {
+    let image = std::fs::read(path).map_err(|source| BootError::OpenKernel {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let module = initramfs
+        .map(|p| {
+            std::fs::read(p)
+                .map(|data| (data, p.display().to_string()))
+                .map_err(|source| BootError::ReadInitramfs {
+                    path: p.to_path_buf(),
+                    source,
+                })
+        })
+        .transpose()?;
+    let full_cmdline = match cmdline {
+        "" => path.display().to_string(),
+        c => format!("{} {c}", path.display()),
+    };
+    // The GDT the entry's segments come from and the MP table, before the image: its
+    // segments win if they overlap.
+    regs::write_protected_mode_gdt(mem)?;
+    mptable::write(mem, vcpus)?;
+    let loaded = multiboot::load(
+        mem,
+        &image,
+        &full_cmdline,
+        module.as_ref().map(|(d, n)| (d.as_slice(), n.as_str())),
+        mem_size,
+    )
+    .map_err(|source| BootError::Multiboot {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(LoadedGuest {
+        entry: EntryState::Multiboot32 {
+            eip: loaded.entry,
+            info: loaded.info,
+        },
+    })
 }
 
 pub(super) fn load_kernel(
@@ -157,6 +256,11 @@ pub fn load_guest(
     mem_size: u64,
     vcpus: u8,
 ) -> Result<LoadedGuest, BootError> {
+    if let KernelImage::Path(path) = kernel {
+        if !path.is_dir() && probe_multiboot(path)? {
+            return load_multiboot(mem, path, cmdline, initramfs, mem_size, vcpus);
+        }
+    }
     // The command line is checked first: it is the cheapest input to get wrong.
     let mut cl = Cmdline::new(CMDLINE_MAX_SIZE)?;
     cl.insert_str(cmdline)?;
@@ -181,5 +285,7 @@ pub fn load_guest(
     )?;
     mptable::write(mem, vcpus)?;
     regs::write_boot_tables(mem)?;
-    Ok(LoadedGuest { entry })
+    Ok(LoadedGuest {
+        entry: EntryState::Long64 { rip: entry },
+    })
 }

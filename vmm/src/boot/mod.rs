@@ -3,7 +3,8 @@
 mod bss;
 pub mod loader;
 pub mod mptable;
+pub mod multiboot;
 pub mod params;
 pub mod regs;
 
-pub use loader::{load_guest, BootError};
+pub use loader::{is_multiboot, load_guest, BootError, EntryState};

@@ -29,11 +29,31 @@ pub enum InsnKind {
     Cld,
     /// `clac`: clear RFLAGS.AC.
     Clac,
+    /// `stac`: set RFLAGS.AC (kernel mode only: user mode raises #UD before any exit).
+    Stac,
+    /// `int imm8`: a software interrupt through the IDT.
+    IntN(u8),
+    /// `invpcid reg, m128`: `reg` holds the type, the operand the descriptor.
+    Invpcid {
+        reg: u8,
+        op: MemOperand,
+    },
+    /// An encoding the CPU rejects with #UD that KVM's emulator cannot even decode (`movbe` with
+    /// a register operand; `rdpru`, which KVM never exposes).
+    Undefined,
     Ldmxcsr(MemOperand),
     Stmxcsr(MemOperand),
 }
 
 impl InsnKind {
+    /// The RFLAGS bits the instruction sets (AC for stac).
+    pub fn rflags_set(self) -> u64 {
+        match self {
+            InsnKind::Stac => 1 << 18,
+            _ => 0,
+        }
+    }
+
     /// The RFLAGS bits the instruction clears (DF for cld, AC for clac).
     pub fn rflags_cleared(self) -> u64 {
         match self {
@@ -51,7 +71,7 @@ pub struct Insn {
 }
 
 /// A register by its x86 encoding number (0 = rax ... 15 = r15).
-fn gpr(regs: &kvm_regs, n: u8) -> u64 {
+pub fn gpr(regs: &kvm_regs, n: u8) -> u64 {
     [
         regs.rax, regs.rcx, regs.rdx, regs.rbx, regs.rsp, regs.rbp, regs.rsi, regs.rdi, regs.r8,
         regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
@@ -108,6 +128,8 @@ pub fn decode(bytes: &[u8]) -> Option<Insn> {
     let mut c = Cursor { bytes, pos: 0 };
     let mut segment = None;
     let mut addr32 = false;
+    let mut repne = false;
+    let mut opsize = false;
     let mut rex = 0u8;
     let mut op = c.byte()?;
     loop {
@@ -115,7 +137,9 @@ pub fn decode(bytes: &[u8]) -> Option<Insn> {
             0x64 => segment = Some(Segment::Fs),
             0x65 => segment = Some(Segment::Gs),
             0x67 => addr32 = true,
-            0x26 | 0x2e | 0x36 | 0x3e | 0x66 | 0xf2 | 0xf3 => {}
+            0xf2 => repne = true,
+            0x66 => opsize = true,
+            0x26 | 0x2e | 0x36 | 0x3e | 0xf3 => {}
             _ => break,
         }
         op = c.byte()?;
@@ -127,6 +151,7 @@ pub fn decode(bytes: &[u8]) -> Option<Insn> {
     let kind = match op {
         0xcc if c.pos == 1 => InsnKind::Int3,
         0x9b if c.pos == 1 => InsnKind::Fwait,
+        0xcd if c.pos == 1 => InsnKind::IntN(c.byte()?),
         0x90 => InsnKind::Nop,
         0xfc => InsnKind::Cld,
         0x0f if c.bytes.get(c.pos) == Some(&0x1f) => {
@@ -146,9 +171,43 @@ pub fn decode(bytes: &[u8]) -> Option<Insn> {
             c.pos += 2;
             InsnKind::Clac
         }
+        // movbe (0f 38 f0/f1) takes only a memory operand; with F2 it is crc32, which is fine.
+        0x0f if !repne
+            && matches!(c.bytes.get(c.pos..c.pos + 3), Some(&[0x38, 0xf0 | 0xf1, m]) if m >> 6 == 3) =>
+        {
+            c.pos += 3;
+            InsnKind::Undefined
+        }
+        0x0f if opsize && c.bytes.get(c.pos..c.pos + 2) == Some(&[0x38, 0x82]) => {
+            c.pos += 2;
+            let modrm = c.byte()?;
+            let (md, reg, rm) = (modrm >> 6, ((modrm >> 3) & 7) | ((rex & 4) << 1), modrm & 7);
+            if md == 3 {
+                return None;
+            }
+            let op = mem_operand(&mut c, rex, md, rm, segment, addr32)?;
+            InsnKind::Invpcid { reg, op }
+        }
+        // rdpru: KVM never offers it to guests (no CPUID bit), so the CPU's answer is #UD.
+        0x0f if c.bytes.get(c.pos..c.pos + 2) == Some(&[0x01, 0xfd]) => {
+            c.pos += 2;
+            InsnKind::Undefined
+        }
+        0x0f if c.bytes.get(c.pos..c.pos + 2) == Some(&[0x01, 0xcb]) => {
+            c.pos += 2;
+            InsnKind::Stac
+        }
         0x0f if c.byte()? == 0xae => {
             let modrm = c.byte()?;
             let (md, reg, rm) = (modrm >> 6, (modrm >> 3) & 7, modrm & 7);
+            // clflush (/7), clflushopt (66 /7), clwb (66 /6): cache hints, nothing to emulate.
+            if md != 3 && (reg == 7 || (reg == 6 && opsize)) {
+                mem_operand(&mut c, rex, md, rm, segment, addr32)?;
+                return Some(Insn {
+                    kind: InsnKind::Nop,
+                    len: c.pos,
+                });
+            }
             if md == 3 || !(reg == 2 || reg == 3) {
                 return None;
             }
@@ -244,7 +303,26 @@ mod tests {
         assert_eq!(kinds(&[0xf3, 0x0f, 0x1e, 0xfa]), Some((InsnKind::Nop, 4)));
         assert_eq!(kinds(&[0xfc, 0xe8]), Some((InsnKind::Cld, 1)));
         assert_eq!(kinds(&[0x0f, 0x01, 0xca]), Some((InsnKind::Clac, 3)));
-        assert_eq!(decode(&[0x0f, 0x01, 0xcb]), None); // stac: not ours
+        assert_eq!(kinds(&[0x0f, 0x01, 0xcb]), Some((InsnKind::Stac, 3)));
+        assert_eq!(kinds(&[0xcd, 0x20, 0x41]), Some((InsnKind::IntN(0x20), 2)));
+        assert_eq!(decode(&[0xcd]), None);
+        assert_eq!(
+            kinds(&[0x0f, 0x38, 0xf0, 0xc0]),
+            Some((InsnKind::Undefined, 4))
+        );
+        assert_eq!(decode(&[0x0f, 0x38, 0xf0, 0x00]), None); // movbe (%rax): a real one
+        assert_eq!(kinds(&[0x0f, 0x01, 0xfd]), Some((InsnKind::Undefined, 3)));
+        // invpcid (%rax), %rbx
+        let i = decode(&[0x66, 0x0f, 0x38, 0x82, 0x18]).unwrap();
+        let InsnKind::Invpcid { reg, op } = i.kind else {
+            panic!("{i:?}")
+        };
+        let s = kvm_sregs::default();
+        assert_eq!(
+            (i.len, reg, op.effective_address(&regs(), &s, 0)),
+            (5, 3, 0x1000)
+        );
+        assert_eq!(decode(&[0xf2, 0x0f, 0x38, 0xf0, 0xc0]), None); // crc32
         assert_eq!(decode(&[0xe8, 0, 0, 0, 0]), None);
     }
 
@@ -275,7 +353,21 @@ mod tests {
             panic!("{i:?}")
         };
         assert_eq!(op.effective_address(&regs(), &s, 0x5007), 0x5107);
-        // fxsave (/0) and register forms are not completed
+        // clwb (%rbx), clflushopt 8(%rax), clflush (%rdi): cache hints
+        assert_eq!(
+            decode(&[0x66, 0x0f, 0xae, 0x33]).map(|i| (i.kind, i.len)),
+            Some((InsnKind::Nop, 4))
+        );
+        assert_eq!(
+            decode(&[0x66, 0x0f, 0xae, 0x78, 0x08]).map(|i| i.len),
+            Some(5)
+        );
+        assert_eq!(
+            decode(&[0x0f, 0xae, 0x3f]).map(|i| i.kind),
+            Some(InsnKind::Nop)
+        );
+        assert_eq!(decode(&[0x0f, 0xae, 0x30]), None); // xsaveopt-like /6 without 66: not ours
+                                                       // fxsave (/0) and register forms are not completed
         assert_eq!(decode(&[0x0f, 0xae, 0x00]), None);
         assert_eq!(decode(&[0x0f, 0xae, 0xd0]), None);
         // truncated

@@ -1,6 +1,7 @@
 //! Nested-KVM compatibility: on this machine's hypervisor (docs/machine-kvm.md) a few instructions reach
 //! KVM's instruction emulator, which cannot run them, and KVM_RUN returns an emulation failure.
-//! This module completes the ones measured to be safe to complete (int3, fwait, ldmxcsr, stmxcsr)
+//! This module completes the ones measured to be safe to complete (int3, int imm8, fwait, ldmxcsr,
+//! stmxcsr, stac/clac; #UD for movbe with a register operand)
 //! and turns every other failure into a clear error. `syscall` completes user-mode SYSCALL, which
 //! the hypervisor leaves half done (see there); `exits` counts exits by reason. On a host with real
 //! VMX/SVM nothing here runs (the counters aside).
@@ -47,6 +48,9 @@ pub fn host_emulates_kernel_mode() -> bool {
 /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: insn_bytes is valid.
 const FLAG_INSN_BYTES: u64 = 1;
 const BP_VECTOR: u8 = 3;
+const UD_VECTOR: u8 = 6;
+const GP_VECTOR: u8 = 13;
+const CR4_PCIDE: u64 = 1 << 17;
 
 #[derive(Debug, Error)]
 pub enum CompatError {
@@ -89,10 +93,14 @@ fn hex(bytes: &[u8]) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Completed {
     Int3,
+    IntN,
+    /// #UD injected for an encoding the CPU rejects.
+    Undefined,
+    Invpcid,
     Fwait,
     Ldmxcsr,
     Stmxcsr,
-    /// nop, cld or clac (the emulator runs these; listed for completeness).
+    /// nop, cld, clac or stac.
     Other,
 }
 
@@ -159,6 +167,39 @@ pub fn handle_internal_error(fd: &mut VcpuFd, mem: &GuestMemory) -> Result<Compl
     complete(fd, mem, insn, regs, &sregs)
 }
 
+/// INVPCID's #GP(0) conditions (SDM): bad type, reserved descriptor bits, a non-canonical address
+/// for type 0, or a non-zero PCID for types 0/1 while CR4.PCIDE is off.
+fn invpcid_faults(kind: u64, desc: [u64; 2], cr4: u64) -> bool {
+    let pcid = desc[0] & 0xfff;
+    let canonical = ((desc[1] as i64) << 16 >> 16) as u64 == desc[1];
+    kind > 3
+        || desc[0] >> 12 != 0
+        || (kind == 0 && !canonical)
+        || (cr4 & CR4_PCIDE == 0 && kind <= 1 && pcid != 0)
+}
+
+fn guest_has_invpcid(fd: &VcpuFd) -> bool {
+    const MAX_CPUID_ENTRIES: usize = 256;
+    fd.get_cpuid2(MAX_CPUID_ENTRIES).is_ok_and(|c| {
+        c.as_slice()
+            .iter()
+            .any(|e| e.function == 7 && e.index == 0 && e.ebx & (1 << 10) != 0)
+    })
+}
+
+fn inject_exception(
+    fd: &mut VcpuFd,
+    vector: u8,
+    error_code: Option<u32>,
+) -> Result<(), kvm_ioctls::Error> {
+    let mut events = fd.get_vcpu_events()?;
+    events.exception.injected = 1;
+    events.exception.nr = vector;
+    events.exception.has_error_code = u8::from(error_code.is_some());
+    events.exception.error_code = error_code.unwrap_or(0);
+    fd.set_vcpu_events(&events)
+}
+
 fn complete(
     fd: &mut VcpuFd,
     mem: &GuestMemory,
@@ -181,9 +222,56 @@ fn complete(
             fd.set_vcpu_events(&events).map_err(kvm_err("int3"))?;
             return Ok(Completed::Int3);
         }
+        InsnKind::IntN(vector) => {
+            // Delivered through the IDT like an external interrupt at the next instruction: the
+            // same frame as `int n` (no error code); the gate DPL check does not apply at CPL0,
+            // the only place this exit happens.
+            regs.rip = next_rip;
+            fd.set_regs(&regs).map_err(kvm_err("int"))?;
+            let mut events = fd.get_vcpu_events().map_err(kvm_err("int"))?;
+            events.interrupt.injected = 1;
+            events.interrupt.nr = vector;
+            events.interrupt.soft = 0;
+            fd.set_vcpu_events(&events).map_err(kvm_err("int"))?;
+            return Ok(Completed::IntN);
+        }
+        InsnKind::Invpcid { reg, op } => {
+            let what = "invpcid";
+            // Without CPUID.7.EBX[10] the CPU answers #UD (KVM may not offer INVPCID here).
+            if !guest_has_invpcid(fd) {
+                inject_exception(fd, UD_VECTOR, None).map_err(kvm_err(what))?;
+                return Ok(Completed::Undefined);
+            }
+            let gva = op.effective_address(&regs, sregs, next_rip);
+            let mut desc = [0u64; 2];
+            for (i, half) in desc.iter_mut().enumerate() {
+                let at = gva.wrapping_add(8 * i as u64);
+                let t = fd.translate_gva(at).map_err(kvm_err(what))?;
+                if t.valid == 0 {
+                    return Err(CompatError::Unmapped { what, rip, gva: at });
+                }
+                *half = mem
+                    .read_obj(GuestAddress(t.physical_address))
+                    .map_err(|source| CompatError::Memory { what, rip, source })?;
+            }
+            if invpcid_faults(decode::gpr(&regs, reg), desc, sregs.cr4) {
+                inject_exception(fd, GP_VECTOR, Some(0)).map_err(kvm_err(what))?;
+                return Ok(Completed::Invpcid);
+            }
+            // Setting the special registers again resets KVM's MMU context: a full TLB flush,
+            // which covers every invalidation type.
+            fd.set_sregs(sregs).map_err(kvm_err(what))?;
+            Completed::Invpcid
+        }
+        InsnKind::Undefined => {
+            // A fault: RIP stays on the instruction.
+            inject_exception(fd, UD_VECTOR, None).map_err(kvm_err("#UD"))?;
+            return Ok(Completed::Undefined);
+        }
         InsnKind::Fwait => Completed::Fwait,
-        InsnKind::Nop | InsnKind::Cld | InsnKind::Clac => {
+        InsnKind::Nop | InsnKind::Cld | InsnKind::Clac | InsnKind::Stac => {
             regs.rflags &= !insn.kind.rflags_cleared();
+            regs.rflags |= insn.kind.rflags_set();
             Completed::Other
         }
         InsnKind::Ldmxcsr(op) | InsnKind::Stmxcsr(op) => {
@@ -212,4 +300,23 @@ fn complete(
     regs.rip = next_rip;
     fd.set_regs(&regs).map_err(kvm_err("advancing rip"))?;
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invpcid_gp_conditions() {
+        let ok = [5u64, 0x4000];
+        assert!(!invpcid_faults(0, ok, CR4_PCIDE));
+        assert!(invpcid_faults(4, ok, CR4_PCIDE));
+        assert!(invpcid_faults(2, [1 << 12, 0], CR4_PCIDE));
+        assert!(invpcid_faults(0, [0, 0x8000_0000_0000], CR4_PCIDE));
+        assert!(!invpcid_faults(2, [0, 0x8000_0000_0000], CR4_PCIDE));
+        // PCIDE off: a non-zero PCID is refused for types 0 and 1 only.
+        assert!(invpcid_faults(1, ok, 0));
+        assert!(!invpcid_faults(2, ok, 0));
+        assert!(!invpcid_faults(0, [0, 0x4000], 0));
+    }
 }

@@ -5,14 +5,14 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
 use devices::{ExitRequest, MmioBus, PioBus, VmExitReason};
-use kvm_bindings::CpuId;
+use kvm_bindings::{kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use thiserror::Error;
 
 use super::state::{self, StatePolicy};
 use super::{cpuid, lapic, msrs};
 use crate::apf::ApfController;
-use crate::boot::regs;
+use crate::boot::{regs, EntryState};
 use crate::compat;
 use crate::memory::GuestMemory;
 use migration::state::VcpuState;
@@ -72,6 +72,15 @@ pub struct Vcpu {
     ctx: Arc<VcpuContext>,
 }
 
+/// The size of each access in the current KVM_EXIT_IO.
+fn io_access_size(run: *const kvm_run) -> usize {
+    // SAFETY: `run` is this vCPU's kvm_run mapping, alive as long as its VcpuFd (the caller's);
+    // KVM filled the `io` member for this KVM_EXIT_IO exit. Only the header is read; the data
+    // the caller holds lies at io.data_offset, past the header, so nothing aliases.
+    let size = unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read() };
+    usize::from(size).max(1)
+}
+
 impl Vcpu {
     pub fn create_fd(vm: &VmFd, id: u8) -> Result<VcpuFd, VcpuError> {
         vm.create_vcpu(u64::from(id))
@@ -97,7 +106,7 @@ impl Vcpu {
         &self,
         cpuid_template: &CpuId,
         vcpus: u8,
-        boot_entry: Option<u64>,
+        boot_entry: Option<EntryState>,
     ) -> Result<(), VcpuError> {
         let tsc_khz = self
             .fd
@@ -126,11 +135,18 @@ impl Vcpu {
             .map_err(self.kvm_err("KVM_SET_LAPIC"))?;
         if let Some(entry) = boot_entry {
             let sregs = self.fd.get_sregs().map_err(self.kvm_err("KVM_GET_SREGS"))?;
+            let (sregs, gprs) = match entry {
+                EntryState::Long64 { rip } => (regs::boot_sregs(sregs), regs::boot_regs(rip)),
+                EntryState::Multiboot32 { eip, info } => (
+                    regs::protected_mode_sregs(sregs),
+                    regs::multiboot_regs(eip, info),
+                ),
+            };
             self.fd
-                .set_sregs(&regs::boot_sregs(sregs))
+                .set_sregs(&sregs)
                 .map_err(self.kvm_err("KVM_SET_SREGS"))?;
             self.fd
-                .set_regs(&regs::boot_regs(entry))
+                .set_regs(&gprs)
                 .map_err(self.kvm_err("KVM_SET_REGS"))?;
             self.fd
                 .set_fpu(&regs::boot_fpu())
@@ -196,6 +212,7 @@ impl Vcpu {
         if let Some(apf) = &self.ctx.apf {
             apf.register_thread(self.id);
         }
+        let run_area: *const kvm_run = self.fd.get_kvm_run();
         let mut syscall = compat::SyscallAssist::new();
         let mut exits = compat::ExitCounts::default();
         while !self.ctx.exit.is_requested() {
@@ -211,13 +228,18 @@ impl Vcpu {
             let result = self.fd.run();
             exits.record(&result);
             match result {
+                // String I/O (`rep outsb`...) brings `count` accesses of `size` bytes in one exit.
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    if !self.ctx.pio.write(port, data) {
-                        log::debug!("vcpu {}: write to unclaimed port {port:#x}", self.id);
+                    for access in data.chunks(io_access_size(run_area)) {
+                        if !self.ctx.pio.write(port, access) {
+                            log::debug!("vcpu {}: write to unclaimed port {port:#x}", self.id);
+                        }
                     }
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
-                    self.ctx.pio.read(port, data);
+                    for access in data.chunks_mut(io_access_size(run_area)) {
+                        self.ctx.pio.read(port, access);
+                    }
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     if !self.ctx.mmio.read(addr, data) {
