@@ -268,6 +268,8 @@ impl MigratableVm for FakeVm {
             pv_features: 0,
             cpuid: Vec::new(),
             balloon: None,
+            shared: false,
+            thp: false,
         }
     }
 

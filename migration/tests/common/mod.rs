@@ -49,7 +49,13 @@ impl Drop for TempDir {
 pub fn listen(dir: &TempDir) -> (Endpoint, Listening) {
     let path = dir.0.join("mig.sock");
     let l = bind_private(&path).unwrap();
-    (Endpoint::Unix(path.clone()), Listening::Unix(l, path))
+    (
+        Endpoint::Unix {
+            path: path.clone(),
+            local: false,
+        },
+        Listening::Unix(l, path),
+    )
 }
 
 pub fn accept(listening: &Listening) -> Channel {
@@ -119,7 +125,7 @@ fn destination(listening: Listening, opts: DestOptions) -> DestOutcome {
     // As tern's destination does: the source hears from this side every second.
     let heartbeat = Heartbeat::start(rp.clone()).unwrap();
     let mut rx = StreamReader::new(ch.reader.take().unwrap());
-    let record = incoming::read_config(&mut rx).unwrap();
+    let (record, _local) = incoming::read_start(&mut rx).unwrap();
     let mut vm = FakeVm::from_record(&record);
     vm.refuse_restore = opts.refuse_restore.clone();
     let vm = Arc::new(vm);
@@ -127,6 +133,8 @@ fn destination(listening: Listening, opts: DestOptions) -> DestOutcome {
     let options = incoming::Options {
         postcopy: opts.postcopy,
         vcpu_tids: Vec::new(),
+        local: false,
+        shared_ram: false,
         preempt: Mutex::new(opts.postcopy.then_some(listening)),
     };
     let received = incoming::receive(
