@@ -63,7 +63,7 @@ fn rows(what: &str, snap: &Path, output: &str, stored: &str) -> Result<()> {
 
 pub(super) fn restore_table(dir: &Path) -> Result<()> {
     println!(
-        "| guest | stored | restore | guest running (ms, tern's figure) | first guest output (ms \\
+        "| guest | stored | restore | guest running (ms, tern's figure) | first guest output (ms \
          from tern's start) | lazy background pass done (ms) |"
     );
     println!("|---|---|---|---|---|---|");
