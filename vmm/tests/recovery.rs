@@ -182,3 +182,89 @@ fn recover_is_refused_where_nothing_is_paused() {
     let o = remote(&a, &["migrate", "--resume", "unix:/tmp/nowhere.sock"]);
     assert!(o.stderr.contains("nothing to resume"), "{}", o.describe());
 }
+
+/// Hybrid postcopy (one precopy pass, then the switch) cut as soon as the push starts, then
+/// recovered: the pages dirtied after precopy sent them come from the source again, and the guest
+/// finishes with the reference checksum.
+#[test]
+fn hybrid_postcopy_cut_at_the_start_of_the_push_recovers() {
+    const MIB: u64 = 128;
+    let guest = format!("suite=dirty mib={MIB} static=16 rounds={ROUNDS}");
+    let dir = scratch("recovery-hybrid");
+    let sock = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    let (a, b) = (sock("a.sock"), sock("b.sock"));
+    let mut reference = Running::spawn(&["--memory", "size=512M", "--cmdline", &guest]);
+    let src = Running::spawn(&[
+        "--memory",
+        "size=512M",
+        "--cmdline",
+        &guest,
+        "--api-socket",
+        &a,
+        "--postcopy",
+        "--postcopy-after-iterations",
+        "1",
+        "--downtime-ms",
+        "1",
+    ]);
+    assert!(
+        src.wait_stdout(WAIT, |l| dirty_round(l).is_some_and(|r| r >= 2))
+            .is_some(),
+        "{}",
+        src.describe()
+    );
+    let real = dir.join("mig.sock");
+    let mut dst = Running::spawn(&[
+        "--incoming",
+        &format!("unix:{}", real.display()),
+        "--postcopy",
+        "--api-socket",
+        &b,
+    ]);
+    assert!(dst.wait_stderr(WAIT, "waiting for an incoming migration"));
+    let relay = Proxy::start(&dir.join("relay.sock"), &real, Plan::Pass).expect("relay");
+    let o = remote(
+        &a,
+        &[
+            "migrate",
+            "--detach",
+            &format!("unix:{}", relay.path.display()),
+        ],
+    );
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    // Cut the moment the source reports the switch (the push of the dirtied working set follows).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = remote_json(&a, &["migrate-status"]);
+        if v["phase"] == "postcopy" {
+            relay.cut();
+            break;
+        }
+        assert!(v["state"] == "active", "ended before the switch: {v}");
+        assert!(Instant::now() < deadline, "{v}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    wait_state(&a, "postcopy-paused", &src);
+    wait_state(&b, "postcopy-paused", &dst);
+    let rec = dir.join("rec.sock");
+    remote_json(&b, &["migrate-recover", &format!("unix:{}", rec.display())]);
+    let v = remote_json(
+        &a,
+        &["migrate", "--resume", &format!("unix:{}", rec.display())],
+    );
+    assert_eq!(v["state"], "completed", "{v}");
+    assert_eq!(dst.wait_exit(WAIT), Some(0), "{}", dst.describe());
+    assert_eq!(
+        reference.wait_exit(WAIT),
+        Some(0),
+        "{}",
+        reference.describe()
+    );
+    let want = final_checksum(&reference).expect("reference final round");
+    assert_eq!(
+        final_checksum(&dst).as_deref(),
+        Some(want.as_str()),
+        "{}",
+        dst.describe()
+    );
+}
