@@ -213,7 +213,7 @@ impl Listening {
                     if std::time::Instant::now() >= deadline {
                         return Err(io::Error::new(
                             io::ErrorKind::TimedOut,
-                            "no second connection came",
+                            format!("nobody connected within {} s", timeout.as_secs()),
                         ));
                     }
                     std::thread::sleep(Duration::from_millis(5));
@@ -282,6 +282,18 @@ fn first_unix_channel(s: UnixStream) -> io::Result<Channel> {
 
 /// Destination side: waits for the source (or opens the file); the endpoint keeps listening
 /// (for a preempt channel) until the returned [`Listening`] is dropped.
+/// Listens on `ep` (`unix:` or `tcp:`) without waiting for anyone yet.
+pub fn listen(ep: &Endpoint) -> io::Result<Listening> {
+    match ep {
+        Endpoint::Unix { path, .. } => Ok(Listening::Unix(bind_private(path)?, path.clone())),
+        Endpoint::Tcp(a) => Ok(Listening::Tcp(TcpListener::bind(a)?)),
+        Endpoint::File(_) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a file is not a connection to listen on",
+        )),
+    }
+}
+
 pub fn accept_keep(ep: &Endpoint) -> io::Result<(Channel, Option<Listening>)> {
     match ep {
         Endpoint::Unix { path: p, .. } => {

@@ -18,6 +18,10 @@ use migration::MigratableVm;
 use super::flows::{spawn_postcopy_tail, OnDone};
 use crate::vm::VmInner;
 
+/// How long a destination listens for the source's reconnection before it gives up (it stays
+/// `postcopy-paused`; `migrate-recover` may be asked again).
+const RECOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Destination: listens on `endpoint` for the source's reconnection, in the background.
 pub fn listen(vm: &Arc<VmInner>, endpoint: Endpoint) -> Result<(), String> {
     let mut refused = None;
@@ -56,7 +60,10 @@ pub fn listen(vm: &Arc<VmInner>, endpoint: Endpoint) -> Result<(), String> {
                     s.error = Some(format!("postcopy recovery failed: {why}"));
                 });
             };
-            let mut channel = match transport::accept(&endpoint) {
+            // Bounded: a source that never comes leaves this side recoverable again.
+            let channel = transport::listen(&endpoint)
+                .and_then(|l| l.accept_within(RECOVER_WAIT));
+            let mut channel = match channel {
                 Ok(c) => c,
                 Err(e) => return failed(format!("waiting on {endpoint}: {e}"), listener),
             };
