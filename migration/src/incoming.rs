@@ -7,6 +7,7 @@ use std::time::Instant;
 use crate::error::MigrationError;
 use crate::postcopy::preempt::AdviseRecord;
 use crate::postcopy::{probe_userfaultfd, DiscardRecord, Listener};
+use crate::progress::Phase;
 use crate::progress::StatusCell;
 use crate::state::{
     ClockState, DeviceStates, EndRecord, IoapicState, LocalRamRecord, PicState, PitState, VcpuState,
@@ -355,7 +356,7 @@ fn apply(
                 return Err(refused(Section::Advise, "postcopy was already advised"))
             }
             Section::Advise => {
-                status.update(|s| s.phase = "ADVISE".into());
+                status.update(|s| s.phase = Phase::Advise);
                 let verdict = if options.shared_ram {
                     Err("postcopy is not supported with shared=on guest RAM".into())
                 } else if options.postcopy {
@@ -395,7 +396,7 @@ fn apply(
                 "it must follow one accepted postcopy advise (the destination needs --postcopy)",
             )),
             Section::Discard => {
-                status.update(|s| s.phase = "DISCARD".into());
+                status.update(|s| s.phase = Phase::Discard);
                 let discard: DiscardRecord = frame.decode()?;
                 let rp = return_path.clone().ok_or_else(|| {
                     MigrationError::Rejected("postcopy needs a return path".into())
@@ -404,7 +405,7 @@ fn apply(
                     Listener::start(vm, &discard, rp, options.vcpu_tids.clone()).map_err(|e| {
                         MigrationError::Vm(crate::VmSideError(format!("postcopy listen: {e}")))
                     })?;
-                status.update(|s| s.phase = "LISTEN".into());
+                status.update(|s| s.phase = Phase::Listen);
                 if preempt {
                     let taken = options
                         .preempt

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::outgoing::{await_resumed, send_state, MigrationError, Params};
 use crate::peer::PeerReader;
+use crate::progress::Phase;
 use crate::progress::{unix_ns, MigrationState, StatusCell};
 use crate::state::{EndRecord, LocalRamRecord};
 use crate::stream::{header_bytes, Section, StreamReader, StreamWriter, HEADER_LEN};
@@ -114,7 +115,7 @@ switch: the memory itself is handed over); start the source without --postcopy",
         s.total_ms = total * 1e3;
         s.downtime_ms = downtime * 1e3;
         s.throughput_mbps = bytes as f64 / total / 1e6;
-        s.phase = "local".into();
+        s.phase = Phase::Local;
     });
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 pub use crate::error::MigrationError;
 use crate::peer::PeerReader;
 use crate::postcopy::preempt::AdviseRecord;
+use crate::progress::Phase;
 use crate::progress::{mb, MigrationState, ProgressLine, StatusCell};
 use crate::state::{EndRecord, VmState};
 use crate::stream::{RamBatch, Section, StreamError, StreamReader, StreamWriter};
@@ -325,7 +326,7 @@ fn run(
         if advise(&mut tx.w, reader.as_ref(), params.postcopy_preempt)? {
             preempt = crate::postcopy::preempt::open(endpoint);
         }
-        status.update(|s| s.phase = "precopy".into());
+        status.update(|s| s.phase = Phase::Precopy);
     }
     let regions = vm.ram_regions();
     vm.start_dirty_log()?;
@@ -582,7 +583,7 @@ pub fn recover(
             requests.len()
         );
         status.update(|s| {
-            s.phase = "postcopy".into();
+            s.phase = Phase::Postcopy;
             s.remaining_bytes = (left * PAGE_SIZE) as u64;
             s.recovered_pages = left as u64;
         });

@@ -48,6 +48,32 @@ impl std::fmt::Display for MigrationState {
     }
 }
 
+/// The step a postcopy (or local) migration is at, as `migrate-status` shows it. Destination:
+/// ADVISE -> DISCARD -> LISTEN -> RUNNING -> END; source: precopy -> postcopy -> END.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub enum Phase {
+    /// Plain precopy (or nothing yet).
+    #[default]
+    #[serde(rename = "")]
+    None,
+    #[serde(rename = "precopy")]
+    Precopy,
+    #[serde(rename = "postcopy")]
+    Postcopy,
+    #[serde(rename = "local")]
+    Local,
+    #[serde(rename = "ADVISE")]
+    Advise,
+    #[serde(rename = "DISCARD")]
+    Discard,
+    #[serde(rename = "LISTEN")]
+    Listen,
+    #[serde(rename = "RUNNING")]
+    Running,
+    #[serde(rename = "END")]
+    End,
+}
+
 /// A snapshot of a migration's progress, as `migrate-status` returns it.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct MigrationStatus {
@@ -64,9 +90,8 @@ pub struct MigrationStatus {
     pub total_ms: f64,
     pub downtime_ms: f64,
     pub error: Option<String>,
-    /// Postcopy phase: destination ADVISE, DISCARD, LISTEN, RUNNING, END; source precopy,
-    /// postcopy, END. Empty without postcopy.
-    pub phase: String,
+    /// Where a postcopy or local migration stands (`""` for plain precopy).
+    pub phase: Phase,
     /// `migrate-start-postcopy` was asked for.
     pub postcopy_requested: bool,
     /// `migrate-cancel` was asked for (honoured only before the switch).

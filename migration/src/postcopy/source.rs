@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use crate::error::MigrationError;
 use crate::outgoing::{send_state, PageSender};
 use crate::peer::{PeerEvent, PeerReader, HEARTBEAT_INTERVAL};
+use crate::progress::Phase;
 use crate::progress::StatusCell;
 use crate::stream::{Frame, Section};
 use crate::transport::ACK_TIMEOUT;
@@ -137,7 +138,7 @@ pub(crate) fn push<W: Write>(
 ) -> Result<(), MigrationError> {
     let missing_total: usize = missing.iter().map(|m| m.count()).sum();
     status.update(|s| {
-        s.phase = "postcopy".into();
+        s.phase = Phase::Postcopy;
         s.remaining_bytes = (missing_total * PAGE_SIZE) as u64;
     });
     let refused =
@@ -270,7 +271,7 @@ pub(crate) fn push<W: Write>(
     let total = start.elapsed().as_secs_f64();
     status.update(|s| {
         tx.record_completion(s, total);
-        s.phase = "END".into();
+        s.phase = Phase::End;
         let mut figures = complete.unwrap_or(serde_json::Value::Null);
         // Pause here to resume there: only the destination knows when it resumed.
         s.downtime_ms = figures["downtime_ms"].as_f64().unwrap_or(f64::NAN);

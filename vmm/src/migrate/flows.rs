@@ -8,6 +8,7 @@ use migration::error::MigrationError;
 use migration::incoming::{self, Received, ReturnPath};
 use migration::outgoing::{self, Params};
 use migration::peer::Heartbeat;
+use migration::progress::Phase;
 use migration::progress::{summary, unix_ns, MigrationState, MigrationStatus};
 use migration::stream::StreamReader;
 use migration::stream::{Section, StreamWriter};
@@ -266,7 +267,7 @@ pub fn receive(
             if postcopy {
                 // The tail may have finished already (a small guest).
                 if s.state == MigrationState::Active {
-                    s.phase = "RUNNING".into();
+                    s.phase = Phase::Running;
                 }
             } else {
                 s.total_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -327,7 +328,7 @@ pub(crate) fn spawn_postcopy_tail(
                     json["balloon_pages_discarded_at_end"] = discarded.into();
                     status.update(|s| {
                         s.state = MigrationState::Completed;
-                        s.phase = "END".into();
+                        s.phase = Phase::End;
                         s.remaining_bytes = 0;
                         s.total_ms = t0.elapsed().as_secs_f64() * 1e3;
                         s.postcopy = Some(json.clone());

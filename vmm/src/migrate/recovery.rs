@@ -10,6 +10,7 @@ use migration::error::MigrationError;
 use migration::incoming;
 use migration::outgoing;
 use migration::peer::Heartbeat;
+use migration::progress::Phase;
 use migration::progress::{summary, MigrationState};
 use migration::stream::StreamReader;
 use migration::transport::{self, Endpoint};
@@ -88,7 +89,7 @@ pub fn listen(vm: &Arc<VmInner>, endpoint: Endpoint) -> Result<(), String> {
                     };
                     vm.migration.update(|s| {
                         s.state = MigrationState::Active;
-                        s.phase = "RUNNING".into();
+                        s.phase = Phase::Running;
                         s.error = None;
                         s.recovered_pages = left as u64;
                     });
