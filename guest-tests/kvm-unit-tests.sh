@@ -17,7 +17,13 @@
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-VENDOR_TAR=${KUT_TARBALL:-$ROOT/../shared/vendor/kvm-unit-tests-1da1819e.tar.gz}
+# The workplace's vendored sources sit beside the repository (../shared/vendor); a clone made
+# elsewhere finds them at the workplace's own path.
+KUT_NAME=kvm-unit-tests-1da1819e.tar.gz
+VENDOR_TAR=${KUT_TARBALL:-$ROOT/../shared/vendor/$KUT_NAME}
+if [ -z "${KUT_TARBALL:-}" ] && [ ! -f "$VENDOR_TAR" ] && [ -f "/work/shared/vendor/$KUT_NAME" ]; then
+	VENDOR_TAR=/work/shared/vendor/$KUT_NAME
+fi
 VENDOR_SHA=ae1c2a734c8d6efed4c2afaacf08008d4bf9e95e00105befc4dc7775ecd819b7
 BUILD=$ROOT/target/kvm-unit-tests
 SRC=$BUILD/src-1da1819e
