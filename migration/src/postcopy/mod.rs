@@ -4,6 +4,7 @@
 pub mod dest;
 pub mod placer;
 pub mod preempt;
+pub mod recover;
 pub mod source;
 
 pub use dest::{

@@ -8,7 +8,6 @@ use std::time::Instant;
 use devices::VmExitReason;
 use migration::error::MigrationError;
 use migration::incoming;
-use migration::outgoing;
 use migration::peer::Heartbeat;
 use migration::progress::Phase;
 use migration::progress::{summary, MigrationState};
@@ -138,7 +137,7 @@ pub fn reconnect(vm: &Arc<VmInner>, endpoint: Endpoint, on_done: OnDone) -> Resu
         .name("migration".into())
         .spawn(move || {
             crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Migration);
-            let result = outgoing::recover(&*vm, &endpoint, &vm.migration);
+            let result = migration::postcopy::recover::recover(&*vm, &endpoint, &vm.migration);
             let status = vm.migration.get();
             match result {
                 Ok(()) => {
