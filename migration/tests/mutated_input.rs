@@ -70,7 +70,7 @@ fn valid_stream(vm: &FakeVm) -> Vec<u8> {
     for (i, r) in vm.ram_regions().iter().enumerate() {
         for p in 0..8u64 {
             let gpa = r.gpa + p * 4096;
-            if (p + i as u64) % 3 == 0 {
+            if (p + i as u64).is_multiple_of(3) {
                 batch.push_zero(gpa);
             } else {
                 vm.read_ram(gpa, &mut page).unwrap();
