@@ -412,13 +412,15 @@ pub fn set_paused(vm: &VmInner, pause: bool, force: bool) -> Result<(), String> 
     }
     if !pause && status.state.guest_may_run_elsewhere() {
         let source = status.role == "source";
-        if !(force && status.state == MigrationState::Postmigrate && source) {
+        // A parked source holds the whole guest: forcing is the way back when the destination
+        // never ran it (it died before RUN or END arrived).
+        if !(force && source) {
             return Err(format!(
                 "refused: the migration ended in state {} and the guest may be running on the {} \
 side; resuming here could run it twice{}",
                 status.state,
                 if source { "destination" } else { "source" },
-                if source && status.state == MigrationState::Postmigrate {
+                if source {
                     " (use --force only if you know the destination never ran it)"
                 } else {
                     ""
