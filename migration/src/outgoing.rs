@@ -242,29 +242,30 @@ pub fn migrate(
 
 /// A snapshot cannot be cancelled once it starts (it is short and pauses the guest anyway).
 fn begin_switch_snapshot(status: &StatusCell) -> Result<(), MigrationError> {
-    let mut cancelled = false;
-    status.update(|s| {
-        cancelled = s.cancel_requested;
-        s.switching = !cancelled;
-    });
-    if cancelled {
+    if cancel_came_first(status) {
         return Err(MigrationError::Cancelled);
     }
     Ok(())
 }
 
 /// Marks the switch as started unless a cancel came first (one lock: `migrate-cancel` sees
-/// either a cancelled precopy or a switch it must refuse).
-fn begin_switch<W: Write>(
-    tx: &mut PageSender<W>,
-    status: &StatusCell,
-) -> Result<(), MigrationError> {
+/// either a cancelled precopy or a switch it must refuse). True when the cancel won.
+fn cancel_came_first(status: &StatusCell) -> bool {
     let mut cancelled = false;
     status.update(|s| {
         cancelled = s.cancel_requested;
         s.switching = !cancelled;
     });
-    if cancelled {
+    cancelled
+}
+
+/// Starts the switch of a live migration; a cancel that came first ends it (and tells the
+/// destination).
+fn begin_switch<W: Write>(
+    tx: &mut PageSender<W>,
+    status: &StatusCell,
+) -> Result<(), MigrationError> {
+    if cancel_came_first(status) {
         tx.check_cancel()?;
     }
     tx.cancel = None;

@@ -22,24 +22,36 @@ use crate::vm::VmInner;
 /// `postcopy-paused`; `migrate-recover` may be asked again).
 const RECOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Destination: listens on `endpoint` for the source's reconnection, in the background.
-pub fn listen(vm: &Arc<VmInner>, endpoint: Endpoint) -> Result<(), String> {
+/// Moves this side from `postcopy-paused` to `postcopy-recover` (one lock, so two recoveries
+/// never start at once), or says why it cannot.
+fn claim_paused(vm: &VmInner, role: &str, refusal: &str) -> Result<(), String> {
     let mut refused = None;
     vm.migration.update(|s| {
-        if s.role != "destination" || s.state != MigrationState::PostcopyPaused {
+        if s.role != role || s.state != MigrationState::PostcopyPaused {
             refused = Some(format!(
-                "nothing to recover here: migrate-recover needs a destination in postcopy-paused (this side: {} {})",
-                if s.role.is_empty() { "no migration" } else { &s.role },
+                "{refusal} (this side: {} {})",
+                if s.role.is_empty() {
+                    "no migration"
+                } else {
+                    &s.role
+                },
                 s.state
             ));
         } else {
             s.state = MigrationState::PostcopyRecover;
-            s.endpoint = endpoint.to_string();
         }
     });
-    if let Some(why) = refused {
-        return Err(why);
-    }
+    refused.map_or(Ok(()), Err)
+}
+
+/// Destination: listens on `endpoint` for the source's reconnection, in the background.
+pub fn listen(vm: &Arc<VmInner>, endpoint: Endpoint) -> Result<(), String> {
+    claim_paused(
+        vm,
+        "destination",
+        "nothing to recover here: migrate-recover needs a destination in postcopy-paused",
+    )?;
+    vm.migration.update(|s| s.endpoint = endpoint.to_string());
     let Some(listener) = devices::bus::lock(&vm.postcopy_paused).take() else {
         vm.migration
             .update(|s| s.state = MigrationState::PostcopyPaused);
@@ -117,21 +129,11 @@ pub fn listen(vm: &Arc<VmInner>, endpoint: Endpoint) -> Result<(), String> {
 
 /// Source: reconnects a paused postcopy to `endpoint` and finishes it, in the background.
 pub fn reconnect(vm: &Arc<VmInner>, endpoint: Endpoint, on_done: OnDone) -> Result<(), String> {
-    let mut refused = None;
-    vm.migration.update(|s| {
-        if s.role != "source" || s.state != MigrationState::PostcopyPaused {
-            refused = Some(format!(
-                "nothing to resume: `migrate --resume` needs a source in postcopy-paused (this side: {} {})",
-                if s.role.is_empty() { "no migration" } else { &s.role },
-                s.state
-            ));
-        } else {
-            s.state = MigrationState::PostcopyRecover;
-        }
-    });
-    if let Some(why) = refused {
-        return Err(why);
-    }
+    claim_paused(
+        vm,
+        "source",
+        "nothing to resume: `migrate --resume` needs a source in postcopy-paused",
+    )?;
     let vm = vm.clone();
     std::thread::Builder::new()
         .name("migration".into())
