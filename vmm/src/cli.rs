@@ -198,6 +198,20 @@ pub struct RunArgs {
     /// they never wait behind the background push; `off` keeps everything on one connection.
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
     pub postcopy_preempt: String,
+
+    /// Outgoing postcopy: limit the background push to this many bytes a second (`K`, `M`, `G`
+    /// suffixes: 64M is 64 MiB/s); requested pages always go at once. Default: no limit.
+    #[arg(long, value_name = "SIZE", requires = "postcopy", value_parser = parse_bandwidth)]
+    pub postcopy_bandwidth: Option<u64>,
+}
+
+fn parse_bandwidth(text: &str) -> Result<u64, String> {
+    match config::parse_size(text) {
+        Some(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "invalid --postcopy-bandwidth {text:?}: bytes a second, e.g. 64M"
+        )),
+    }
 }
 
 impl RunArgs {

@@ -59,6 +59,7 @@ fn run(start: Instant) -> anyhow::Result<Outcome> {
             let ep: migration::transport::Endpoint = uri.parse()?;
             let opts = migrate::flows::IncomingOptions {
                 serial: config::parse_serial(&args.serial)?,
+                serial2: config::parse_serial2(&args.serial2)?,
                 async_pf: args.async_pf.parse().map_err(anyhow::Error::msg)?,
                 postcopy: args.postcopy,
                 restore: args.restore,
@@ -83,6 +84,7 @@ fn run(start: Instant) -> anyhow::Result<Outcome> {
             args.postcopy,
             args.postcopy_after_iterations,
             args.postcopy_preempt == "on",
+            args.postcopy_bandwidth,
         );
         let server = api::ApiServer::bind(path, vm.inner.clone(), params, start)
             .map_err(|e| anyhow::anyhow!("--api-socket {}: {e}", path.display()))?;

@@ -93,6 +93,8 @@ pub struct VmInner {
     pub mem: GuestMemory,
     pub exit: Arc<ExitRequest>,
     pub com1: Arc<Mutex<SerialDevice>>,
+    /// COM2 (`--serial2`), whose state migrates like COM1's.
+    pub com2: Option<Arc<Mutex<SerialDevice>>>,
     pub record: VmConfigRecord,
     pub vcpus: Vec<VcpuHandle>,
     pub migration: StatusCell,
@@ -150,7 +152,7 @@ impl Vm {
 
         let exit = ExitRequest::new().map_err(io_err("exit eventfd"))?;
         let mut pio = PioBus::new();
-        let (com1, serial2) =
+        let (com1, com2, serial2) =
             add_legacy_devices(&vm_fd, &mut pio, &exit, &cfg.serial, &cfg.serial2)?;
         let timer = BootTimer::new(start, ports::BOOT_TIMER_MAGIC);
         pio.insert(ports::BOOT_TIMER, 1, Arc::new(Mutex::new(timer)))?;
@@ -286,6 +288,7 @@ impl Vm {
             mergeable: cfg.memory.mergeable,
             shared: cfg.memory.shared,
             thp: cfg.memory.thp,
+            serial2: com2.is_some(),
             vcpus: cfg.vcpus,
             pv_features: pv.0,
             cpuid: template
@@ -311,6 +314,7 @@ impl Vm {
                 mem,
                 exit,
                 com1,
+                com2,
                 record,
                 vcpus: handles,
                 migration: StatusCell::default(),
@@ -440,7 +444,7 @@ fn add_legacy_devices(
     exit: &Arc<ExitRequest>,
     serial: &SerialConfig,
     serial2: &Serial2Config,
-) -> Result<(Arc<Mutex<SerialDevice>>, Option<SerialSocket>), VmError> {
+) -> Result<LegacyDevices, VmError> {
     let output = match serial {
         SerialConfig::Tty => SerialOutput::Stdout,
         SerialConfig::Off => SerialOutput::Off,
@@ -469,10 +473,9 @@ fn add_legacy_devices(
                 .map_err(io_err("COM2 device"))?;
             let dev = Arc::new(Mutex::new(dev));
             pio.insert(ports::COM2, 8, dev.clone())?;
-            Some(
-                SerialSocket::bind(path, client, dev)
-                    .map_err(io_err("--serial2: binding the socket"))?,
-            )
+            let socket = SerialSocket::bind(path, client, dev.clone())
+                .map_err(io_err("--serial2: binding the socket"))?;
+            Some((dev, socket))
         }
     };
     pio.insert(
@@ -490,8 +493,16 @@ fn add_legacy_devices(
         4,
         Arc::new(Mutex::new(IsaDebugExit::new(exit.clone()))),
     )?;
-    Ok((com1, com2))
+    let (com2, socket) = com2.unzip();
+    Ok((com1, com2, socket))
 }
+
+/// COM1, COM2 if configured, and COM2's socket side.
+type LegacyDevices = (
+    Arc<Mutex<SerialDevice>>,
+    Option<Arc<Mutex<SerialDevice>>>,
+    Option<SerialSocket>,
+);
 
 /// A multiboot kernel comes after a BIOS, which leaves the 8259s initialised with vector bases
 /// 0x08 (IRQ 0-7) and 0x70 (IRQ 8-15); kvm-unit-tests' real-mode test relies on that (IRQ 11 at

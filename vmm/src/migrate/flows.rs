@@ -90,6 +90,8 @@ pub enum IncomingError {
 /// What the destination accepts, from its command line.
 pub struct IncomingOptions {
     pub serial: SerialConfig,
+    /// COM2's backend: required exactly when the guest has a COM2 (the record says).
+    pub serial2: crate::config::Serial2Config,
     pub async_pf: AsyncPfMode,
     pub postcopy: bool,
     /// `file:` snapshots: read all of RAM first, or serve it on first touch.
@@ -130,6 +132,14 @@ pub(crate) fn config_from_record(
     }
     let vcpus =
         crate::config::check_vcpus(record.vcpus.into()).map_err(|e| refuse(e.to_string()))?;
+    let serial2_on = !matches!(opts.serial2, crate::config::Serial2Config::Off);
+    if record.serial2 != serial2_on {
+        return Err(crate::vm::VmError::Incompatible(if record.serial2 {
+            "the guest has a COM2 (--serial2): give this side --serial2 socket=PATH".into()
+        } else {
+            "the guest has no COM2: --serial2 must be off".into()
+        }));
+    }
     Ok(VmConfig {
         memory,
         vcpus,
@@ -137,7 +147,7 @@ pub(crate) fn config_from_record(
         cmdline: String::new(),
         initramfs: None,
         serial: opts.serial.clone(),
-        serial2: crate::config::Serial2Config::Off,
+        serial2: opts.serial2.clone(),
         async_pf: opts.async_pf,
         // Built from the config record.
         balloon: None,
@@ -392,6 +402,7 @@ pub fn params(
     postcopy: bool,
     postcopy_after_iterations: Option<u32>,
     postcopy_preempt: bool,
+    postcopy_bandwidth: Option<u64>,
 ) -> Params {
     Params {
         downtime: std::time::Duration::from_millis(downtime_ms),
@@ -400,6 +411,7 @@ pub fn params(
         postcopy,
         postcopy_after_iterations,
         postcopy_preempt,
+        postcopy_bandwidth,
     }
 }
 

@@ -250,7 +250,13 @@ impl MigratableVm for VmInner {
         let slave = self.irqchip(KVM_IRQCHIP_PIC_SLAVE)?;
         let ioapic = self.irqchip(KVM_IRQCHIP_IOAPIC)?;
         let pit = self.vm_fd.get_pit2().map_err(side("KVM_GET_PIT2"))?;
-        let serial = devices::bus::lock(&self.com1);
+        let mut serial = Vec::new();
+        for port in std::iter::once(&self.com1).chain(self.com2.as_ref()) {
+            let port = devices::bus::lock(port);
+            if let Some(s) = port.state() {
+                serial.push((port.name().to_string(), serial_to(&s)));
+            }
+        }
         // SAFETY: (all three) each union member read matches the chip_id KVM filled in.
         let (pic_master, pic_slave, ioapic) = unsafe {
             (
@@ -270,10 +276,7 @@ impl MigratableVm for VmInner {
             ioapic,
             pit: pit_to(&pit),
             devices: DeviceStates {
-                serial: serial
-                    .state()
-                    .map(|s| vec![(serial.name().to_string(), serial_to(&s))])
-                    .unwrap_or_default(),
+                serial,
                 other: self.balloon_state()?,
             },
         })
@@ -343,12 +346,13 @@ impl MigratableVm for VmInner {
             v.restore(s).map_err(VmSideError)?;
             apf.restore_msrs(id, &apf_msrs).map_err(VmSideError)?;
         }
-        let mut serial = devices::bus::lock(&self.com1);
-        for (name, s) in &state.devices.serial {
-            if name == serial.name() {
-                serial
-                    .restore(&serial_from(s))
-                    .map_err(side("restoring the serial port"))?;
+        for port in std::iter::once(&self.com1).chain(self.com2.as_ref()) {
+            let mut port = devices::bus::lock(port);
+            for (name, s) in &state.devices.serial {
+                if name == port.name() {
+                    port.restore(&serial_from(s))
+                        .map_err(side("restoring a serial port"))?;
+                }
             }
         }
         self.restore_balloon(&state.devices.other)
