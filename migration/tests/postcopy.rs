@@ -121,11 +121,12 @@ fn pure_postcopy_with_preempt_channel_places_every_page() {
 #[test]
 fn limited_postcopy_push_keeps_its_rate_and_places_every_page() {
     let pages = FakeVm::new(&LAYOUT).total_pages() as u64;
-    // The whole RAM at this rate takes one second.
+    // The whole RAM at this rate takes one second; 6 pages in 7 hold data (the rest go as
+    // zero markers, which cost next to nothing), so the push cannot take less than ~0.85 s.
     let rate = pages * PAGE_SIZE as u64;
     if let Some(took) = pure_postcopy("limited-postcopy", true, Some(rate)) {
         assert!(
-            took >= std::time::Duration::from_millis(900),
+            took >= std::time::Duration::from_millis(800),
             "{pages} pages at {rate} B/s went in {took:?}"
         );
     }

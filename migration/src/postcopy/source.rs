@@ -25,11 +25,10 @@ const PUSH_BATCH_TIME: Duration = Duration::from_millis(1);
 /// A rate-limited push waits for requests in slices of at most this long.
 const PACE_SLICE: Duration = Duration::from_millis(5);
 
-/// How long the background push must wait to stay within `bytes_per_s` after sending `pages`
-/// since `since` (zero when it may send now). Requested pages are never limited.
-fn pace(bytes_per_s: u64, pages: u64, since: Instant) -> Duration {
-    let sent = pages.saturating_mul(PAGE_SIZE as u64) as f64;
-    let due = Duration::from_secs_f64(sent / bytes_per_s.max(1) as f64);
+/// How long the background push must wait to stay within `bytes_per_s` after writing `bytes`
+/// since `since` (zero when it may send now). Zero pages cost their marker only.
+fn pace(bytes_per_s: u64, bytes: u64, since: Instant) -> Duration {
+    let due = Duration::from_secs_f64(bytes as f64 / bytes_per_s.max(1) as f64);
     due.saturating_sub(since.elapsed())
 }
 
@@ -150,7 +149,7 @@ pub(crate) fn push<W: Write>(
     requests: Vec<u64>,
     bandwidth: Option<u64>,
 ) -> Result<(), MigrationError> {
-    let push_start = Instant::now();
+    let (push_start, push_base) = (Instant::now(), tx.w.bytes);
     let missing_total: usize = missing.iter().map(|m| m.count()).sum();
     status.update(|s| {
         s.phase = Phase::Postcopy;
@@ -234,7 +233,9 @@ pub(crate) fn push<W: Write>(
         // source whose own pages are slow to read (lazy, swapped) still answers requests soon.
         let mut n = 0;
         let batch_start = Instant::now();
-        let wait = bandwidth.map_or(Duration::ZERO, |r| pace(r, pushed, push_start));
+        let wait = bandwidth.map_or(Duration::ZERO, |r| {
+            pace(r, tx.w.bytes.saturating_sub(push_base), push_start)
+        });
         if !wait.is_zero() {
             // Over the limit: wait for a request instead (served at the top of the loop).
             early = rx.wait_next(wait.min(PACE_SLICE)).map(Incoming::from);
