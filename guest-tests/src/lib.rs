@@ -7,6 +7,7 @@ use std::path::PathBuf;
 pub mod apf;
 pub mod ksm;
 pub mod linux;
+pub mod linux_apf;
 pub mod relay;
 
 use anyhow::{bail, Context, Result};

@@ -16,8 +16,12 @@ use anyhow::{anyhow, bail, Context, Result};
 pub const SNAPSHOT_MEMORY: &str = "size=512M,mergeable=on";
 /// vCPUs of the booted snapshot.
 pub const SNAPSHOT_CPUS: u32 = 2;
-/// Appended to tern's default Linux command line: the guest serves commands on COM2.
-pub const SNAPSHOT_CMDLINE: &str = "tern.init=serve";
+/// Appended to tern's default Linux command line: the guest serves commands on COM2, and keeps
+/// time with kvmclock: on this host the guest's TSC is the host's (writing IA32_TSC does not move
+/// it, docs/machine-kvm.md), so a snapshot restored N minutes later sees its TSC N minutes ahead,
+/// and with `clocksource=tsc` Linux then spends minutes of emulated CPL0 catching its timer wheel
+/// up; kvmclock restarts where the snapshot left it (KVM_SET_CLOCK).
+pub const SNAPSHOT_CMDLINE: &str = "tern.init=serve clocksource=kvm-clock";
 /// A boot to the command channel, generous: ~40-80 s here, more when the cores are shared.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 
