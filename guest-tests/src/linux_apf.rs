@@ -56,7 +56,10 @@ fn wait_line(vm: &mut LinuxVm, file: &str, prefix: &str, timeout: Duration) -> R
             return Ok(l.to_string());
         }
         if Instant::now() > deadline {
-            bail!("no `{prefix}` in {file} within {} s: {out}", timeout.as_secs());
+            bail!(
+                "no `{prefix}` in {file} within {} s: {out}",
+                timeout.as_secs()
+            );
         }
         std::thread::sleep(Duration::from_millis(300));
     }
@@ -109,7 +112,12 @@ pub fn postcopy_run(tern: &Path, snap: &Path, dir: &Path, plan: &ApfPlan) -> Res
     let filled = wait_line(&mut src, "/tmp/apf.out", "apf-touch: filled", CMD)?;
     let _ = filled;
     let mig = format!("unix:{}", dir.join(format!("{}.mig", plan.mode)).display());
-    let mut dst = LinuxVm::incoming(tern, &mig, &dst_dir, &["--postcopy", "--async-pf", plan.mode])?;
+    let mut dst = LinuxVm::incoming(
+        tern,
+        &mig,
+        &dst_dir,
+        &["--postcopy", "--async-pf", plan.mode],
+    )?;
     let mig_path = dir.join(format!("{}.mig", plan.mode));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !mig_path.exists() {

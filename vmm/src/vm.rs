@@ -101,6 +101,8 @@ pub struct VmInner {
     pub dirty_logging: AtomicBool,
     pub paused: AtomicBool,
     pub apf: Option<Arc<ApfController>>,
+    /// `--async-pf` on this side: with `off`, an incoming guest's async-PF MSRs are not restored.
+    pub async_pf: AsyncPfMode,
     pub lazy: Option<LazyMemory>,
     pub vcpu_tids: Arc<Mutex<Vec<u32>>>,
     pub balloon: Option<crate::balloon::SharedBalloon>,
@@ -321,6 +323,7 @@ impl Vm {
                 dirty_logging: AtomicBool::new(false),
                 paused: AtomicBool::new(paused),
                 apf,
+                async_pf: cfg.async_pf,
                 lazy,
                 vcpu_tids: tids,
                 balloon,
