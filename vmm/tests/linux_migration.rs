@@ -20,8 +20,8 @@ fn linux_guest_migrates_by_precopy_then_postcopy_in_kvm_and_tern_mode() {
     let tern = Path::new(common::tern_path());
     let snap = booted_snapshot(tern).expect("booted snapshot");
     let dir = common::scratch("linux-postcopy");
-    let mut vm = LinuxVm::restore(tern, &snap, &dir.join("src"), &["--restore", "lazy"])
-        .expect("restore");
+    let mut vm =
+        LinuxVm::restore(tern, &snap, &dir.join("src"), &["--restore", "lazy"]).expect("restore");
     // A program that runs across all three hops and leaves its result in the guest's tmpfs.
     vm.check("(sleep 15; echo slept > /tmp/slept) >/dev/null 2>&1 &", CMD)
         .unwrap();
@@ -56,7 +56,10 @@ fn linux_guest_migrates_by_precopy_then_postcopy_in_kvm_and_tern_mode() {
         vm = dst;
     }
     let out = vm
-        .check("while [ ! -f /tmp/slept ]; do sleep 1; done; cat /tmp/slept", CMD)
+        .check(
+            "while [ ! -f /tmp/slept ]; do sleep 1; done; cat /tmp/slept",
+            CMD,
+        )
         .unwrap();
     assert_eq!(out.trim(), "slept", "{}", vm.describe());
 }

@@ -154,6 +154,7 @@ fn ksm() -> Result<()> {
             1,
             1,
             false,
+            None,
         )?;
         let mut none = || Ok(());
         let mbps = |r: &guest_tests::ksm::guest::Reply| {

@@ -28,6 +28,8 @@ pub struct Guest {
     /// The key of the series it holds once split.
     pub key: Option<u64>,
     pub state: GuestState,
+    /// Merged pages that are not the allocator's (see `take_baseline`).
+    pub baseline_pages: u64,
     child: Child,
     stream: Option<UnixStream>,
     rbuf: Vec<u8>,
@@ -52,7 +54,8 @@ impl Reply {
 pub type Tick<'a> = &'a mut dyn FnMut() -> Result<(), KsmError>;
 
 impl Guest {
-    /// Starts tern with the `ksm` suite, COM1 to `dir/gN.console`, COM2 on `dir/gN.sock`.
+    /// Starts tern with the `ksm` suite, COM1 to `dir/gN.console`, COM2 on `dir/gN.sock`; with
+    /// `linux` (the booted-Linux snapshot) restores it instead and starts `ksm-alloc` on COM2.
     #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         tern: &Path,
@@ -63,21 +66,31 @@ impl Guest {
         cpus: u32,
         allocators: u32,
         thp: bool,
+        linux: Option<&Path>,
     ) -> Result<Guest, KsmError> {
         let console = dir.join(format!("g{index}.console"));
         let sock = dir.join(format!("g{index}.sock"));
         let stderr = std::fs::File::create(dir.join(format!("g{index}.stderr")))
             .map_err(KsmError::io("creating", dir))?;
-        let child = Command::new(tern)
-            .arg("--memory")
-            .arg(format!(
-                "size={guest_mib}M,mergeable=on,thp={}",
-                if thp { "on" } else { "off" }
-            ))
-            .arg("--cpus")
-            .arg(format!("boot={cpus}"))
-            .arg("--cmdline")
-            .arg(format!("suite=ksm mib={alloc_mib} allocators={allocators}"))
+        let mut cmd = Command::new(tern);
+        match linux {
+            // The snapshot carries the machine (512 MiB, mergeable, 2 vCPUs).
+            Some(snap) => cmd
+                .arg("--incoming")
+                .arg(format!("file:{}", snap.display()))
+                .args(["--restore", "lazy"]),
+            None => cmd
+                .arg("--memory")
+                .arg(format!(
+                    "size={guest_mib}M,mergeable=on,thp={}",
+                    if thp { "on" } else { "off" }
+                ))
+                .arg("--cpus")
+                .arg(format!("boot={cpus}"))
+                .arg("--cmdline")
+                .arg(format!("suite=ksm mib={alloc_mib} allocators={allocators}")),
+        };
+        let child = cmd
             .arg("--serial")
             .arg(format!("file={}", console.display()))
             .arg("--serial2")
@@ -95,12 +108,21 @@ impl Guest {
             alloc_mib,
             key: None,
             state: GuestState::Running,
+            baseline_pages: 0,
             child,
             stream: None,
             rbuf: Vec::new(),
             console,
         };
         g.connect(&sock, Duration::from_secs(30))?;
+        if linux.is_some() {
+            // The guest's COM2 command channel runs the allocator, which then owns the line.
+            let start = format!("ksm-alloc mib={alloc_mib} allocators={allocators}\n");
+            if let Some(s) = g.stream.as_mut() {
+                s.write_all(start.as_bytes())
+                    .map_err(KsmError::io("starting ksm-alloc on", &sock))?;
+            }
+        }
         Ok(g)
     }
 
@@ -209,12 +231,33 @@ impl Guest {
     }
 
     /// Pages of this guest that KSM merged (0 once tern is gone).
+    /// Pages of this guest that KSM merged, less its baseline.
     pub fn merged_pages(&self) -> u64 {
+        self.raw_merged_pages().saturating_sub(self.baseline_pages)
+    }
+
+    fn raw_merged_pages(&self) -> u64 {
         if self.is_running() {
             host::merging_pages(self.pid()).unwrap_or(0)
         } else {
             0
         }
+    }
+
+    /// Linux guests restored from one snapshot share identical kernel and page-cache pages,
+    /// which ksmd merges whatever the allocator does: wait until that count holds still for a
+    /// second (10 s at most) and count from there.
+    pub fn take_baseline(&mut self) {
+        let mut last = self.raw_merged_pages();
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_secs(1));
+            let now = self.raw_merged_pages();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        self.baseline_pages = last;
     }
 
     /// Ends the guest: `exit` if it still answers, SIGKILL otherwise; records `state`.

@@ -39,6 +39,8 @@ pub enum KsmError {
     Spawn(std::io::Error),
     #[error("{0}")]
     Plan(#[from] plan::PlanError),
+    #[error("setting up: {0}")]
+    Setup(String),
 }
 
 impl KsmError {

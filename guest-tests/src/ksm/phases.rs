@@ -32,9 +32,16 @@ struct Ctx<'a> {
 }
 
 /// A command's time limit: generous, scaled with the region (first touch and copy-on-write
-/// breaks cost tens of µs per page on this machine).
-fn cmd_timeout(alloc_mib: u64) -> Duration {
-    Duration::from_secs(30) + Duration::from_millis(alloc_mib * 40)
+/// breaks cost tens of µs per page on this machine; in a Linux guest each of those is a guest
+/// page fault handled in emulated CPL0 code, and the first command after a restore also starts
+/// the program).
+fn cmd_timeout(alloc_mib: u64, guest: super::plan::GuestKind) -> Duration {
+    match guest {
+        super::plan::GuestKind::Builtin => {
+            Duration::from_secs(30) + Duration::from_millis(alloc_mib * 40)
+        }
+        super::plan::GuestKind::Linux => Duration::from_secs(120) + Duration::from_secs(alloc_mib),
+    }
 }
 
 /// Err when MemAvailable is under the guard.
@@ -103,7 +110,7 @@ impl Ctx<'_> {
 
     fn command(&mut self, g: usize, line: &str) -> Result<Reply, KsmError> {
         let guard_mib = self.opts.guard_mib;
-        let timeout = cmd_timeout(self.guests[g].alloc_mib);
+        let timeout = cmd_timeout(self.guests[g].alloc_mib, self.opts.guest);
         self.guests[g].command(line, timeout, &mut || guard(guard_mib))
     }
 
@@ -215,7 +222,7 @@ impl Ctx<'_> {
                     )));
                 }
             }
-            let timeout = cmd_timeout(self.guests[g].alloc_mib);
+            let timeout = cmd_timeout(self.guests[g].alloc_mib, self.opts.guest);
             let (before, rest) = self.guests.split_at_mut(g);
             let cur = &mut rest[0];
             // While it splits: if the host runs short anyway, stop earlier split guests (the
@@ -299,6 +306,13 @@ impl Ctx<'_> {
 
     fn drive(&mut self, tern: &Path, dir: &Path) -> Result<(), KsmError> {
         let p = self.plan.clone();
+        let linux = match self.opts.guest {
+            super::plan::GuestKind::Linux => Some(
+                crate::linux::booted_snapshot(tern)
+                    .map_err(|e| KsmError::Setup(format!("the booted-Linux snapshot: {e:#}")))?,
+            ),
+            super::plan::GuestKind::Builtin => None,
+        };
         for g in 0..p.vms as usize {
             host::check_stop()?;
             guard(self.opts.guard_mib + p.guest_mib.min(64))?;
@@ -311,8 +325,16 @@ impl Ctx<'_> {
                 p.cpus,
                 p.allocators,
                 self.opts.thp,
+                linux.as_deref(),
             )?;
             self.guests.push(guest);
+        }
+        if linux.is_some() {
+            // ksm-alloc has its region (zero-filled and untouched pages are not merged yet).
+            self.command(0, "info")?;
+            for g in self.guests.iter_mut() {
+                g.take_baseline();
+            }
         }
         match self.opts.mode {
             Mode::Serial => {

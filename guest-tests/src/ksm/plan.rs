@@ -15,6 +15,20 @@ pub const GUEST_RESERVE_MIB: u64 = 8;
 pub const DEFAULT_GUARD_MIB: u64 = 1024;
 pub const MIN_GUEST_MIB: u64 = 16;
 
+/// The guest the allocators run in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum GuestKind {
+    /// tern's built-in guest, `ksm` suite.
+    Builtin,
+    /// Linux restored from the booted-Linux snapshot (512 MiB, 2 vCPUs), `ksm-alloc` on COM2.
+    Linux,
+}
+
+/// Linux guests: the snapshot's RAM, and what the allocator gets of it by default (the rest is
+/// the kernel, the initramfs in tmpfs and page tables).
+pub const LINUX_GUEST_MIB: u64 = 512;
+pub const LINUX_ALLOC_MIB: u64 = 256;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Mode {
     Serial,
@@ -50,12 +64,16 @@ pub struct Options {
     pub json: Option<std::path::PathBuf>,
     /// Guest RAM on transparent huge pages (`--memory ...,thp=on`): ksmd must split them to merge.
     pub thp: bool,
+    pub guest: GuestKind,
+    /// Linux guests: the allocator's region (default LINUX_ALLOC_MIB).
+    pub alloc_mib: Option<u64>,
 }
 
 pub const USAGE: &str =
     "usage: tern-suite ksm [--mode serial|parallel] [--overcommit R] [--vms N] \
 [--guest-mem MIB] [--allocators K] [--pages-to-scan N] [--sleep-ms MS] [--guard-mib MIB] \
-[--merge-timeout S] [--json PATH] [--kill-guest-after-phase P] [--thp on|off]";
+[--merge-timeout S] [--json PATH] [--kill-guest-after-phase P] [--thp on|off] \
+[--guest builtin|linux] [--alloc-mib MIB]";
 
 impl Default for Options {
     fn default() -> Self {
@@ -74,6 +92,8 @@ impl Default for Options {
             kill_guest_after_phase: None,
             json: None,
             thp: false,
+            guest: GuestKind::Builtin,
+            alloc_mib: None,
         }
     }
 }
@@ -179,6 +199,21 @@ impl Options {
                         }
                     }
                 }
+                "--guest" => {
+                    let v = value()?;
+                    o.guest = match v.as_str() {
+                        "builtin" => GuestKind::Builtin,
+                        "linux" => GuestKind::Linux,
+                        _ => {
+                            return Err(PlanError::BadValue {
+                                flag: "--guest",
+                                value: v,
+                                what: "builtin or linux",
+                            })
+                        }
+                    }
+                }
+                "--alloc-mib" => o.alloc_mib = Some(positive("--alloc-mib", &value()?)?),
                 "--kill-guest-after-phase" => {
                     o.kill_guest_after_phase = Some(num(
                         "--kill-guest-after-phase",
@@ -188,6 +223,17 @@ impl Options {
                 }
                 other => return Err(PlanError::Usage(format!("unknown option `{other}`"))),
             }
+        }
+        if o.guest == GuestKind::Linux && (o.guest_mem_mib.is_some() || o.thp) {
+            return Err(PlanError::Usage(format!(
+                "--guest linux restores the booted-Linux snapshot ({LINUX_GUEST_MIB} MiB, thp off): \
+drop --guest-mem and --thp (--alloc-mib sizes the allocator)"
+            )));
+        }
+        if o.alloc_mib.is_some() && o.guest != GuestKind::Linux {
+            return Err(PlanError::Usage(
+                "--alloc-mib is for --guest linux (the built-in guest's region is its RAM)".into(),
+            ));
         }
         if o.mode == Mode::Parallel && o.vms.is_some_and(|n| n != 1) {
             return Err(PlanError::Usage(
@@ -212,6 +258,31 @@ pub struct Plan {
 /// Sizes the run for a host with `total_mib` of RAM and `cpus` CPUs.
 pub fn plan(o: &Options, total_mib: u64, cpus: u32) -> Result<Plan, PlanError> {
     let usable = total_mib.saturating_sub(HOST_RESERVE_MIB);
+    if o.guest == GuestKind::Linux {
+        let vms = match o.mode {
+            Mode::Serial => o.vms.unwrap_or((o.overcommit.floor() as u32 + 1).max(2)),
+            Mode::Parallel => 1,
+        };
+        let alloc_mib = o.alloc_mib.unwrap_or(LINUX_ALLOC_MIB);
+        if alloc_mib + 128 > LINUX_GUEST_MIB {
+            return Err(PlanError::TooBig {
+                guest_mib: LINUX_GUEST_MIB,
+                why: format!("an allocator of {alloc_mib} MiB leaves Linux less than 128 MiB"),
+            });
+        }
+        let allocators = if o.mode == Mode::Parallel {
+            o.allocators
+        } else {
+            1
+        };
+        return Ok(Plan {
+            vms,
+            guest_mib: LINUX_GUEST_MIB,
+            alloc_mib,
+            cpus: 2,
+            allocators,
+        });
+    }
     let (vms, guest_mib, cpus, allocators) = match o.mode {
         Mode::Serial => {
             let vms = o
