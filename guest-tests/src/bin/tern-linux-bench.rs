@@ -42,7 +42,9 @@ fn restore(runs: usize) -> Result<()> {
         snap.display(),
         size as f64 / (1 << 20) as f64
     );
-    let mut rows: Vec<(&str, Vec<f64>, Vec<f64>, Vec<f64>)> = vec![
+    // Per mode: guest running, first command answered, background pass (ms).
+    type Row<'a> = (&'a str, Vec<f64>, Vec<f64>, Vec<f64>);
+    let mut rows: Vec<Row> = vec![
         ("eager", Vec::new(), Vec::new(), Vec::new()),
         ("lazy", Vec::new(), Vec::new(), Vec::new()),
     ];
