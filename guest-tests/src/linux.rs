@@ -326,6 +326,24 @@ impl LinuxVm {
         }
     }
 
+    /// Runs an idempotent `cmd` until it does not die of SIGSEGV (3 tries; said on stderr): a
+    /// busybox applet started in a restored Linux guest now and then does (docs/machine-kvm.md,
+    /// "Open"); fails unless it then exits 0.
+    pub fn check_retrying(&mut self, cmd: &str, timeout: Duration) -> Result<String> {
+        for _ in 0..3 {
+            let ran = self.run(cmd, timeout)?;
+            if ran.status == 139 {
+                eprintln!("linux: `{cmd}` died of SIGSEGV in the guest; running it again");
+                continue;
+            }
+            if ran.status != 0 {
+                bail!("`{cmd}` exited {}: {}", ran.status, ran.output);
+            }
+            return Ok(ran.output);
+        }
+        bail!("`{cmd}` died of SIGSEGV three times\n{}", self.describe())
+    }
+
     /// Runs `cmd` and fails unless it exits 0.
     pub fn check(&mut self, cmd: &str, timeout: Duration) -> Result<String> {
         let ran = self.run(cmd, timeout)?;

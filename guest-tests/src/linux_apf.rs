@@ -50,21 +50,8 @@ fn fields(line: &str) -> HashMap<String, f64> {
 /// Polls `cat FILE` in the guest until a line starts with `prefix`; returns that line.
 fn wait_line(vm: &mut LinuxVm, file: &str, prefix: &str, timeout: Duration) -> Result<String> {
     let deadline = Instant::now() + timeout;
-    let mut segfaults = 0;
     loop {
-        let ran = vm.run(&format!("cat {file}"), CMD)?;
-        // A busybox process in a restored or migrated Linux guest now and then dies of SIGSEGV
-        // reading a TLS pointer that is 0 (always at the same busybox address; under study, see
-        // docs/machine-kvm.md): polling again is harmless, the program under test is not busybox.
-        if ran.status == 139 && segfaults < 3 {
-            segfaults += 1;
-            eprintln!("linux-apf: `cat {file}` died of SIGSEGV in the guest; polling again");
-            continue;
-        }
-        if ran.status != 0 {
-            bail!("`cat {file}` exited {}: {}", ran.status, ran.output);
-        }
-        let out = ran.output;
+        let out = vm.check_retrying(&format!("cat {file}"), CMD)?;
         if let Some(l) = out.lines().find(|l| l.starts_with(prefix)) {
             return Ok(l.to_string());
         }
@@ -114,10 +101,11 @@ pub fn postcopy_run(tern: &Path, snap: &Path, dir: &Path, plan: &ApfPlan) -> Res
             plan.bandwidth,
         ],
     )?;
-    src.check(
+    // No subshell: apf-touch is forked and exec'd by this sh itself.
+    src.check_retrying(
         &format!(
             "rm -f /tmp/go /tmp/apf.out; mkfifo /tmp/go && \
-(apf-touch mib={} touchers={} go=/tmp/go >/tmp/apf.out 2>&1 &)",
+apf-touch mib={} touchers={} go=/tmp/go </dev/null >/tmp/apf.out 2>&1 &",
             plan.mib, plan.touchers
         ),
         CMD,

@@ -23,8 +23,12 @@ fn linux_guest_migrates_by_precopy_then_postcopy_in_kvm_and_tern_mode() {
     let mut vm =
         LinuxVm::restore(tern, &snap, &dir.join("src"), &["--restore", "lazy"]).expect("restore");
     // A program that runs across all three hops and leaves its result in the guest's tmpfs.
-    vm.check("(sleep 15; echo slept > /tmp/slept) >/dev/null 2>&1 &", CMD)
-        .unwrap();
+    // (A brace group, not a subshell; `check_retrying`: docs/machine-kvm.md, "Open".)
+    vm.check_retrying(
+        "{ sleep 15; echo slept > /tmp/slept; } >/dev/null 2>&1 &",
+        CMD,
+    )
+    .unwrap();
     for mode in ["precopy", "kvm", "tern"] {
         let mig = format!("unix:{}", dir.join(format!("{mode}.mig")).display());
         // Every destination may send the guest on by pure postcopy.
