@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::apf::AsyncPfMode;
 use crate::config::{self, KernelImage, MemoryConfig, VmConfig};
+use crate::logger::LogLevel;
+use crate::seccomp::SeccompMode;
 
 /// The command line Linux guests get when none is given: what this machine's nested KVM needs
 /// (see README.md, "Linux guests").
@@ -14,6 +17,13 @@ no_timer_check reboot=k panic=-1 rdinit=/init rodata=off random.trust_cpu=on";
 
 /// The built-in guest's default suite.
 pub const BUILTIN_DEFAULT_CMDLINE: &str = "suite=hello";
+
+/// An on/off option clap parses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -143,17 +153,22 @@ pub struct RunArgs {
 
     /// Paravirtual async page faults: kvm (KVM owns the protocol), tern (tern owns the MSRs and
     /// the PAGE_NOT_PRESENT / PAGE_READY injection), off (not offered to the guest).
-    #[arg(long, value_name = "kvm|tern|off", default_value = "kvm")]
-    pub async_pf: String,
+    #[arg(long, value_enum, value_name = "kvm|tern|off", default_value = "kvm")]
+    pub async_pf: AsyncPfMode,
 
     /// seccomp filters on every thread: on (a forbidden system call stops tern with a report
     /// naming it), log (the kernel logs it and it runs), off.
-    #[arg(long, value_name = "on|log|off", default_value = "on")]
-    pub seccomp: String,
+    #[arg(long, value_enum, value_name = "on|log|off", default_value = "on")]
+    pub seccomp: SeccompMode,
 
     /// Log level on stderr: error, warn, info, debug.
-    #[arg(long, value_name = "LEVEL", default_value = "warn")]
-    pub log_level: String,
+    #[arg(
+        long,
+        value_enum,
+        value_name = "error|warn|info|debug",
+        default_value = "warn"
+    )]
+    pub log_level: LogLevel,
 
     /// Control API: a Unix socket (created 0600) speaking newline-delimited JSON (docs/api.md).
     #[arg(long, value_name = "PATH")]
@@ -196,8 +211,8 @@ pub struct RunArgs {
 
     /// Outgoing postcopy: send requested pages on a second connection (the preempt channel) so
     /// they never wait behind the background push; `off` keeps everything on one connection.
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
-    pub postcopy_preempt: String,
+    #[arg(long, value_enum, value_name = "on|off", default_value = "on")]
+    pub postcopy_preempt: Switch,
 }
 
 impl RunArgs {
@@ -229,7 +244,7 @@ impl RunArgs {
             initramfs: self.initramfs.clone(),
             serial: config::parse_serial(&self.serial)?,
             serial2: config::parse_serial2(&self.serial2)?,
-            async_pf: self.async_pf.parse().map_err(anyhow::Error::msg)?,
+            async_pf: self.async_pf,
             balloon: self
                 .balloon
                 .as_deref()

@@ -51,15 +51,15 @@ fn run(start: Instant) -> anyhow::Result<Outcome> {
         return Ok(Outcome::Remote);
     }
     let args = cli.run;
-    logger::init(&args.log_level)?;
+    logger::init(args.log_level)?;
     // Filters go on each thread once it is set up (the main thread's when its event loop starts).
-    seccomp::init(args.seccomp.parse().map_err(anyhow::Error::msg)?)?;
+    seccomp::init(args.seccomp)?;
     let mut vm = match &args.incoming {
         Some(uri) => {
             let ep: migration::transport::Endpoint = uri.parse()?;
             let opts = migrate::flows::IncomingOptions {
                 serial: config::parse_serial(&args.serial)?,
-                async_pf: args.async_pf.parse().map_err(anyhow::Error::msg)?,
+                async_pf: args.async_pf,
                 postcopy: args.postcopy,
                 restore: args.restore,
             };
@@ -82,7 +82,7 @@ fn run(start: Instant) -> anyhow::Result<Outcome> {
             args.timeout,
             args.postcopy,
             args.postcopy_after_iterations,
-            args.postcopy_preempt == "on",
+            args.postcopy_preempt == cli::Switch::On,
         );
         let server = api::ApiServer::bind(path, vm.inner.clone(), params, start)
             .map_err(|e| anyhow::anyhow!("--api-socket {}: {e}", path.display()))?;
