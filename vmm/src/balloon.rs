@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::BalloonConfig;
 use crate::layout::{irqs, VIRTIO_BALLOON_MMIO};
+use crate::machine::BalloonSpec;
 use crate::memory::GuestMemory;
 use crate::vm::{kvm_err, VmError};
 
@@ -80,7 +80,8 @@ impl DiscardRam for GuestRamDiscard {
 pub fn create(
     vm_fd: &VmFd,
     mem: &GuestMemory,
-    cfg: &BalloonConfig,
+    device: &BalloonSpec,
+    target_bytes: u64,
     mmio: &mut MmioBus,
 ) -> Result<SharedBalloon, VmError> {
     let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Io {
@@ -90,11 +91,11 @@ pub fn create(
     vm_fd
         .register_irqfd(&evt, irqs::BALLOON)
         .map_err(kvm_err("KVM_IRQFD (balloon)"))?;
-    let target = u32::try_from(cfg.size / PAGE)
-        .map_err(|_| VmError::Incompatible(format!("balloon size {} is too large", cfg.size)))?;
+    let target = u32::try_from(target_bytes / PAGE)
+        .map_err(|_| VmError::Incompatible(format!("balloon size {target_bytes} is too large")))?;
     let balloon = Balloon::new(
         target,
-        cfg.deflate_on_oom,
+        device.deflate_on_oom,
         Box::new(GuestRamDiscard(mem.clone())),
     );
     let dev = VirtioMmio::new(balloon, mem.clone(), IrqLine::new(evt))

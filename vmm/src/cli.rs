@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::apf::AsyncPfMode;
-use crate::config::{self, KernelImage, MemoryConfig, VmConfig};
+use crate::config::{self, KernelImage, MemoryConfig};
 use crate::logger::LogLevel;
+use crate::machine::{BalloonSpec, BootConfig, HostOptions, MachineConfig, VmConfig};
 use crate::seccomp::SeccompMode;
 
 /// The command line Linux guests get when none is given: what this machine's nested KVM needs
@@ -216,6 +217,7 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// The VM to boot: the machine and what to load into it.
     pub fn vm_config(&self) -> anyhow::Result<VmConfig> {
         let memory = MemoryConfig::parse(&self.memory)?;
         if let Some(host) = config::host_memory_bytes() {
@@ -236,20 +238,38 @@ impl RunArgs {
             Some(extra) => format!("{cmdline} {extra}"),
             None => cmdline,
         };
+        let balloon = self
+            .balloon
+            .as_deref()
+            .map(config::parse_balloon)
+            .transpose()?;
         Ok(VmConfig {
-            memory,
-            vcpus: config::parse_cpus(&self.cpus)?,
-            kernel,
-            cmdline,
-            initramfs: self.initramfs.clone(),
+            machine: MachineConfig {
+                memory,
+                vcpus: config::parse_cpus(&self.cpus)?,
+                balloon: balloon.as_ref().map(|b| BalloonSpec {
+                    deflate_on_oom: b.deflate_on_oom,
+                }),
+            },
+            boot: BootConfig {
+                kernel,
+                cmdline,
+                initramfs: self.initramfs.clone(),
+                balloon_target: balloon.map_or(0, |b| b.size),
+                serial2: config::parse_serial2(&self.serial2)?,
+            },
+        })
+    }
+
+    /// What this host chooses for the VM it runs, booted or received.
+    pub fn host_options(&self) -> anyhow::Result<HostOptions> {
+        Ok(HostOptions {
             serial: config::parse_serial(&self.serial)?,
-            serial2: config::parse_serial2(&self.serial2)?,
             async_pf: self.async_pf,
-            balloon: self
-                .balloon
-                .as_deref()
-                .map(config::parse_balloon)
-                .transpose()?,
+            postcopy: self.postcopy,
+            restore: self.restore,
+            api_socket: self.api_socket.clone(),
+            seccomp: self.seccomp,
         })
     }
 }
