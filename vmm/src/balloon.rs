@@ -4,10 +4,9 @@
 use std::sync::{Arc, Mutex};
 
 use devices::bus::lock;
-use devices::virtio::{Balloon, BalloonState, DiscardRam, MmioTransportState, VirtioMmio};
+use devices::virtio::{Balloon, DiscardRam, VirtioMmio};
 use devices::{IrqLine, MmioBus};
 use kvm_ioctls::VmFd;
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -107,28 +106,6 @@ pub fn create(
         dev.clone(),
     )?;
     Ok(dev)
-}
-
-/// The device's migration record.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BalloonRecord {
-    pub transport: MmioTransportState,
-    pub balloon: BalloonState,
-}
-
-pub fn save(dev: &SharedBalloon) -> BalloonRecord {
-    let d = lock(dev);
-    BalloonRecord {
-        transport: d.save(),
-        balloon: d.device().save(),
-    }
-}
-
-pub fn restore(dev: &SharedBalloon, r: &BalloonRecord) -> Result<(), String> {
-    let mut d = lock(dev);
-    d.restore(&r.transport).map_err(|e| e.to_string())?;
-    d.device_mut().restore(&r.balloon);
-    Ok(())
 }
 
 /// Sets a new target size in bytes (rounded down to pages) and tells the driver.

@@ -77,6 +77,8 @@ pub struct VmInner {
     pub lazy: Option<LazyMemory>,
     pub vcpu_tids: Arc<Mutex<Vec<u32>>>,
     pub balloon: Option<crate::balloon::SharedBalloon>,
+    /// The devices whose state migrates (COM1, the balloon), by name.
+    pub devices: crate::migrate::device_set::DeviceSet,
     /// A destination's postcopy machinery while postcopy is paused (broken connection), kept
     /// for `migrate-recover`.
     pub postcopy_paused: Mutex<Option<migration::postcopy::Listener>>,

@@ -25,6 +25,7 @@ use crate::cpu::{cpuid, PvFeatures, Vcpu, VcpuContext, VcpuHandle};
 use crate::lazy::{self, FaultObserver, FileSource, LazyMemory};
 use crate::machine::{HostOptions, MachineConfig, VmConfig};
 use crate::memory::{self, GuestMemory};
+use crate::migrate::device_set::DeviceSet;
 use crate::vm::{io_err, kvm_err, register_memory, Vm, VmError, VmInner};
 use devices::Devices;
 
@@ -234,6 +235,12 @@ impl Parts {
             serial2,
             balloon,
         } = self.devices;
+        let mut stateful = DeviceSet::default();
+        let com1_name = ::devices::bus::lock(&com1).name();
+        stateful.add(com1_name, com1.clone());
+        if let Some(b) = &balloon {
+            stateful.add(crate::balloon::STATE_NAME, b.clone());
+        }
         let tids = Arc::new(Mutex::new(vec![0u32; count as usize]));
         let ctx = Arc::new(VcpuContext {
             pio,
@@ -271,6 +278,7 @@ impl Parts {
                 lazy: self.lazy,
                 vcpu_tids: tids,
                 balloon,
+                devices: stateful,
                 postcopy_paused: Mutex::new(None),
                 restore_lazy: Mutex::new(None),
             }),
