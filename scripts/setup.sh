@@ -11,8 +11,8 @@ if [ ! -e /dev/kvm ]; then
 fi
 command -v cargo >/dev/null || { say "cargo is missing: install a Rust toolchain first"; exit 2; }
 
-# The minimal Linux guest kernel and initramfs (cached by a hash of their inputs; the first build
-# takes minutes and prints progress).
+# The minimal Linux guest kernel and initramfs with tern's guest programs (guest-tests/linux/*),
+# cached by a hash of their inputs; the first build takes minutes and prints progress.
 say "building the Linux guest kernel and initramfs (cached)"
-resources/build-guest.sh >/dev/null
+guest-tests/linux/build.sh >/dev/null
 say "ready"

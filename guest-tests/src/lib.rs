@@ -1,11 +1,13 @@
 //! Host-side harness for tern guest suites: finding the tern binary, small statistics, the KSM
-//! stress test ([`ksm`]), the async page fault suite with its lazy memory file ([`apf`]) and a
-//! fault-injection relay for migrations ([`relay`]).
+//! stress test ([`ksm`]), the async page fault suite with its lazy memory file ([`apf`]), Linux guests restored from a
+//! booted snapshot ([`linux`]) and a fault-injection relay for migrations ([`relay`]).
 
 use std::path::PathBuf;
 
 pub mod apf;
 pub mod ksm;
+pub mod linux;
+pub mod linux_apf;
 pub mod relay;
 
 use anyhow::{bail, Context, Result};

@@ -28,6 +28,9 @@ pub struct Params {
     pub postcopy_after_iterations: Option<u32>,
     /// Requested postcopy pages on a second connection (if the destination agrees).
     pub postcopy_preempt: bool,
+    /// Limit on the postcopy background push, bytes/s (`None`: as fast as it goes). Requested
+    /// pages are never held back.
+    pub postcopy_bandwidth: Option<u64>,
 }
 
 impl Default for Params {
@@ -39,6 +42,7 @@ impl Default for Params {
             postcopy: false,
             postcopy_after_iterations: None,
             postcopy_preempt: true,
+            postcopy_bandwidth: None,
         }
     }
 }
@@ -367,6 +371,7 @@ fn run(
             status,
             start,
             paused,
+            params.postcopy_bandwidth,
         );
     }
     // Pass 0: everything that was ever populated.
@@ -412,7 +417,17 @@ fn run(
                 .map(|r| DirtyBitmap::full(r.pages()))
                 .collect();
             return crate::postcopy::source::switch(
-                vm, tx, &regions, sent, dirty, reader, preempt, status, start, paused,
+                vm,
+                tx,
+                &regions,
+                sent,
+                dirty,
+                reader,
+                preempt,
+                status,
+                start,
+                paused,
+                params.postcopy_bandwidth,
             );
         }
         if converged || iteration >= params.max_iterations || start.elapsed() >= params.timeout {

@@ -155,6 +155,17 @@ impl PeerReader {
         }
     }
 
+    /// The next event if one comes within `timeout`; `None` when none did (not an error).
+    pub(crate) fn wait_next(&self, timeout: Duration) -> Option<PeerEvent> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(ev) => Some(ev),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Some(PeerEvent::Broken("the return path is closed".into()))
+            }
+        }
+    }
+
     /// A section that is already here, if any.
     pub(crate) fn try_next(&self) -> Option<PeerEvent> {
         match self.rx.try_recv() {

@@ -24,6 +24,10 @@ pub struct VmConfigRecord {
     /// Guest RAM is advised MADV_HUGEPAGE (`--memory thp=on`); the destination advises it too.
     #[serde(default)]
     pub thp: bool,
+    /// A second 16550 (COM2, `--serial2`); its registers travel with the devices, and the
+    /// destination must give it a backend of its own.
+    #[serde(default)]
+    pub serial2: bool,
 }
 
 /// The first section of a local migration: guest RAM is the descriptors sent with the header,

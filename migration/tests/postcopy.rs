@@ -36,9 +36,10 @@ fn source_with_data() -> Arc<FakeVm> {
     Arc::new(vm)
 }
 
-fn pure_postcopy(name: &str, preempt: bool) {
+/// Returns how long the source took (None if skipped).
+fn pure_postcopy(name: &str, preempt: bool, bandwidth: Option<u64>) -> Option<std::time::Duration> {
     if !userfaultfd_or_skip(name) {
-        return;
+        return None;
     }
     let dir = TempDir::new(name);
     let src = source_with_data();
@@ -56,8 +57,11 @@ fn pure_postcopy(name: &str, preempt: bool) {
     p.postcopy = true;
     p.postcopy_after_iterations = Some(0);
     p.postcopy_preempt = preempt;
+    p.postcopy_bandwidth = bandwidth;
+    let started = std::time::Instant::now();
     let source = spawn_source(src.clone(), ep, p);
     let (result, status) = source.join().unwrap();
+    let took = started.elapsed();
     let dest = dest.join().unwrap();
     result.unwrap();
     dest.result.unwrap();
@@ -99,16 +103,33 @@ fn pure_postcopy(name: &str, preempt: bool) {
         "destination RAM differs from the source's"
     );
     assert_eq!(dest.vm.restored(), Some(marker_state()));
+    Some(took)
 }
 
 #[test]
 fn pure_postcopy_places_every_page() {
-    pure_postcopy("pure-postcopy", false);
+    pure_postcopy("pure-postcopy", false, None);
 }
 
 #[test]
 fn pure_postcopy_with_preempt_channel_places_every_page() {
-    pure_postcopy("pure-postcopy-preempt", true);
+    pure_postcopy("pure-postcopy-preempt", true, None);
+}
+
+/// `postcopy_bandwidth` holds the background push to its rate (a lower bound on the time: the
+/// push cannot be faster than the limit), and every page still arrives.
+#[test]
+fn limited_postcopy_push_keeps_its_rate_and_places_every_page() {
+    let pages = FakeVm::new(&LAYOUT).total_pages() as u64;
+    // The whole RAM at this rate takes one second; 6 pages in 7 hold data (the rest go as
+    // zero markers, which cost next to nothing), so the push cannot take less than ~0.85 s.
+    let rate = pages * PAGE_SIZE as u64;
+    if let Some(took) = pure_postcopy("limited-postcopy", true, Some(rate)) {
+        assert!(
+            took >= std::time::Duration::from_millis(800),
+            "{pages} pages at {rate} B/s went in {took:?}"
+        );
+    }
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::apf::AsyncPfMode;
-use crate::config::{self, KernelImage, MemoryConfig};
+use crate::config::{self, KernelImage, MemoryConfig, Serial2Config};
 use crate::logger::LogLevel;
 use crate::machine::{BalloonSpec, BootConfig, HostOptions, MachineConfig, VmConfig};
 use crate::seccomp::SeccompMode;
@@ -214,11 +214,26 @@ pub struct RunArgs {
     /// they never wait behind the background push; `off` keeps everything on one connection.
     #[arg(long, value_enum, value_name = "on|off", default_value = "on")]
     pub postcopy_preempt: Switch,
+
+    /// Outgoing postcopy: limit the background push to this many bytes a second (`K`, `M`, `G`
+    /// suffixes: 64M is 64 MiB/s); requested pages always go at once. Default: no limit.
+    #[arg(long, value_name = "SIZE", requires = "postcopy", value_parser = parse_bandwidth)]
+    pub postcopy_bandwidth: Option<u64>,
+}
+
+fn parse_bandwidth(text: &str) -> Result<u64, String> {
+    match config::parse_size(text) {
+        Some(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "invalid --postcopy-bandwidth {text:?}: bytes a second, e.g. 64M"
+        )),
+    }
 }
 
 impl RunArgs {
-    /// The VM to boot: the machine and what to load into it.
-    pub fn vm_config(&self) -> anyhow::Result<VmConfig> {
+    /// The VM to boot: the machine and what to load into it (COM2 if the host gives it a
+    /// backend).
+    pub fn vm_config(&self, host: &HostOptions) -> anyhow::Result<VmConfig> {
         let memory = MemoryConfig::parse(&self.memory)?;
         if let Some(host) = config::host_memory_bytes() {
             memory.check_host_fits(host)?;
@@ -250,13 +265,13 @@ impl RunArgs {
                 balloon: balloon.as_ref().map(|b| BalloonSpec {
                     deflate_on_oom: b.deflate_on_oom,
                 }),
+                serial2: host.serial2 != Serial2Config::Off,
             },
             boot: BootConfig {
                 kernel,
                 cmdline,
                 initramfs: self.initramfs.clone(),
                 balloon_target: balloon.map_or(0, |b| b.size),
-                serial2: config::parse_serial2(&self.serial2)?,
             },
         })
     }
@@ -265,6 +280,7 @@ impl RunArgs {
     pub fn host_options(&self) -> anyhow::Result<HostOptions> {
         Ok(HostOptions {
             serial: config::parse_serial(&self.serial)?,
+            serial2: config::parse_serial2(&self.serial2)?,
             async_pf: self.async_pf,
             postcopy: self.postcopy,
             restore: self.restore,

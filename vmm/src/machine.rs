@@ -19,6 +19,8 @@ pub struct MachineConfig {
     pub memory: MemoryConfig,
     pub vcpus: u8,
     pub balloon: Option<BalloonSpec>,
+    /// A second 16550 (COM2, the host control channel); its backend is the host's choice.
+    pub serial2: bool,
 }
 
 /// A virtio-balloon device as the machine has it (its target travels with the device state).
@@ -37,8 +39,6 @@ pub struct BootConfig {
     pub initramfs: Option<PathBuf>,
     /// The balloon's initial target in bytes (with a balloon).
     pub balloon_target: u64,
-    /// COM2, the host control channel. The stream does not carry it: only a booted VM has one.
-    pub serial2: Serial2Config,
 }
 
 /// A VM to boot: the machine and what to load into it.
@@ -53,6 +53,8 @@ pub struct VmConfig {
 pub struct HostOptions {
     /// COM1's backend.
     pub serial: SerialConfig,
+    /// COM2's backend: a guest with a COM2 needs one (`socket=PATH`), a guest without none.
+    pub serial2: Serial2Config,
     pub async_pf: AsyncPfMode,
     /// Accept (destination) or allow (source) postcopy.
     pub postcopy: bool,
@@ -94,6 +96,7 @@ impl MachineConfig {
             balloon: record.balloon.map(|b| BalloonSpec {
                 deflate_on_oom: b.deflate_on_oom,
             }),
+            serial2: record.serial2,
         })
     }
 
@@ -105,6 +108,7 @@ impl MachineConfig {
             mergeable: self.memory.mergeable,
             shared: self.memory.shared,
             thp: self.memory.thp,
+            serial2: self.serial2,
             vcpus: self.vcpus,
             pv_features,
             cpuid,
@@ -138,6 +142,7 @@ mod tests {
             balloon: Some(BalloonSpec {
                 deflate_on_oom: true,
             }),
+            serial2: true,
         }
     }
 
@@ -147,6 +152,7 @@ mod tests {
         let back = MachineConfig::from_record(&rec).unwrap();
         assert_eq!(back.memory, machine().memory);
         assert_eq!((back.vcpus, back.balloon), (2, machine().balloon));
+        assert!(back.serial2);
     }
 
     #[test]

@@ -62,7 +62,7 @@ fn run(start: Instant) -> anyhow::Result<Outcome> {
             let ep: migration::transport::Endpoint = uri.parse()?;
             migrate::flows::receive(&ep, &host, start)?
         }
-        None => builder::build_for_boot(&args.vm_config()?, &host, start)?,
+        None => builder::build_for_boot(&args.vm_config(&host)?, &host, start)?,
     };
     log::info!(
         "guest PV features offered: {:#x}",
@@ -80,6 +80,7 @@ fn run(start: Instant) -> anyhow::Result<Outcome> {
             host.postcopy,
             args.postcopy_after_iterations,
             args.postcopy_preempt == cli::Switch::On,
+            args.postcopy_bandwidth,
         );
         let server = api::ApiServer::bind(path, vm.inner.clone(), params, start)
             .map_err(|e| anyhow::anyhow!("--api-socket {}: {e}", path.display()))?;

@@ -13,7 +13,7 @@ use migration::VmConfigRecord;
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::apf::ApfController;
+use crate::apf::{ApfController, AsyncPfMode};
 use crate::boot::BootError;
 use crate::cpu::vcpu::VcpuError;
 use crate::cpu::VcpuHandle;
@@ -74,10 +74,12 @@ pub struct VmInner {
     pub dirty_logging: AtomicBool,
     pub paused: AtomicBool,
     pub apf: Option<Arc<ApfController>>,
+    /// `--async-pf` on this side: with `off`, an incoming guest's async-PF MSRs are not restored.
+    pub async_pf: AsyncPfMode,
     pub lazy: Option<LazyMemory>,
     pub vcpu_tids: Arc<Mutex<Vec<u32>>>,
     pub balloon: Option<crate::balloon::SharedBalloon>,
-    /// The devices whose state migrates (COM1, the balloon), by name.
+    /// The devices whose state migrates (COM1, COM2, the balloon), by name.
     pub devices: crate::migrate::device_set::DeviceSet,
     /// A destination's postcopy machinery while postcopy is paused (broken connection), kept
     /// for `migrate-recover`.

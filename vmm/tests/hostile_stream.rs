@@ -29,6 +29,7 @@ fn config() -> VmConfigRecord {
         balloon: None,
         shared: false,
         thp: false,
+        serial2: false,
     }
 }
 

@@ -88,7 +88,9 @@ pub fn recover(
             s.remaining_bytes = (left * PAGE_SIZE) as u64;
             s.recovered_pages = left as u64;
         });
-        crate::postcopy::source::push(vm, tx, &regions, missing, rx, None, status, start, requests)
+        crate::postcopy::source::push(
+            vm, tx, &regions, missing, rx, None, status, start, requests, None,
+        )
     })();
     if let Err(e) = &result {
         // Whatever broke, the destination runs the guest: stay paused and recoverable.

@@ -22,6 +22,15 @@ type Preempt = PageSender<Box<dyn Write + Send>>;
 /// request arrives.
 const PUSH_BATCH_PAGES: usize = 16;
 const PUSH_BATCH_TIME: Duration = Duration::from_millis(1);
+/// A rate-limited push waits for requests in slices of at most this long.
+const PACE_SLICE: Duration = Duration::from_millis(5);
+
+/// How long the background push must wait to stay within `bytes_per_s` after writing `bytes`
+/// since `since` (zero when it may send now). Zero pages cost their marker only.
+fn pace(bytes_per_s: u64, bytes: u64, since: Instant) -> Duration {
+    let due = Duration::from_secs_f64(bytes as f64 / bytes_per_s.max(1) as f64);
+    due.saturating_sub(since.elapsed())
+}
 
 /// What the return path brings during postcopy.
 enum Incoming {
@@ -76,6 +85,7 @@ pub(crate) fn switch<W: Write>(
     status: &StatusCell,
     start: Instant,
     paused: &mut bool,
+    bandwidth: Option<u64>,
 ) -> Result<(), MigrationError> {
     let paused_at_unix_ns = crate::progress::unix_ns();
     vm.pause()?;
@@ -118,12 +128,14 @@ pub(crate) fn switch<W: Write>(
         status,
         start,
         Vec::new(),
+        bandwidth,
     )
 }
 
 /// RUN -> END: pushes every page in `missing` in the background, serving the destination's
 /// requests first (`requests`: ones already received), then waits for its completion. Used
-/// after the switch and again by a recovery.
+/// after the switch and again by a recovery. `bandwidth` (bytes/s) limits the background push
+/// only (QEMU's max-postcopy-bandwidth): requests always go at once.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn push<W: Write>(
     vm: &dyn MigratableVm,
@@ -135,7 +147,9 @@ pub(crate) fn push<W: Write>(
     status: &StatusCell,
     start: Instant,
     requests: Vec<u64>,
+    bandwidth: Option<u64>,
 ) -> Result<(), MigrationError> {
+    let (push_start, push_base) = (Instant::now(), tx.w.bytes);
     let missing_total: usize = missing.iter().map(|m| m.count()).sum();
     status.update(|s| {
         s.phase = Phase::Postcopy;
@@ -219,7 +233,18 @@ pub(crate) fn push<W: Write>(
         // source whose own pages are slow to read (lazy, swapped) still answers requests soon.
         let mut n = 0;
         let batch_start = Instant::now();
-        while n < PUSH_BATCH_PAGES && left > 0 && batch_start.elapsed() < PUSH_BATCH_TIME {
+        let wait = bandwidth.map_or(Duration::ZERO, |r| {
+            pace(r, tx.w.bytes.saturating_sub(push_base), push_start)
+        });
+        if !wait.is_zero() {
+            // Over the limit: wait for a request instead (served at the top of the loop).
+            early = rx.wait_next(wait.min(PACE_SLICE)).map(Incoming::from);
+        }
+        while wait.is_zero()
+            && n < PUSH_BATCH_PAGES
+            && left > 0
+            && batch_start.elapsed() < PUSH_BATCH_TIME
+        {
             if let Some(ev) = next_event() {
                 early = Some(ev);
                 break;

@@ -270,6 +270,7 @@ impl MigratableVm for FakeVm {
             balloon: None,
             shared: false,
             thp: false,
+            serial2: false,
         }
     }
 

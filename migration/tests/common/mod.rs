@@ -85,6 +85,7 @@ pub fn params() -> Params {
         postcopy: false,
         postcopy_after_iterations: None,
         postcopy_preempt: false,
+        postcopy_bandwidth: None,
     }
 }
 

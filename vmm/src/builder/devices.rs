@@ -28,13 +28,16 @@ pub(super) struct Devices {
     pub pio: PioBus,
     pub mmio: MmioBus,
     pub com1: Arc<Mutex<SerialDevice>>,
+    /// COM2 (`--serial2`), whose state migrates like COM1's.
+    pub com2: Option<Arc<Mutex<SerialDevice>>>,
     /// COM2's socket side, for the event loop.
     pub serial2: Option<SerialSocket>,
     pub balloon: Option<SharedBalloon>,
 }
 
-/// Creates the machine's devices: COM1 on `serial`, COM2 on `serial2`, and the balloon (if the
-/// machine has one) asking for `balloon_target` bytes.
+/// Creates the machine's devices: COM1 on `serial`, COM2 on `serial2` (the caller checked it
+/// against the machine), and the balloon (if the machine has one) asking for `balloon_target`
+/// bytes.
 pub(super) fn wire(
     vm_fd: &Arc<VmFd>,
     mem: &GuestMemory,
@@ -46,7 +49,7 @@ pub(super) fn wire(
 ) -> Result<Devices, VmError> {
     let exit = ExitRequest::new().map_err(io_err("exit eventfd"))?;
     let mut pio = PioBus::new();
-    let (com1, serial2) = add_legacy_devices(vm_fd, &mut pio, &exit, serial, serial2)?;
+    let (com1, com2, serial2) = add_legacy_devices(vm_fd, &mut pio, &exit, serial, serial2)?;
     let timer = BootTimer::new(start, ports::BOOT_TIMER_MAGIC);
     pio.insert(ports::BOOT_TIMER, 1, Arc::new(Mutex::new(timer)))?;
     let fw_cfg = FwCfg::new(machine.vcpus.into(), machine.memory.size);
@@ -63,6 +66,7 @@ pub(super) fn wire(
         pio,
         mmio,
         com1,
+        com2,
         serial2,
         balloon,
     })
@@ -74,7 +78,7 @@ fn add_legacy_devices(
     exit: &Arc<ExitRequest>,
     serial: &SerialConfig,
     serial2: &Serial2Config,
-) -> Result<(Arc<Mutex<SerialDevice>>, Option<SerialSocket>), VmError> {
+) -> Result<LegacyDevices, VmError> {
     let output = match serial {
         SerialConfig::Tty => SerialOutput::Stdout,
         SerialConfig::Off => SerialOutput::Off,
@@ -103,10 +107,9 @@ fn add_legacy_devices(
                 .map_err(io_err("COM2 device"))?;
             let dev = Arc::new(Mutex::new(dev));
             pio.insert(ports::COM2, 8, dev.clone())?;
-            Some(
-                SerialSocket::bind(path, client, dev)
-                    .map_err(io_err("--serial2: binding the socket"))?,
-            )
+            let socket = SerialSocket::bind(path, client, dev.clone())
+                .map_err(io_err("--serial2: binding the socket"))?;
+            Some((dev, socket))
         }
     };
     pio.insert(
@@ -124,8 +127,16 @@ fn add_legacy_devices(
         4,
         Arc::new(Mutex::new(IsaDebugExit::new(exit.clone()))),
     )?;
-    Ok((com1, com2))
+    let (com2, socket) = com2.unzip();
+    Ok((com1, com2, socket))
 }
+
+/// COM1, COM2 if configured, and COM2's socket side.
+type LegacyDevices = (
+    Arc<Mutex<SerialDevice>>,
+    Option<Arc<Mutex<SerialDevice>>>,
+    Option<SerialSocket>,
+);
 
 /// A multiboot kernel comes after a BIOS, which leaves the 8259s initialised with vector bases
 /// 0x08 (IRQ 0-7) and 0x70 (IRQ 8-15); kvm-unit-tests' real-mode test relies on that (IRQ 11 at

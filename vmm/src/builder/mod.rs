@@ -43,7 +43,7 @@ pub fn build_for_boot(cfg: &VmConfig, host: &HostOptions, start: Instant) -> Res
         &mem,
         machine,
         &host.serial,
-        &cfg.boot.serial2,
+        &host.serial2,
         cfg.boot.balloon_target,
         start,
     )?;
@@ -98,6 +98,7 @@ pub fn build_for_boot(cfg: &VmConfig, host: &HostOptions, start: Instant) -> Res
         mem,
         devices,
         apf,
+        async_pf: host.async_pf,
         lazy,
         console_input: host.serial == SerialConfig::Tty,
     };
@@ -113,19 +114,27 @@ pub fn build_for_incoming(
     start: Instant,
 ) -> Result<Vm, VmError> {
     let machine = MachineConfig::from_record(record).map_err(VmError::Incompatible)?;
+    let backend = host.serial2 != Serial2Config::Off;
+    if machine.serial2 != backend {
+        return Err(VmError::Incompatible(if machine.serial2 {
+            "the guest has a COM2 (--serial2): give this side --serial2 socket=PATH".into()
+        } else {
+            "the guest has no COM2: --serial2 must be off".into()
+        }));
+    }
     let mem = match handed_over {
         // Counts and sizes of the descriptors are checked against the regions there.
         Some(files) => memory::from_files(&machine.memory, files)?,
         None => memory::create(&machine.memory)?,
     };
     let (kvm, vm_fd) = create_kvm_vm(&mem)?;
-    // No COM2 (the stream does not carry one); the balloon's target comes with its state.
+    // The balloon's target comes with its state.
     let devices = devices::wire(
         &vm_fd,
         &mem,
         &machine,
         &host.serial,
-        &Serial2Config::Off,
+        &host.serial2,
         0,
         start,
     )?;
@@ -137,6 +146,7 @@ pub fn build_for_incoming(
         mem,
         devices,
         apf,
+        async_pf: host.async_pf,
         lazy: None,
         console_input: host.serial == SerialConfig::Tty,
     };
@@ -190,6 +200,7 @@ struct Parts {
     mem: GuestMemory,
     devices: Devices,
     apf: Option<Arc<ApfController>>,
+    async_pf: AsyncPfMode,
     lazy: Option<LazyMemory>,
     console_input: bool,
 }
@@ -232,12 +243,17 @@ impl Parts {
             pio,
             mmio,
             com1,
+            com2,
             serial2,
             balloon,
         } = self.devices;
         let mut stateful = DeviceSet::default();
         let com1_name = ::devices::bus::lock(&com1).name();
         stateful.add(com1_name, com1.clone());
+        if let Some(com2) = &com2 {
+            let com2_name = ::devices::bus::lock(com2).name();
+            stateful.add(com2_name, com2.clone());
+        }
         if let Some(b) = &balloon {
             stateful.add(crate::balloon::STATE_NAME, b.clone());
         }
@@ -275,6 +291,7 @@ impl Parts {
                 dirty_logging: AtomicBool::new(false),
                 paused: AtomicBool::new(paused),
                 apf: self.apf,
+                async_pf: self.async_pf,
                 lazy: self.lazy,
                 vcpu_tids: tids,
                 balloon,

@@ -331,6 +331,7 @@ pub fn params(
     postcopy: bool,
     postcopy_after_iterations: Option<u32>,
     postcopy_preempt: bool,
+    postcopy_bandwidth: Option<u64>,
 ) -> Params {
     Params {
         downtime: std::time::Duration::from_millis(downtime_ms),
@@ -339,6 +340,7 @@ pub fn params(
         postcopy,
         postcopy_after_iterations,
         postcopy_preempt,
+        postcopy_bandwidth,
     }
 }
 

@@ -279,6 +279,12 @@ impl MigratableVm for VmInner {
             .set_pit2(&pit_from(&state.pit))
             .map_err(side("KVM_SET_PIT2"))?;
         for (v, mut s) in self.vcpus.iter().zip(state.vcpus) {
+            if self.async_pf == crate::apf::AsyncPfMode::Off {
+                // This side does no async PF: a guest that enabled it elsewhere keeps running
+                // with synchronous faults (KVM never sees it enabled here).
+                s.msrs
+                    .retain(|(i, _)| !crate::apf::msr::is_async_pf_msr(*i));
+            }
             let Some(apf) = &self.apf else {
                 v.restore(s).map_err(VmSideError)?;
                 continue;

@@ -247,11 +247,11 @@ pub fn resources_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources")
 }
 
-/// Builds (or finds in the cache) the Linux guest: (KERNEL, INITRAMFS) from
-/// `resources/build-guest.sh` (it prints progress on stderr, the two paths on stdout).
+/// Builds (or finds in the cache) the Linux guest with tern's guest programs: (KERNEL,
+/// INITRAMFS) from `guest-tests/linux/build.sh` (progress on stderr, the two paths on stdout).
 pub fn linux_guest() -> (String, String) {
     let out = Command::new("bash")
-        .arg(resources_dir().join("build-guest.sh"))
+        .arg(resources_dir().join("../guest-tests/linux/build.sh"))
         .output()
         .expect("run build-guest.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -1,0 +1,147 @@
+//! Linux's own async-PF handler under tern: `apf-touch` (guest-tests/linux/apf-touch) fills a
+//! region in a Linux guest restored from the booted snapshot, the guest is migrated by pure
+//! postcopy (background push limited, so the region is still missing when touched) to a
+//! destination in a chosen `--async-pf` mode, and the touchers start there.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::linux::LinuxVm;
+
+const CMD: Duration = Duration::from_secs(120);
+
+/// What one run measured.
+#[derive(Debug)]
+pub struct ApfRun {
+    pub mode: String,
+    /// The `key=value` fields of apf-touch's `done` line.
+    pub done: HashMap<String, f64>,
+    /// The destination's postcopy figures (request latency, faults...).
+    pub postcopy: serde_json::Value,
+}
+
+impl ApfRun {
+    pub fn get(&self, key: &str) -> f64 {
+        self.done.get(key).copied().unwrap_or(f64::NAN)
+    }
+}
+
+/// The run's options.
+pub struct ApfPlan<'a> {
+    /// The destination's `--async-pf` mode (`off`, `kvm`, `tern`).
+    pub mode: &'a str,
+    pub mib: u32,
+    pub touchers: u32,
+    /// `--postcopy-bandwidth` of the source's background push.
+    pub bandwidth: &'a str,
+}
+
+fn fields(line: &str) -> HashMap<String, f64> {
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
+/// Polls `cat FILE` in the guest until a line starts with `prefix`; returns that line.
+fn wait_line(vm: &mut LinuxVm, file: &str, prefix: &str, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = vm.check(&format!("cat {file}"), CMD)?;
+        if let Some(l) = out.lines().find(|l| l.starts_with(prefix)) {
+            return Ok(l.to_string());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no `{prefix}` in {file} within {} s: {out}",
+                timeout.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn remote(tern: &Path, api: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(tern)
+        .arg("remote")
+        .arg("--api-socket")
+        .arg(api)
+        .args(args)
+        .output()
+        .context("tern remote")?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "tern remote {args:?}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
+/// One postcopy migration of a running apf-touch, touching on the destination.
+pub fn postcopy_run(tern: &Path, snap: &Path, dir: &Path, plan: &ApfPlan) -> Result<ApfRun> {
+    let src_dir = dir.join(format!("{}-src", plan.mode));
+    let dst_dir = dir.join(format!("{}-dst", plan.mode));
+    let mut src = LinuxVm::restore(
+        tern,
+        snap,
+        &src_dir,
+        &[
+            "--restore",
+            "lazy",
+            "--postcopy",
+            "--postcopy-after-iterations",
+            "0",
+            "--postcopy-bandwidth",
+            plan.bandwidth,
+        ],
+    )?;
+    src.check(
+        &format!(
+            "rm -f /tmp/go /tmp/apf.out; mkfifo /tmp/go && \
+(apf-touch mib={} touchers={} go=/tmp/go >/tmp/apf.out 2>&1 &)",
+            plan.mib, plan.touchers
+        ),
+        CMD,
+    )?;
+    let filled = wait_line(&mut src, "/tmp/apf.out", "apf-touch: filled", CMD)?;
+    let _ = filled;
+    let mig = format!("unix:{}", dir.join(format!("{}.mig", plan.mode)).display());
+    let mut dst = LinuxVm::incoming(
+        tern,
+        &mig,
+        &dst_dir,
+        &["--postcopy", "--async-pf", plan.mode],
+    )?;
+    let mig_path = dir.join(format!("{}.mig", plan.mode));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !mig_path.exists() {
+        if Instant::now() > deadline {
+            bail!("the destination never listened\n{}", dst.describe());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    remote(tern, &src.api, &["migrate", &mig, "--detach"])?;
+    // The destination's COM2 exists once it built the VM; the guest answers once it runs.
+    dst.connect(&dst.com2_path())?;
+    dst.check("echo go > /tmp/go", CMD)
+        .with_context(|| dst.describe())?;
+    let done = wait_line(&mut dst, "/tmp/apf.out", "apf-touch: done", CMD)
+        .with_context(|| dst.describe())?;
+    // The push ends the migration; the source exits when the destination confirmed.
+    src.wait_exit(Duration::from_secs(600))
+        .with_context(|| format!("source after the migration\n{}", dst.describe()))?;
+    let status: serde_json::Value =
+        serde_json::from_str(&remote(tern, &dst.api, &["migrate-status"])?)
+            .context("migrate-status")?;
+    Ok(ApfRun {
+        mode: plan.mode.to_string(),
+        done: fields(&done),
+        postcopy: status["postcopy"].clone(),
+    })
+}
