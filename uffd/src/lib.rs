@@ -195,7 +195,8 @@ impl FaultLoop {
     /// Serves faults until `stop` is set or the fetcher says `Stop`.
     pub fn run(&self, fetcher: &mut dyn PageFetcher) {
         let mut faults: Vec<Fault> = Vec::new();
-        let mut busy = false;
+        // The first look only polls: idle work (a background pass) may be waiting already.
+        let mut busy = true;
         while !self.stop.load(Ordering::SeqCst) {
             // Faults first; with idle work left, only look, do not wait.
             let wait_ms = if busy { 0 } else { self.wait_ms };
