@@ -4,7 +4,9 @@
 pub mod bus;
 pub mod irq;
 pub mod legacy;
+pub mod state;
 pub mod virtio;
 
 pub use bus::{BusError, MmioBus, MmioDevice, PioBus, PioDevice};
 pub use irq::{ExitRequest, IrqLine, VmExitReason};
+pub use state::{RestoreError, Stateful};

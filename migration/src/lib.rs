@@ -8,7 +8,6 @@ pub mod fdpass;
 pub mod incoming;
 pub mod local;
 pub mod outgoing;
-pub mod pagestate;
 pub mod peer;
 pub mod postcopy;
 pub mod progress;
@@ -16,7 +15,6 @@ pub mod snapshot;
 pub mod state;
 pub mod stream;
 pub mod transport;
-pub mod uffd;
 
 pub use bitmap::DirtyBitmap;
 pub use state::{VmConfigRecord, VmState};
@@ -51,18 +49,8 @@ impl RamRegion {
     }
 }
 
-/// Told about every fault and every placed page of lazily filled guest RAM (lazy memory,
-/// postcopy): tern's async page faults hang off this.
-pub trait FaultObserver: Send + Sync {
-    /// A thread faulted on guest page `gpa` (tern may start an async page fault here).
-    fn fault(&self, tid: u32, gpa: u64);
-    /// Guest page `gpa` is now present.
-    fn placed(&self, gpa: u64);
-    /// PAGE_NOT_PRESENT events this observer delivered so far.
-    fn async_faults(&self) -> u64 {
-        0
-    }
-}
+/// The userfaultfd layer's observer (tern's async page faults hang off it).
+pub use uffd::FaultObserver;
 
 /// An error from the VMM side of the seam, as text: the migration only reports it.
 #[derive(Debug, thiserror::Error)]

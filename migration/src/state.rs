@@ -219,28 +219,66 @@ pub struct ClockState {
     pub flags: u32,
 }
 
-/// A 16550's registers and pending input.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SerialState {
-    pub baud_divisor_low: u8,
-    pub baud_divisor_high: u8,
-    pub interrupt_enable: u8,
-    pub interrupt_identification: u8,
-    pub line_control: u8,
-    pub line_status: u8,
-    pub modem_control: u8,
-    pub modem_status: u8,
-    pub scratch: u8,
-    pub in_buffer: Vec<u8>,
+/// One device's migration state: its name in the VM (`com1`, `virtio-balloon`) and its record,
+/// in the format the device model owns (the migration never looks inside).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub name: String,
+    pub state: serde_json::Value,
 }
 
+/// The state of every device that has one, as a uniform list of named records.
+///
+/// On the wire the list keeps stream version 1's layout, so streams and snapshots from either
+/// side of this change read alike: records of the 16550 ports (named `com1`..`com4`) go in
+/// `serial`, every other device's in `other`, each as a `[name, record]` pair.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "DeviceStatesWire", into = "DeviceStatesWire")]
 pub struct DeviceStates {
-    /// Serial ports by name (com1, com2).
-    pub serial: Vec<(String, SerialState)>,
-    /// Other devices by name, each in its own format (the device model owns it).
+    pub records: Vec<DeviceRecord>,
+}
+
+impl DeviceStates {
+    pub fn get(&self, name: &str) -> Option<&serde_json::Value> {
+        self.records
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| &r.state)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct DeviceStatesWire {
+    serial: Vec<(String, serde_json::Value)>,
     #[serde(default)]
-    pub other: Vec<(String, serde_json::Value)>,
+    other: Vec<(String, serde_json::Value)>,
+}
+
+fn is_serial_port(name: &str) -> bool {
+    matches!(name, "com1" | "com2" | "com3" | "com4")
+}
+
+impl From<DeviceStatesWire> for DeviceStates {
+    fn from(w: DeviceStatesWire) -> Self {
+        let records = w
+            .serial
+            .into_iter()
+            .chain(w.other)
+            .map(|(name, state)| DeviceRecord { name, state })
+            .collect();
+        DeviceStates { records }
+    }
+}
+
+impl From<DeviceStates> for DeviceStatesWire {
+    fn from(d: DeviceStates) -> Self {
+        let (serial, other): (Vec<_>, Vec<_>) = d
+            .records
+            .into_iter()
+            .map(|r| (r.name, r.state))
+            .partition(|(name, _)| is_serial_port(name));
+        DeviceStatesWire { serial, other }
+    }
 }
 
 /// Everything but RAM, captured while the VM is paused.
@@ -264,6 +302,23 @@ pub struct EndRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_states_keep_the_version_1_layout() {
+        let old = r#"{"serial":[["com1",{"baud_divisor_low":12,"scratch":7,"in_buffer":[]}]],
+            "other":[["virtio-balloon",{"transport":{}}]]}"#;
+        let d: DeviceStates = serde_json::from_str(old).unwrap();
+        let names: Vec<&str> = d.records.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["com1", "virtio-balloon"]);
+        assert_eq!(d.get("com1").unwrap()["scratch"], 7);
+        let wire = serde_json::to_value(&d).unwrap();
+        assert_eq!(wire["serial"][0][0], "com1");
+        assert_eq!(wire["other"][0][0], "virtio-balloon");
+        assert_eq!(serde_json::from_value::<DeviceStates>(wire).unwrap(), d);
+        // A stream from before `other` existed.
+        let d: DeviceStates = serde_json::from_str(r#"{"serial":[]}"#).unwrap();
+        assert!(d.records.is_empty());
+    }
 
     #[test]
     fn a_configuration_from_before_shared_and_thp_still_reads() {

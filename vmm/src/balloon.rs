@@ -4,16 +4,15 @@
 use std::sync::{Arc, Mutex};
 
 use devices::bus::lock;
-use devices::virtio::{Balloon, BalloonState, DiscardRam, MmioTransportState, VirtioMmio};
+use devices::virtio::{Balloon, DiscardRam, VirtioMmio};
 use devices::{IrqLine, MmioBus};
 use kvm_ioctls::VmFd;
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::BalloonConfig;
 use crate::layout::{irqs, VIRTIO_BALLOON_MMIO};
+use crate::machine::BalloonSpec;
 use crate::memory::GuestMemory;
 use crate::vm::{kvm_err, VmError};
 
@@ -80,7 +79,8 @@ impl DiscardRam for GuestRamDiscard {
 pub fn create(
     vm_fd: &VmFd,
     mem: &GuestMemory,
-    cfg: &BalloonConfig,
+    device: &BalloonSpec,
+    target_bytes: u64,
     mmio: &mut MmioBus,
 ) -> Result<SharedBalloon, VmError> {
     let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Io {
@@ -90,11 +90,11 @@ pub fn create(
     vm_fd
         .register_irqfd(&evt, irqs::BALLOON)
         .map_err(kvm_err("KVM_IRQFD (balloon)"))?;
-    let target = u32::try_from(cfg.size / PAGE)
-        .map_err(|_| VmError::Incompatible(format!("balloon size {} is too large", cfg.size)))?;
+    let target = u32::try_from(target_bytes / PAGE)
+        .map_err(|_| VmError::Incompatible(format!("balloon size {target_bytes} is too large")))?;
     let balloon = Balloon::new(
         target,
-        cfg.deflate_on_oom,
+        device.deflate_on_oom,
         Box::new(GuestRamDiscard(mem.clone())),
     );
     let dev = VirtioMmio::new(balloon, mem.clone(), IrqLine::new(evt))
@@ -106,28 +106,6 @@ pub fn create(
         dev.clone(),
     )?;
     Ok(dev)
-}
-
-/// The device's migration record.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BalloonRecord {
-    pub transport: MmioTransportState,
-    pub balloon: BalloonState,
-}
-
-pub fn save(dev: &SharedBalloon) -> BalloonRecord {
-    let d = lock(dev);
-    BalloonRecord {
-        transport: d.save(),
-        balloon: d.device().save(),
-    }
-}
-
-pub fn restore(dev: &SharedBalloon, r: &BalloonRecord) -> Result<(), String> {
-    let mut d = lock(dev);
-    d.restore(&r.transport).map_err(|e| e.to_string())?;
-    d.device_mut().restore(&r.balloon);
-    Ok(())
 }
 
 /// Sets a new target size in bytes (rounded down to pages) and tells the driver.

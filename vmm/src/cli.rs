@@ -4,7 +4,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{self, KernelImage, MemoryConfig, VmConfig};
+use crate::apf::AsyncPfMode;
+use crate::config::{self, KernelImage, MemoryConfig, Serial2Config};
+use crate::logger::LogLevel;
+use crate::machine::{BalloonSpec, BootConfig, HostOptions, MachineConfig, VmConfig};
+use crate::seccomp::SeccompMode;
 
 /// The command line Linux guests get when none is given: what this machine's nested KVM needs
 /// (see README.md, "Linux guests").
@@ -14,6 +18,13 @@ no_timer_check reboot=k panic=-1 rdinit=/init rodata=off random.trust_cpu=on";
 
 /// The built-in guest's default suite.
 pub const BUILTIN_DEFAULT_CMDLINE: &str = "suite=hello";
+
+/// An on/off option clap parses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -143,17 +154,22 @@ pub struct RunArgs {
 
     /// Paravirtual async page faults: kvm (KVM owns the protocol), tern (tern owns the MSRs and
     /// the PAGE_NOT_PRESENT / PAGE_READY injection), off (not offered to the guest).
-    #[arg(long, value_name = "kvm|tern|off", default_value = "kvm")]
-    pub async_pf: String,
+    #[arg(long, value_enum, value_name = "kvm|tern|off", default_value = "kvm")]
+    pub async_pf: AsyncPfMode,
 
     /// seccomp filters on every thread: on (a forbidden system call stops tern with a report
     /// naming it), log (the kernel logs it and it runs), off.
-    #[arg(long, value_name = "on|log|off", default_value = "on")]
-    pub seccomp: String,
+    #[arg(long, value_enum, value_name = "on|log|off", default_value = "on")]
+    pub seccomp: SeccompMode,
 
     /// Log level on stderr: error, warn, info, debug.
-    #[arg(long, value_name = "LEVEL", default_value = "warn")]
-    pub log_level: String,
+    #[arg(
+        long,
+        value_enum,
+        value_name = "error|warn|info|debug",
+        default_value = "warn"
+    )]
+    pub log_level: LogLevel,
 
     /// Control API: a Unix socket (created 0600) speaking newline-delimited JSON (docs/api.md).
     #[arg(long, value_name = "PATH")]
@@ -196,8 +212,8 @@ pub struct RunArgs {
 
     /// Outgoing postcopy: send requested pages on a second connection (the preempt channel) so
     /// they never wait behind the background push; `off` keeps everything on one connection.
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
-    pub postcopy_preempt: String,
+    #[arg(long, value_enum, value_name = "on|off", default_value = "on")]
+    pub postcopy_preempt: Switch,
 
     /// Outgoing postcopy: limit the background push to this many bytes a second (`K`, `M`, `G`
     /// suffixes: 64M is 64 MiB/s); requested pages always go at once. Default: no limit.
@@ -215,7 +231,9 @@ fn parse_bandwidth(text: &str) -> Result<u64, String> {
 }
 
 impl RunArgs {
-    pub fn vm_config(&self) -> anyhow::Result<VmConfig> {
+    /// The VM to boot: the machine and what to load into it (COM2 if the host gives it a
+    /// backend).
+    pub fn vm_config(&self, host: &HostOptions) -> anyhow::Result<VmConfig> {
         let memory = MemoryConfig::parse(&self.memory)?;
         if let Some(host) = config::host_memory_bytes() {
             memory.check_host_fits(host)?;
@@ -235,20 +253,39 @@ impl RunArgs {
             Some(extra) => format!("{cmdline} {extra}"),
             None => cmdline,
         };
+        let balloon = self
+            .balloon
+            .as_deref()
+            .map(config::parse_balloon)
+            .transpose()?;
         Ok(VmConfig {
-            memory,
-            vcpus: config::parse_cpus(&self.cpus)?,
-            kernel,
-            cmdline,
-            initramfs: self.initramfs.clone(),
+            machine: MachineConfig {
+                memory,
+                vcpus: config::parse_cpus(&self.cpus)?,
+                balloon: balloon.as_ref().map(|b| BalloonSpec {
+                    deflate_on_oom: b.deflate_on_oom,
+                }),
+                serial2: host.serial2 != Serial2Config::Off,
+            },
+            boot: BootConfig {
+                kernel,
+                cmdline,
+                initramfs: self.initramfs.clone(),
+                balloon_target: balloon.map_or(0, |b| b.size),
+            },
+        })
+    }
+
+    /// What this host chooses for the VM it runs, booted or received.
+    pub fn host_options(&self) -> anyhow::Result<HostOptions> {
+        Ok(HostOptions {
             serial: config::parse_serial(&self.serial)?,
             serial2: config::parse_serial2(&self.serial2)?,
-            async_pf: self.async_pf.parse().map_err(anyhow::Error::msg)?,
-            balloon: self
-                .balloon
-                .as_deref()
-                .map(config::parse_balloon)
-                .transpose()?,
+            async_pf: self.async_pf,
+            postcopy: self.postcopy,
+            restore: self.restore,
+            api_socket: self.api_socket.clone(),
+            seccomp: self.seccomp,
         })
     }
 }

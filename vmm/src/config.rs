@@ -1,4 +1,5 @@
-//! The VM configuration and the parsers for tern's `key=value,...` option syntax.
+//! Option values and the parsers for tern's `key=value,...` option syntax (what a VM is built
+//! from, split by who decides it, is in `machine`).
 
 use std::path::PathBuf;
 
@@ -98,19 +99,6 @@ pub enum KernelImage {
     Builtin,
     /// An ELF vmlinux or bzImage on disk.
     Path(PathBuf),
-}
-
-#[derive(Debug, Clone)]
-pub struct VmConfig {
-    pub memory: MemoryConfig,
-    pub vcpus: u8,
-    pub kernel: KernelImage,
-    pub cmdline: String,
-    pub initramfs: Option<PathBuf>,
-    pub serial: SerialConfig,
-    pub serial2: Serial2Config,
-    pub async_pf: crate::apf::AsyncPfMode,
-    pub balloon: Option<BalloonConfig>,
 }
 
 /// Most vCPUs tern starts (the MP table and the built-in guest's per-CPU tables are sized for it).

@@ -22,11 +22,28 @@ impl Log for StderrLogger {
 
 static LOGGER: StderrLogger = StderrLogger;
 
-pub fn init(level: &str) -> anyhow::Result<()> {
-    let filter: LevelFilter = level.parse().map_err(|_| {
-        anyhow::anyhow!("--log-level: `{level}` is not one of error, warn, info, debug")
-    })?;
+/// `--log-level` (parsed by clap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+impl From<LogLevel> for LevelFilter {
+    fn from(level: LogLevel) -> Self {
+        match level {
+            LogLevel::Error => LevelFilter::Error,
+            LogLevel::Warn => LevelFilter::Warn,
+            LogLevel::Info => LevelFilter::Info,
+            LogLevel::Debug => LevelFilter::Debug,
+        }
+    }
+}
+
+pub fn init(level: LogLevel) -> anyhow::Result<()> {
     log::set_logger(&LOGGER).map_err(|e| anyhow::anyhow!("logger: {e}"))?;
-    log::set_max_level(filter);
+    log::set_max_level(level.into());
     Ok(())
 }

@@ -4,6 +4,7 @@ mod apf;
 mod api;
 mod balloon;
 mod boot;
+mod builder;
 mod cli;
 mod compat;
 mod config;
@@ -12,6 +13,7 @@ mod event_loop;
 mod layout;
 mod lazy;
 mod logger;
+mod machine;
 mod memory;
 mod migrate;
 mod remote;
@@ -51,22 +53,16 @@ fn run(start: Instant) -> anyhow::Result<Outcome> {
         return Ok(Outcome::Remote);
     }
     let args = cli.run;
-    logger::init(&args.log_level)?;
+    logger::init(args.log_level)?;
+    let host = args.host_options()?;
     // Filters go on each thread once it is set up (the main thread's when its event loop starts).
-    seccomp::init(args.seccomp.parse().map_err(anyhow::Error::msg)?)?;
+    seccomp::init(host.seccomp)?;
     let mut vm = match &args.incoming {
         Some(uri) => {
             let ep: migration::transport::Endpoint = uri.parse()?;
-            let opts = migrate::flows::IncomingOptions {
-                serial: config::parse_serial(&args.serial)?,
-                serial2: config::parse_serial2(&args.serial2)?,
-                async_pf: args.async_pf.parse().map_err(anyhow::Error::msg)?,
-                postcopy: args.postcopy,
-                restore: args.restore,
-            };
-            migrate::flows::receive(&ep, opts, start)?
+            migrate::flows::receive(&ep, &host, start)?
         }
-        None => vm::Vm::create(&args.vm_config()?, vm::Origin::Boot, start)?,
+        None => builder::build_for_boot(&args.vm_config(&host)?, &host, start)?,
     };
     log::info!(
         "guest PV features offered: {:#x}",
@@ -76,14 +72,14 @@ fn run(start: Instant) -> anyhow::Result<Outcome> {
     if let Some(com2) = vm.serial2.take() {
         subscribers.push(std::sync::Arc::new(std::sync::Mutex::new(com2)));
     }
-    if let Some(path) = &args.api_socket {
+    if let Some(path) = &host.api_socket {
         let params = migrate::flows::params(
             args.downtime_ms,
             args.max_iterations,
             args.timeout,
-            args.postcopy,
+            host.postcopy,
             args.postcopy_after_iterations,
-            args.postcopy_preempt == "on",
+            args.postcopy_preempt == cli::Switch::On,
             args.postcopy_bandwidth,
         );
         let server = api::ApiServer::bind(path, vm.inner.clone(), params, start)

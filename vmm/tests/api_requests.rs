@@ -3,21 +3,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::{remote_json, scratch, wait_socket, Running};
+use common::{remote_json, request_line, scratch, wait_socket, Running};
 
 const WAIT: Duration = Duration::from_secs(60);
 
 /// One request line over a raw connection; the parsed reply.
 fn request(sock: &str, line: &str) -> serde_json::Value {
-    let s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    (&s).write_all(format!("{line}\n").as_bytes()).unwrap();
-    let mut reply = String::new();
-    BufReader::new(&s).read_line(&mut reply).unwrap();
+    let reply = request_line(sock, line, WAIT);
     serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{e}: {reply:?}"))
 }
 

@@ -6,14 +6,10 @@ mod common;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::PathBuf;
 
-use common::{run_tern, scratch, GUEST_TIMEOUT};
+use common::{apf_pattern, run_tern, scratch, GUEST_TIMEOUT};
 
 const LAZY_BASE: u64 = 0x400_0000;
 const PAGES: u64 = 64;
-
-fn apf_pattern(addr: u64) -> u64 {
-    addr.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x7465_726E_6170_6621
-}
 
 /// A sparse file with the suite's expected contents at [LAZY_BASE, LAZY_BASE + PAGES pages).
 fn pattern_file(name: &str) -> PathBuf {

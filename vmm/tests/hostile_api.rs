@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{remote, run_tern, scratch, wait_socket, Running};
+use common::{remote, request_line, run_tern, scratch, wait_socket, Running};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -36,12 +36,7 @@ fn idle_guest(sock: &str) -> Running {
 
 /// One request over a raw connection; the reply line.
 fn request(sock: &str, line: &str) -> String {
-    let s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    (&s).write_all(format!("{line}\n").as_bytes()).unwrap();
-    let mut reply = String::new();
-    BufReader::new(&s).read_line(&mut reply).unwrap();
-    reply
+    request_line(sock, line, WAIT)
 }
 
 /// Peak resident memory of a process, in KiB.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{scratch, Running};
 use migration::postcopy::DiscardRecord;
-use migration::state::{DeviceStates, VcpuState};
+use migration::state::{DeviceRecord, DeviceStates, VcpuState};
 use migration::stream::{RamBatch, Section, StreamReader, StreamWriter, MAX_STATE_RECORD};
 use migration::VmConfigRecord;
 
@@ -253,11 +253,18 @@ fn device_state_is_bounded_and_never_kept_unread() {
     // Within the limit but for a device this VM does not have.
     let (dst, mut src) = destination("devices-unknown", &[], &config());
     let devices = DeviceStates {
-        serial: Vec::new(),
-        other: vec![("mystery".into(), serde_json::json!(vec![0u8; 1000]))],
+        records: vec![DeviceRecord {
+            name: "mystery".into(),
+            state: serde_json::json!(vec![0u8; 1000]),
+        }],
     };
     send_state(&mut src, &devices);
     assert_refused(dst, "the stream has state for an unknown device `mystery`");
+
+    // None for a device the VM has (its serial port).
+    let (dst, mut src) = destination("devices-missing", &[], &config());
+    send_state(&mut src, &DeviceStates::default());
+    assert_refused(dst, "the stream has no state for device `com1`");
 }
 
 /// A regular file of `len` bytes (not a memfd, so not sealed).

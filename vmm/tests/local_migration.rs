@@ -5,36 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{dirty_round, remote, remote_json, run_tern, scratch, Running};
+use common::{
+    assert_no_failure, last_round, remote, remote_json, run_tern, scratch, wait_progress, Running,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn last_round(p: &Running) -> u64 {
-    p.stdout_lines()
-        .iter()
-        .filter_map(|l| dirty_round(l))
-        .max()
-        .unwrap_or(0)
-}
-
-fn assert_no_failure(p: &Running) {
-    assert!(
-        !p.stdout_lines().iter().any(|l| l.contains("FAIL")),
-        "guest reported a failure\n{}",
-        p.describe()
-    );
-}
-
-/// Waits until the guest in `p` has printed a round above `after`; returns the last round.
-fn wait_progress(p: &Running, after: u64) -> u64 {
-    let line = p.wait_stdout(WAIT, |l| dirty_round(l).is_some_and(|r| r > after));
-    assert!(
-        line.is_some(),
-        "guest made no progress past round {after}\n{}",
-        p.describe()
-    );
-    last_round(p)
-}
 
 /// Whether process `pid` maps guest RAM from tern's memfd.
 fn maps_guest_memfd(pid: u32) -> bool {

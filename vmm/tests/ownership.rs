@@ -7,38 +7,20 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::proxy::{Dir, Plan, Proxy};
-use common::{dirty_round, remote, remote_json, scratch, wait_socket, Running};
-use serde_json::Value;
+use common::{
+    dirty_round, last_round, remote, remote_json, scratch, wait_migration_state, wait_socket,
+    Running,
+};
 
 const WAIT: Duration = Duration::from_secs(120);
 /// Short peer timeout for these tests: silence this long means a dead peer.
 const PEER_TIMEOUT_MS: &str = "2000";
-
-fn wait_state(sock: &str, want: &str, src: &Running) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let v = remote_json(sock, &["migrate-status"]);
-        if v["state"] == want {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{v}\n{}", src.describe());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn vm_state(sock: &str) -> String {
     remote_json(sock, &["status"])["state"]
         .as_str()
         .unwrap_or("")
         .to_string()
-}
-
-fn rounds(r: &Running) -> u64 {
-    r.stdout_lines()
-        .iter()
-        .filter_map(|l| dirty_round(l))
-        .max()
-        .unwrap_or(0)
 }
 
 /// Waits until the guest printed a round beyond `after`.
@@ -83,11 +65,11 @@ fn lost_resumed_reply_leaves_exactly_one_running_guest() {
     assert_ne!(o.code, Some(0), "{}", o.describe());
     // The destination resumed the guest and runs it...
     wait_socket(&b, WAIT);
-    let resumed_at = rounds(&dst);
+    let resumed_at = last_round(&dst);
     assert!(wait_round(&dst, resumed_at), "{}", dst.describe());
     assert_eq!(vm_state(&b), "running");
     // ...so the source must not: it is parked, and `resume` is refused.
-    let st = wait_state(&a, "postmigrate", &src);
+    let st = wait_migration_state(&a, "postmigrate", &src, WAIT);
     assert!(
         st["error"]
             .as_str()
@@ -96,12 +78,12 @@ fn lost_resumed_reply_leaves_exactly_one_running_guest() {
         "{st}"
     );
     assert_eq!(vm_state(&a), "paused");
-    let before = rounds(&src);
+    let before = last_round(&src);
     let o = remote(&a, &["resume"]);
     assert_ne!(o.code, Some(0), "{}", o.describe());
     assert!(o.stderr.contains("refused"), "{}", o.describe());
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(rounds(&src), before, "the parked source ran its guest");
+    assert_eq!(last_round(&src), before, "the parked source ran its guest");
     assert_eq!(vm_state(&a), "paused");
     assert!(
         src.stderr_text().contains("stays paused here"),
@@ -146,7 +128,7 @@ fn broken_postcopy_pauses_both_sides_and_refuses_resume() {
     let o = remote(&a, &["migrate", &format!("unix:{}", proxy.path.display())]);
     assert_ne!(o.code, Some(0), "{}", o.describe());
     assert!(proxy.bytes(Dir::Forward) >= 64 << 20);
-    let st = wait_state(&a, "postcopy-paused", &src);
+    let st = wait_migration_state(&a, "postcopy-paused", &src, WAIT);
     assert!(
         st["error"]
             .as_str()
@@ -154,7 +136,7 @@ fn broken_postcopy_pauses_both_sides_and_refuses_resume() {
             .contains("after the switch"),
         "{st}"
     );
-    let dst_st = wait_state(&b, "postcopy-paused", &dst);
+    let dst_st = wait_migration_state(&b, "postcopy-paused", &dst, WAIT);
     assert!(
         dst_st["error"]
             .as_str()
@@ -200,7 +182,7 @@ fn cancel_in_precopy_keeps_the_guest_at_the_source() {
     }
     let v = remote_json(&a, &["migrate-cancel"]);
     assert_eq!(v["cancelling"], true, "{v}");
-    let st = wait_state(&a, "cancelled", &src);
+    let st = wait_migration_state(&a, "cancelled", &src, WAIT);
     assert!(
         st["error"].as_str().unwrap_or("").contains("cancelled"),
         "{st}"
@@ -219,7 +201,7 @@ fn cancel_in_precopy_keeps_the_guest_at_the_source() {
     );
     // The source runs on and its guest keeps verifying its memory every round.
     assert_eq!(vm_state(&a), "running");
-    let now = rounds(&src);
+    let now = last_round(&src);
     assert!(wait_round(&src, now + 2), "{}", src.describe());
     assert!(
         !src.stdout_lines().iter().any(|l| l.contains("FAIL")),

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{dirty_round, remote, run_tern, scratch, Running};
+use common::{apf_pattern, dirty_round, remote, run_tern, scratch, Running};
 
 const WAIT: Duration = Duration::from_secs(120);
 const ROUNDS: u64 = 150;
@@ -146,10 +146,6 @@ fn no_userfaultfd_on_the_destination_refuses_at_advise() {
     assert!(src
         .wait_stdout(WAIT, |l| dirty_round(l).is_some_and(|r| r > before))
         .is_some());
-}
-
-fn apf_pattern(addr: u64) -> u64 {
-    addr.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x7465_726E_6170_6621
 }
 
 #[test]

@@ -8,8 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::proxy::{Dir, Plan, Proxy};
-use common::{dirty_round, remote, remote_json, scratch, Running};
-use serde_json::Value;
+use common::{dirty_round, remote, remote_json, scratch, wait_migration_state, Running};
 
 const WAIT: Duration = Duration::from_secs(180);
 const ROUNDS: u64 = 600;
@@ -22,22 +21,6 @@ fn final_checksum(r: &Running) -> Option<String> {
     r.stdout_lines()
         .into_iter()
         .find(|l| dirty_round(l) == Some(ROUNDS))
-}
-
-fn wait_state(sock: &str, want: &str, who: &Running) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let v = remote_json(sock, &["migrate-status"]);
-        if v["state"] == want {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "want {want}: {v}\n{}",
-            who.describe()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -83,8 +66,8 @@ fn postcopy_cut_twice_recovers_without_losing_a_write() {
     .expect("relay");
     let o = remote(&a, &["migrate", &format!("unix:{}", cut1.path.display())]);
     assert_ne!(o.code, Some(0), "{}", o.describe());
-    wait_state(&a, "postcopy-paused", &src);
-    let st = wait_state(&b, "postcopy-paused", &dst);
+    wait_migration_state(&a, "postcopy-paused", &src, WAIT);
+    let st = wait_migration_state(&b, "postcopy-paused", &dst, WAIT);
     assert!(
         st["error"].as_str().unwrap_or("").contains("never arrived"),
         "{st}"
@@ -120,9 +103,9 @@ fn postcopy_cut_twice_recovers_without_losing_a_write() {
         cut2.bytes(Dir::Forward) >= 8 << 20,
         "the recovery never pushed pages"
     );
-    let st = wait_state(&a, "postcopy-paused", &src);
+    let st = wait_migration_state(&a, "postcopy-paused", &src, WAIT);
     assert!(st["recovered_pages"].as_u64() > Some(0), "{st}");
-    wait_state(&b, "postcopy-paused", &dst);
+    wait_migration_state(&b, "postcopy-paused", &dst, WAIT);
     for s in [&a, &b] {
         let o = remote(s, &["resume"]);
         assert!(o.stderr.contains("refused"), "{}", o.describe());
@@ -248,8 +231,8 @@ fn hybrid_postcopy_cut_early_in_the_push_recovers() {
         assert!(Instant::now() < deadline, "{}", dst.describe());
         std::thread::sleep(Duration::from_millis(2));
     }
-    wait_state(&a, "postcopy-paused", &src);
-    wait_state(&b, "postcopy-paused", &dst);
+    wait_migration_state(&a, "postcopy-paused", &src, WAIT);
+    wait_migration_state(&b, "postcopy-paused", &dst, WAIT);
     let rec = dir.join("rec.sock");
     remote_json(&b, &["migrate-recover", &format!("unix:{}", rec.display())]);
     let v = remote_json(

@@ -128,7 +128,7 @@ fn log_mode_lets_the_call_run_and_off_installs_nothing() {
     assert_eq!(o.code, Some(1), "{}", o.describe());
     assert!(
         o.stderr
-            .contains("--seccomp: `maybe` is not on, log or off"),
+            .contains("invalid value 'maybe' for '--seccomp <on|log|off>'"),
         "{}",
         o.describe()
     );

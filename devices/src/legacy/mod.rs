@@ -10,10 +10,9 @@ mod testdev;
 pub use debug_ports::{BootTimer, IsaDebugExit, TestExit};
 pub use fw_cfg::{keys as fw_cfg_keys, FwCfg};
 pub use i8042::I8042;
-pub use serial::{SerialDevice, SerialOutput};
+pub use serial::{SerialDevice, SerialOutput, SerialPortState};
 pub use socket::{SocketClient, SocketOutput};
 pub use testdev::{
     TestDevData, TestDevFlush, TestDevHost, TestDevIoMem, TestDevIrq,
     IOMEM_LEN as TESTDEV_IOMEM_LEN, IRQ_LINES as TESTDEV_IRQ_LINES,
 };
-pub use vm_superio::serial::SerialState;

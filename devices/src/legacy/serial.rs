@@ -4,11 +4,13 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
 
+use serde::{Deserialize, Serialize};
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 
 use crate::bus::PioDevice;
 use crate::irq::IrqLine;
+use crate::state::{RestoreError, Stateful};
 
 /// Where the guest's serial output goes.
 pub enum SerialOutput {
@@ -46,6 +48,55 @@ impl Write for OutputWriter {
     }
 }
 
+/// A 16550's registers and pending input, as they cross in a migration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialPortState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialPortState {
+    fn from(s: SerialState) -> Self {
+        SerialPortState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialPortState> for SerialState {
+    fn from(s: &SerialPortState) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 /// One 16550 on an 8-port range.
 pub struct SerialDevice {
     uart: Option<Serial<IrqLine, NoEvents, OutputWriter>>,
@@ -79,24 +130,6 @@ impl SerialDevice {
     fn uart(&mut self) -> &mut Serial<IrqLine, NoEvents, OutputWriter> {
         // Only `restore` takes the UART out, and it always puts one back.
         self.uart.as_mut().expect("serial UART present")
-    }
-
-    /// The registers and pending input, for migration.
-    pub fn state(&self) -> Option<SerialState> {
-        self.uart.as_ref().map(|u| u.state())
-    }
-
-    /// Replaces the registers and pending input; the output backend stays.
-    pub fn restore(&mut self, state: &SerialState) -> std::io::Result<()> {
-        let irq = IrqLine::new(self.irq.eventfd().try_clone()?);
-        if let Some(old) = self.uart.take() {
-            let out = old.into_writer();
-            self.uart = Some(
-                Serial::from_state(state, irq, NoEvents, out)
-                    .map_err(|e| std::io::Error::other(format!("{e:?}")))?,
-            );
-        }
-        Ok(())
     }
 
     /// Queues bytes for the guest to read; returns how many fit in the receive FIFO.
@@ -138,6 +171,38 @@ impl SerialDevice {
         let chunk: Vec<u8> = self.backlog.iter().take(n).copied().collect();
         let taken = self.enqueue_input(&chunk);
         self.backlog.drain(..taken);
+    }
+}
+
+impl Stateful for SerialDevice {
+    type State = SerialPortState;
+
+    fn save(&self) -> SerialPortState {
+        // The UART is out only inside `restore`, which always puts one back.
+        self.uart
+            .as_ref()
+            .map(|u| u.state().into())
+            .unwrap_or_default()
+    }
+
+    fn restore(&mut self, state: &SerialPortState) -> Result<(), RestoreError> {
+        // Checked here, before the UART (and its output backend) is taken apart.
+        if state.in_buffer.len() > FIFO_SIZE {
+            return Err(RestoreError::Invalid(format!(
+                "{}: {} bytes of pending input do not fit the {FIFO_SIZE}-byte FIFO",
+                self.name,
+                state.in_buffer.len()
+            )));
+        }
+        let irq = IrqLine::new(self.irq.eventfd().try_clone()?);
+        if let Some(old) = self.uart.take() {
+            let out = old.into_writer();
+            self.uart = Some(
+                Serial::from_state(&SerialState::from(state), irq, NoEvents, out)
+                    .map_err(|e| std::io::Error::other(format!("{e:?}")))?,
+            );
+        }
+        Ok(())
     }
 }
 
@@ -200,5 +265,28 @@ mod tests {
         }
         assert_eq!(got, line);
         assert_eq!(dev.backlog_len(), 0);
+    }
+
+    #[test]
+    fn state_moves_to_another_port_and_oversized_input_is_refused_whole() {
+        let mut src = device();
+        src.write(3, &[0x03]); // line control: 8N1
+        src.write(7, &[0x5a]); // scratch
+        src.queue_input(b"pending");
+        let saved = src.save();
+        assert_eq!((saved.scratch, saved.line_control), (0x5a, 0x03));
+        let mut dst = device();
+        dst.restore(&saved).unwrap();
+        assert_eq!(dst.save(), saved);
+        assert_eq!(read_reg(&mut dst, 7), 0x5a);
+
+        let mut bad = saved.clone();
+        bad.in_buffer = vec![0; FIFO_SIZE + 1];
+        assert!(matches!(dst.restore(&bad), Err(RestoreError::Invalid(_))));
+        assert_eq!(
+            dst.save(),
+            saved,
+            "a refused record leaves the port as it was"
+        );
     }
 }

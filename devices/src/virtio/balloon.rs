@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
 
+use super::mmio::{MmioTransportState, VirtioMmio};
 use super::{GuestMem, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::state::{RestoreError, Stateful};
 
 pub const DEVICE_ID: u32 = 5;
 /// The host may take balloon pages back when the guest runs out of memory.
@@ -44,6 +46,30 @@ pub struct BalloonState {
     /// Inflated while discards were inhibited, not deflated since: discard on release.
     pub deferred: Vec<u64>,
     pub stats: BalloonStats,
+}
+
+/// The balloon behind its MMIO transport, as it crosses in a migration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonDeviceState {
+    pub transport: MmioTransportState,
+    pub balloon: BalloonState,
+}
+
+impl Stateful for VirtioMmio<Balloon> {
+    type State = BalloonDeviceState;
+
+    fn save(&self) -> BalloonDeviceState {
+        BalloonDeviceState {
+            transport: self.save_transport(),
+            balloon: self.device().save(),
+        }
+    }
+
+    fn restore(&mut self, s: &BalloonDeviceState) -> Result<(), RestoreError> {
+        self.restore_transport(&s.transport)?;
+        self.device_mut().restore(&s.balloon);
+        Ok(())
+    }
 }
 
 /// Counters since the device was created (they travel with the VM).

@@ -148,32 +148,39 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         }
     }
 
-    pub fn save(&self) -> MmioTransportState {
+    /// The transport's half of a virtio device's migration record.
+    pub fn save_transport(&self) -> MmioTransportState {
         let mut s = self.state.clone();
         s.queues = self.queues.iter().map(|q| q.state().into()).collect();
         s
     }
 
-    pub fn restore(&mut self, s: &MmioTransportState) -> Result<(), TransportError> {
+    pub fn restore_transport(&mut self, s: &MmioTransportState) -> Result<(), TransportError> {
         if s.queues.len() != self.queues.len() {
             return Err(TransportError::QueueCount {
                 got: s.queues.len(),
                 want: self.queues.len(),
             });
         }
-        for (q, r) in self.queues.iter_mut().zip(&s.queues) {
-            *q = Queue::try_from(QueueState {
-                max_size: r.max_size,
-                next_avail: r.next_avail,
-                next_used: r.next_used,
-                event_idx_enabled: false,
-                size: r.size,
-                ready: r.ready,
-                desc_table: r.desc_table,
-                avail_ring: r.avail_ring,
-                used_ring: r.used_ring,
-            })?;
-        }
+        // Every queue is checked before any is replaced: a refused record changes nothing.
+        let queues = s
+            .queues
+            .iter()
+            .map(|r| {
+                Queue::try_from(QueueState {
+                    max_size: r.max_size,
+                    next_avail: r.next_avail,
+                    next_used: r.next_used,
+                    event_idx_enabled: false,
+                    size: r.size,
+                    ready: r.ready,
+                    desc_table: r.desc_table,
+                    avail_ring: r.avail_ring,
+                    used_ring: r.used_ring,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.queues = queues;
         self.state = MmioTransportState {
             queues: Vec::new(),
             ..s.clone()

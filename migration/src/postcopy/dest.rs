@@ -1,7 +1,8 @@
 //! Postcopy, destination side: after the switch the guest runs here while pages still arrive. The
 //! destination registers guest RAM with userfaultfd; a fault on a missing page becomes a page
 //! request on the return path (never twice: per-page state Missing -> Requested -> Received), and
-//! the listen side places pages atomically (UFFDIO_COPY / UFFDIO_ZEROPAGE).
+//! the listen side places pages atomically (UFFDIO_COPY / UFFDIO_ZEROPAGE). The fault loop is the
+//! `uffd` crate's; what is postcopy's is [`RequestPages`], the fetcher that asks the source.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,10 +12,13 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use uffd::{
+    FaultLoop, FetchError, GuestFault, GuestRam, PageFetcher, PageState, PageStates, Userfaultfd,
+    NEEDED_RANGE_IOCTLS, UFFD_FEATURE_THREAD_ID,
+};
+
 use super::placer::{log2_bucket, trim, Placer, Tracker};
-use crate::pagestate::{PageState, PageStates};
 use crate::stream::{Section, StreamError, StreamWriter};
-use crate::uffd::{Fault, Userfaultfd, NEEDED_RANGE_IOCTLS, UFFD_FEATURE_THREAD_ID};
 use crate::{DirtyBitmap, FaultObserver, MigratableVm, RamRegion, PAGE_SIZE};
 
 /// Pages the destination must treat as missing at the switch: runs of (first gpa, page count).
@@ -114,11 +118,10 @@ pub struct PostcopyFigures {
 pub struct Listener {
     uffd: Arc<Userfaultfd>,
     states: Arc<PageStates>,
-    /// (gpa, hva, len, first page index) per region.
-    spans: Vec<(u64, u64, u64, usize)>,
+    ram: GuestRam,
+    /// Also holds the vCPU threads' ids (figures name them).
     tracker: Arc<Mutex<Tracker>>,
     observer: Option<Arc<dyn FaultObserver>>,
-    vcpu_tids: Vec<u32>,
     missing_at_switch: u64,
     pushed: Arc<AtomicU64>,
     /// Places pages (shared with the preempt channel's reader).
@@ -134,13 +137,9 @@ pub struct Listener {
 
 type ReturnPath = Arc<Mutex<StreamWriter<Box<dyn Write + Send>>>>;
 
-/// Checks one discard run (first gpa, page count) from the stream against the RAM spans (gpa,
-/// hva, len, first page index); returns (hva, byte length, first page index, page count).
-fn check_discard(
-    spans: &[(u64, u64, u64, usize)],
-    gpa: u64,
-    n: u64,
-) -> Result<(u64, usize, usize, usize), String> {
+/// Checks one discard run (first gpa, page count) from the stream against guest RAM; returns
+/// (hva, byte length, first page index, page count).
+fn check_discard(ram: &GuestRam, gpa: u64, n: u64) -> Result<(u64, usize, usize, usize), String> {
     let outside = || format!("discard range {gpa:#x}+{n} pages is outside guest RAM");
     if n == 0 || !gpa.is_multiple_of(PAGE_SIZE as u64) {
         return Err(format!(
@@ -150,14 +149,15 @@ fn check_discard(
     // Checked: a huge count must not wrap to a short (or empty) length.
     let len = n.checked_mul(PAGE_SIZE as u64).ok_or_else(outside)?;
     let end = gpa.checked_add(len).ok_or_else(outside)?;
-    let &(sgpa, shva, _, first) = spans
+    let span = ram
+        .spans()
         .iter()
-        .find(|s| gpa >= s.0 && end <= s.0 + s.2)
+        .find(|s| gpa >= s.gpa && end <= s.gpa + s.len)
         .ok_or_else(outside)?;
-    let offset = gpa - sgpa;
-    let first = first + (offset / PAGE_SIZE as u64) as usize;
+    let offset = gpa - span.gpa;
+    let first = span.first_page + (offset / PAGE_SIZE as u64) as usize;
     // Within one span, so both fit a usize (the span is mapped).
-    Ok((shva + offset, len as usize, first, n as usize))
+    Ok((span.hva + offset, len as usize, first, n as usize))
 }
 
 impl Listener {
@@ -169,21 +169,20 @@ impl Listener {
         return_path: ReturnPath,
         vcpu_tids: Vec<u32>,
     ) -> Result<Listener, String> {
-        let mut spans = Vec::new();
-        let mut pages = 0usize;
+        let mut regions = Vec::new();
         for r in vm.ram_regions() {
             let hva = vm
                 .host_address(r.gpa)
                 .ok_or_else(|| format!("no host mapping for RAM at {:#x}", r.gpa))?;
-            spans.push((r.gpa, hva, r.len, pages));
-            pages += r.pages();
+            regions.push((r.gpa, hva, r.len));
         }
-        let states = Arc::new(PageStates::all_received(pages));
+        let ram = GuestRam::new(regions);
+        let states = Arc::new(PageStates::all_received(ram.pages()));
         // Every run is checked before any page is dropped: a bad record leaves RAM untouched.
         let runs = discard
             .ranges
             .iter()
-            .map(|&(gpa, n)| check_discard(&spans, gpa, n))
+            .map(|&(gpa, n)| check_discard(&ram, gpa, n))
             .collect::<Result<Vec<_>, _>>()?;
         let mut missing = 0u64;
         for (hva, len, first, n) in runs {
@@ -201,43 +200,39 @@ impl Listener {
                 }
             }
         }
-        let uffd = Arc::new(
-            Userfaultfd::new(UFFD_FEATURE_THREAD_ID).map_err(|e| format!("userfaultfd: {e}"))?,
-        );
-        for s in &spans {
-            uffd.register(s.1, s.2)
-                .map_err(|e| format!("UFFDIO_REGISTER: {e}"))?;
-        }
+        let uffd = Arc::new(uffd::register(&ram).map_err(|e| e.to_string())?);
         let tracker = Arc::new(Mutex::new(Tracker {
-            vcpu_tids: vcpu_tids.clone(),
+            vcpu_tids,
             ..Default::default()
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let fault_error = Arc::new(Mutex::new(None));
         let observer = vm.fault_observer();
-        let worker = FaultWorker {
+        let faults = FaultLoop {
             uffd: uffd.clone(),
+            ram: ram.clone(),
             states: states.clone(),
-            spans: spans.clone(),
-            tracker: tracker.clone(),
             observer: observer.clone(),
-            vcpu_tids: vcpu_tids.clone(),
-            return_path: return_path.clone(),
             stop: stop.clone(),
+            wait_ms: 50,
+        };
+        let mut fetcher = RequestPages {
+            tracker: tracker.clone(),
+            return_path: return_path.clone(),
             fault_error: fault_error.clone(),
         };
         let fault_thread = std::thread::Builder::new()
             .name("postcopy-faults".into())
             .spawn(move || {
                 crate::thread_started("postcopy-faults");
-                worker.run()
+                faults.run(&mut fetcher)
             })
             .map_err(|e| format!("starting the fault thread: {e}"))?;
         let pushed = Arc::new(AtomicU64::new(0));
         let placer = Placer {
             uffd: uffd.clone(),
             states: states.clone(),
-            spans: spans.clone(),
+            ram: ram.clone(),
             tracker: tracker.clone(),
             observer: observer.clone(),
             pushed: pushed.clone(),
@@ -245,10 +240,9 @@ impl Listener {
         Ok(Listener {
             uffd,
             states,
-            spans,
+            ram,
             tracker,
             observer,
-            vcpu_tids,
             missing_at_switch: missing,
             pushed,
             placer,
@@ -262,13 +256,13 @@ impl Listener {
     /// Runs of pages not received yet (Missing or Requested): what a recovering source must send.
     pub fn not_received(&self) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for &(gpa, _, len, first) in &self.spans {
-            let n = (len / PAGE_SIZE as u64) as usize;
+        for s in self.ram.spans() {
+            let n = (s.len / PAGE_SIZE as u64) as usize;
             for i in 0..n {
-                if self.states.get(first + i) == PageState::Received {
+                if self.states.get(s.first_page + i) == PageState::Received {
                     continue;
                 }
-                let page_gpa = gpa + (i * PAGE_SIZE) as u64;
+                let page_gpa = s.gpa + (i * PAGE_SIZE) as u64;
                 match out.last_mut() {
                     Some((start, k)) if *start + *k * PAGE_SIZE as u64 == page_gpa => *k += 1,
                     _ => out.push((page_gpa, 1)),
@@ -285,10 +279,10 @@ impl Listener {
         *rp = StreamWriter::new(w);
         *self.fault_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let mut resent = 0;
-        for &(gpa, _, len, first) in &self.spans {
-            for i in 0..(len / PAGE_SIZE as u64) as usize {
-                if self.states.get(first + i) == PageState::Requested {
-                    let gpa = gpa + (i * PAGE_SIZE) as u64;
+        for s in self.ram.spans() {
+            for i in 0..(s.len / PAGE_SIZE as u64) as usize {
+                if self.states.get(s.first_page + i) == PageState::Requested {
+                    let gpa = s.gpa + (i * PAGE_SIZE) as u64;
                     rp.record(Section::PageRequest, &PageRequest { gpa })?;
                     resent += 1;
                 }
@@ -335,8 +329,8 @@ impl Listener {
         if let Some(t) = self.fault_thread.take() {
             let _ = t.join();
         }
-        for s in &self.spans {
-            if let Err(e) = self.uffd.unregister(s.1, s.2) {
+        for s in self.ram.spans() {
+            if let Err(e) = self.uffd.unregister(s.hva, s.len) {
                 log::warn!("UFFDIO_UNREGISTER: {e}");
             }
         }
@@ -362,7 +356,7 @@ impl Listener {
             .blocked
             .iter()
             .map(|(tid, (n, us))| {
-                let name = match self.vcpu_tids.iter().position(|v| v == tid) {
+                let name = match t.vcpu_tids.iter().position(|v| v == tid) {
                     Some(i) => format!("vcpu{i}"),
                     None => format!("thread {tid}"),
                 };
@@ -387,96 +381,69 @@ impl Listener {
     }
 }
 
-struct FaultWorker {
-    uffd: Arc<Userfaultfd>,
-    states: Arc<PageStates>,
-    spans: Vec<(u64, u64, u64, usize)>,
+/// Postcopy's page fetcher: a missing page is asked for on the return path (the placer puts it
+/// in when it arrives); the figures follow every thread's wait.
+struct RequestPages {
     tracker: Arc<Mutex<Tracker>>,
-    observer: Option<Arc<dyn FaultObserver>>,
-    vcpu_tids: Vec<u32>,
     return_path: ReturnPath,
-    stop: Arc<AtomicBool>,
     fault_error: Arc<Mutex<Option<String>>>,
 }
 
-impl FaultWorker {
-    fn run(self) {
-        let mut faults: Vec<Fault> = Vec::new();
-        while !self.stop.load(Ordering::SeqCst) {
-            if let Err(e) = self.uffd.wait_faults(50, &mut faults) {
-                self.fail(format!("userfaultfd read failed: {e}"));
-                return;
-            }
-            for f in &faults {
-                // A request that cannot be sent stays Requested: the listener pauses the VM
-                // with the reason, and a recovery sends it again. The thread keeps serving.
-                if let Err(e) = self.handle(f) {
-                    self.fail(e);
-                }
+impl RequestPages {
+    /// Counts `fault` as a wait on its page (once per thread and page).
+    fn wait_starts(&self, fault: &GuestFault) {
+        let mut t = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
+        let is_vcpu = t.vcpu_tids.contains(&fault.tid);
+        let waiters = t.waiters.entry(fault.page.gpa).or_default();
+        // A thread kicked out of its wait (tern-mode async PF) faults on the page again:
+        // still the same wait.
+        if !waiters.iter().any(|(tid, _)| *tid == fault.tid) {
+            waiters.push((fault.tid, Instant::now()));
+            t.faults += 1;
+            if !is_vcpu {
+                t.async_faults += 1;
             }
         }
+    }
+}
+
+impl PageFetcher for RequestPages {
+    fn fault(&mut self, fault: &GuestFault) {
+        self.wait_starts(fault);
+    }
+
+    fn fetch(&mut self, _lp: &FaultLoop, fault: &GuestFault) -> Result<(), FetchError> {
+        let gpa = fault.page.gpa;
+        self.tracker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .requested_at
+            .insert(gpa, Instant::now());
+        let mut w = self.return_path.lock().unwrap_or_else(|e| e.into_inner());
+        let sent = w
+            .record(Section::PageRequest, &PageRequest { gpa })
+            .and_then(|_| w.flush());
+        drop(w);
+        // A request that cannot be sent stays Requested: the listener pauses the VM with the
+        // reason, and a recovery sends it again. The loop keeps serving.
+        sent.map_err(|e| {
+            FetchError::Page(format!("page request for {gpa:#x} could not be sent: {e}"))
+        })
+    }
+
+    fn raced(&mut self, fault: &GuestFault) {
+        // Placed meanwhile: this wait is over as soon as it began.
+        self.wait_starts(fault);
+        self.tracker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .end_wait(fault.page.gpa, Instant::now());
     }
 
     /// Records why faults are no longer served (the listener stops the VM with it).
-    fn fail(&self, why: String) {
+    fn failed(&mut self, why: &str) {
         log::error!("postcopy: {why}");
-        *self.fault_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
-    }
-
-    fn handle(&self, f: &Fault) -> Result<(), String> {
-        let hva = f.address & !(PAGE_SIZE as u64 - 1);
-        let Some(&(gpa0, hva0, _, first)) =
-            self.spans.iter().find(|s| hva >= s.1 && hva < s.1 + s.2)
-        else {
-            log::error!("postcopy: fault outside guest RAM at {:#x}", f.address);
-            return Ok(());
-        };
-        let gpa = gpa0 + (hva - hva0);
-        let page = first + ((hva - hva0) / PAGE_SIZE as u64) as usize;
-        let now = Instant::now();
-        {
-            let mut t = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
-            let waiters = t.waiters.entry(gpa).or_default();
-            // A thread kicked out of its wait (tern-mode async PF) faults on the page again:
-            // still the same wait.
-            if !waiters.iter().any(|(tid, _)| *tid == f.tid) {
-                waiters.push((f.tid, now));
-                t.faults += 1;
-                if !self.vcpu_tids.contains(&f.tid) {
-                    t.async_faults += 1;
-                }
-            }
-        }
-        if let Some(o) = &self.observer {
-            o.fault(f.tid, gpa);
-        }
-        if self
-            .states
-            .transition(page, PageState::Missing, PageState::Requested)
-        {
-            self.tracker
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .requested_at
-                .insert(gpa, now);
-            let mut w = self.return_path.lock().unwrap_or_else(|e| e.into_inner());
-            let sent = w
-                .record(Section::PageRequest, &PageRequest { gpa })
-                .and_then(|_| w.flush());
-            drop(w);
-            if let Err(e) = sent {
-                return Err(format!("page request for {gpa:#x} could not be sent: {e}"));
-            }
-        } else if self.states.get(page) == PageState::Received {
-            // Placed between the fault and now: the copy already woke it, but be sure, and
-            // this wait is over.
-            let _ = self.uffd.wake(hva, PAGE_SIZE as u64);
-            self.tracker
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .end_wait(gpa, Instant::now());
-        }
-        Ok(())
+        *self.fault_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
     }
 }
 
@@ -510,10 +477,7 @@ mod tests {
 
     #[test]
     fn discard_runs_are_checked_before_use() {
-        let spans = [
-            (0, 0x10_0000, 16 * 4096, 0),
-            (1 << 32, 0x90_0000, 8 * 4096, 16),
-        ];
+        let spans = GuestRam::new([(0, 0x10_0000, 16 * 4096), (1 << 32, 0x90_0000, 8 * 4096)]);
         assert_eq!(
             check_discard(&spans, 0x2000, 3),
             Ok((0x10_2000, 3 * 4096, 2, 3))

@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::pagestate::{PageState, PageStates};
+use uffd::{GuestRam, PageState, PageStates, Userfaultfd};
+
 use crate::stream::{Section, StreamError};
-use crate::uffd::Userfaultfd;
-use crate::{FaultObserver, PAGE_SIZE};
+use crate::FaultObserver;
 
 #[derive(Default)]
 pub(super) struct Tracker {
@@ -57,12 +57,12 @@ impl Tracker {
     }
 }
 
-/// Places pages into guest RAM: (gpa, hva, len, first page index) per region.
+/// Places pages into guest RAM.
 #[derive(Clone)]
 pub struct Placer {
     pub(super) uffd: Arc<Userfaultfd>,
     pub(super) states: Arc<PageStates>,
-    pub(super) spans: Vec<(u64, u64, u64, usize)>,
+    pub(super) ram: GuestRam,
     pub(super) tracker: Arc<Mutex<Tracker>>,
     pub(super) observer: Option<Arc<dyn FaultObserver>>,
     pub(super) pushed: Arc<AtomicU64>,
@@ -71,29 +71,22 @@ pub struct Placer {
 impl Placer {
     /// Places one page that arrived (None: a zero page). Pages already Received are ignored.
     pub fn place(&self, gpa: u64, data: Option<&[u8]>) -> Result<(), StreamError> {
-        let Some(&(sgpa, hva, _, first)) =
-            self.spans.iter().find(|s| gpa >= s.0 && gpa < s.0 + s.2)
-        else {
-            return Err(StreamError::Decode {
-                section: Section::Ram.name(),
-                msg: format!("page {gpa:#x} is outside guest RAM"),
-            });
+        let refuse = |msg: String| StreamError::Decode {
+            section: Section::Ram.name(),
+            msg,
         };
-        let page = first + ((gpa - sgpa) / PAGE_SIZE as u64) as usize;
-        let was = self.states.get(page);
-        if was == PageState::Received {
+        let Some(page) = self.ram.page_at_gpa(gpa) else {
+            return Err(refuse(format!("page {gpa:#x} is outside guest RAM")));
+        };
+        if page.gpa != gpa {
+            return Err(refuse(format!("page {gpa:#x} is not page-aligned")));
+        }
+        if self.states.get(page.index) == PageState::Received {
             return Ok(());
         }
-        let dst = hva + (gpa - sgpa);
-        let placed = match data {
-            Some(d) => self.uffd.copy(dst, d),
-            None => self.uffd.zeropage(dst, PAGE_SIZE as u64),
-        };
-        placed.map_err(|e| StreamError::Decode {
-            section: Section::Ram.name(),
-            msg: format!("placing page {gpa:#x}: {e}"),
-        })?;
-        if !self.states.receive(page) {
+        let placed = uffd::place(&self.uffd, &self.states, &page, data)
+            .map_err(|e| refuse(format!("placing page {gpa:#x}: {e}")))?;
+        if !placed {
             // The other channel placed it first and did the bookkeeping.
             return Ok(());
         }

@@ -29,24 +29,16 @@ const APIC_MSI_BASE: u32 = 0xfee0_0000;
 /// KVM_MSR_EXIT_REASON_FILTER: exit to userspace on MSR accesses the filter denies.
 const MSR_EXIT_REASON_FILTER: u64 = 1 << 2;
 
-/// Who owns the async-PF protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who owns the async-PF protocol (`--async-pf`, parsed by clap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum AsyncPfMode {
+    /// KVM owns the protocol.
+    #[default]
     Kvm,
+    /// tern owns the MSRs and the PAGE_NOT_PRESENT / PAGE_READY injection.
     Tern,
+    /// Not offered to the guest.
     Off,
-}
-
-impl std::str::FromStr for AsyncPfMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "kvm" => Ok(AsyncPfMode::Kvm),
-            "tern" => Ok(AsyncPfMode::Tern),
-            "off" => Ok(AsyncPfMode::Off),
-            _ => Err(format!("--async-pf: `{s}` is not one of kvm, tern, off")),
-        }
-    }
 }
 
 #[derive(Debug, Default, Serialize)]

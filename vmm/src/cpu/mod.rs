@@ -5,6 +5,7 @@ pub mod cpuid;
 pub mod handle;
 pub mod lapic;
 pub mod msrs;
+pub mod records;
 pub mod state;
 pub mod vcpu;
 

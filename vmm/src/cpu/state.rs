@@ -4,7 +4,7 @@ use kvm_bindings::{kvm_mp_state, kvm_msr_entry, kvm_xcrs, kvm_xsave, Msrs};
 use kvm_ioctls::VcpuFd;
 use migration::state::VcpuState;
 
-use crate::migrate::convert::*;
+use super::records::*;
 
 pub const MSR_KVM_ASYNC_PF_EN: u32 = 0x4b56_4d02;
 pub const MSR_KVM_ASYNC_PF_INT: u32 = 0x4b56_4d06;

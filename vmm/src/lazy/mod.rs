@@ -1,19 +1,19 @@
 //! Lazy guest memory: RAM registered with userfaultfd (MISSING), filled on first touch from a
-//! [`PageSource`] by a fault thread. Async page faults hang off the [`FaultObserver`] hook.
+//! [`PageSource`] by a fault thread: the `uffd` crate's fault loop with [`FilePages`] as its
+//! page fetcher. Async page faults hang off the [`FaultObserver`] hook.
 
 pub mod source;
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use uffd::{FaultLoop, FetchError, GuestFault, GuestPage, GuestRam, PageState, PageStates};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use migration::uffd::{Fault, Userfaultfd, NEEDED_RANGE_IOCTLS, UFFD_FEATURE_THREAD_ID};
-pub use migration::FaultObserver;
 pub use source::{FileSource, PageSource};
+pub use uffd::FaultObserver;
 
 use crate::memory::GuestMemory;
 
@@ -53,14 +53,6 @@ pub struct LazyOptions {
     pub on_fatal: Option<Box<dyn Fn(String) + Send>>,
 }
 
-/// (guest physical, host virtual, length) of one RAM region.
-#[derive(Debug, Clone, Copy)]
-struct Span {
-    gpa: u64,
-    hva: u64,
-    len: u64,
-}
-
 pub struct LazyMemory {
     pub stats: Arc<LazyStats>,
     stop: Arc<AtomicBool>,
@@ -75,42 +67,41 @@ pub fn start(
     observer: Option<Arc<dyn FaultObserver>>,
     options: LazyOptions,
 ) -> Result<LazyMemory, LazyError> {
-    let uffd = Userfaultfd::new(UFFD_FEATURE_THREAD_ID).map_err(LazyError::Open)?;
-    if uffd.features & UFFD_FEATURE_THREAD_ID == 0 {
-        return Err(LazyError::Missing("UFFD_FEATURE_THREAD_ID"));
-    }
-    let spans: Vec<Span> = mem
-        .iter()
-        .map(|r| Span {
-            gpa: r.start_addr().0,
-            hva: r.as_ptr() as u64,
-            len: r.len(),
-        })
-        .collect();
-    for s in &spans {
-        let ioctls = uffd.register(s.hva, s.len).map_err(LazyError::Register)?;
-        if ioctls & NEEDED_RANGE_IOCTLS != NEEDED_RANGE_IOCTLS {
-            return Err(LazyError::Missing(
-                "UFFDIO_COPY/ZEROPAGE/WAKE on anonymous memory",
-            ));
-        }
-    }
+    let ram = GuestRam::new(
+        mem.iter()
+            .map(|r| (r.start_addr().0, r.as_ptr() as u64, r.len())),
+    );
+    let uffd = uffd::register(&ram).map_err(|e| match e {
+        uffd::RegisterError::Open(e) => LazyError::Open(e),
+        uffd::RegisterError::Missing(what) => LazyError::Missing(what),
+        uffd::RegisterError::Register(e) => LazyError::Register(e),
+    })?;
     let stats = Arc::new(LazyStats::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let worker = FaultWorker {
-        uffd,
-        spans,
-        source,
+    let faults = FaultLoop {
+        uffd: Arc::new(uffd),
+        states: Arc::new(PageStates::all_missing(ram.pages())),
+        ram,
         observer,
-        stats: stats.clone(),
         stop: stop.clone(),
-        options,
+        wait_ms: 100,
+    };
+    let mut fetcher = FilePages {
+        source,
+        stats: stats.clone(),
+        on_fatal: options.on_fatal,
+        prefault: options.prefault,
+        next_prefault: 0,
+        started: Instant::now(),
+        fault_at: Instant::now(),
+        page: vec![0u8; PAGE as usize],
+        stopped_vm: false,
     };
     let thread = std::thread::Builder::new()
         .name("uffd-faults".into())
         .spawn(move || {
             crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Faults);
-            worker.run()
+            faults.run(&mut fetcher)
         })
         .map_err(LazyError::Thread)?;
     Ok(LazyMemory {
@@ -129,130 +120,106 @@ impl Drop for LazyMemory {
     }
 }
 
-struct FaultWorker {
-    uffd: Userfaultfd,
-    spans: Vec<Span>,
+/// Lazy memory's page fetcher: a missing page comes from the [`PageSource`] and is placed at
+/// once; between faults, the background prefault places pages no fault asked for yet.
+struct FilePages {
     source: Box<dyn PageSource>,
-    observer: Option<Arc<dyn FaultObserver>>,
     stats: Arc<LazyStats>,
-    stop: Arc<AtomicBool>,
-    options: LazyOptions,
+    on_fatal: Option<Box<dyn Fn(String) + Send>>,
+    prefault: Vec<u64>,
+    next_prefault: usize,
+    started: Instant,
+    /// When the fault being served was taken (fault-to-placed latency).
+    fault_at: Instant,
+    page: Vec<u8>,
+    /// `on_fatal` was called: the VM stops with that reason, nothing more to report.
+    stopped_vm: bool,
 }
 
 /// Pages the background prefault places between two looks at the fault queue.
 const PREFAULT_BATCH: usize = 32;
 
-impl FaultWorker {
-    fn gpa_of(&self, hva: u64) -> Option<(u64, u64)> {
-        self.spans
-            .iter()
-            .find(|s| hva >= s.hva && hva < s.hva + s.len)
-            .map(|s| (s.gpa + (hva - s.hva), hva))
-    }
-
-    fn hva_of(&self, gpa: u64) -> Option<u64> {
-        self.spans
-            .iter()
-            .find(|s| gpa >= s.gpa && gpa < s.gpa + s.len)
-            .map(|s| s.hva + (gpa - s.gpa))
-    }
-
-    /// Places guest page `gpa` at `hva` from the source. Err: the source failed and the VM was
-    /// told to stop (fatal mode).
-    fn place(&mut self, gpa: u64, hva: u64, page: &mut [u8]) -> Result<(), ()> {
-        let placed = match self.source.fetch(gpa, page) {
-            Ok(true) => self.uffd.copy(hva, page),
-            Ok(false) => self.uffd.zeropage(hva, PAGE),
-            Err(e) => match &self.options.on_fatal {
+impl FilePages {
+    /// Places guest page `page` from the source. Err: the source failed and the VM was told to
+    /// stop (fatal mode).
+    fn place(&mut self, lp: &FaultLoop, page: &GuestPage) -> Result<(), FetchError> {
+        let gpa = page.gpa;
+        let data = match self.source.fetch(gpa, &mut self.page) {
+            Ok(true) => Some(&self.page[..]),
+            Ok(false) => None,
+            Err(e) => match &self.on_fatal {
                 Some(stop_vm) => {
-                    stop_vm(format!("lazy memory: {e}"));
-                    return Err(());
+                    let why = format!("lazy memory: {e}");
+                    stop_vm(why.clone());
+                    self.stopped_vm = true;
+                    return Err(FetchError::Stop(why));
                 }
                 None => {
                     log::error!("page source failed for {gpa:#x}: {e}; placing zeros");
-                    self.uffd.zeropage(hva, PAGE)
+                    None
                 }
             },
         };
-        if let Err(e) = placed {
+        if let Err(e) = lp.place(page, data) {
             log::error!("placing guest page {gpa:#x}: {e}");
         }
         Ok(())
     }
+}
 
-    fn run(mut self) {
-        let started = Instant::now();
-        let mut faults: Vec<Fault> = Vec::new();
-        let mut page = vec![0u8; PAGE as usize];
-        let mut done: HashSet<u64> = HashSet::new();
-        let prefault = std::mem::take(&mut self.options.prefault);
-        let mut next_prefault = 0usize;
-        while !self.stop.load(Ordering::SeqCst) {
-            // Faults first; with background work left, only look, do not wait.
-            let wait_ms = if next_prefault < prefault.len() {
-                0
-            } else {
-                100
+impl uffd::PageFetcher for FilePages {
+    fn fault(&mut self, _fault: &GuestFault) {
+        self.fault_at = Instant::now();
+        self.stats.faults.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn fetch(&mut self, lp: &FaultLoop, fault: &GuestFault) -> Result<(), FetchError> {
+        self.place(lp, &fault.page)?;
+        self.stats.pages.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .fault_to_placed_ns
+            .fetch_add(self.fault_at.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if let Some(o) = &lp.observer {
+            o.placed(fault.page.gpa);
+        }
+        Ok(())
+    }
+
+    fn idle(&mut self, lp: &FaultLoop) -> Result<bool, FetchError> {
+        let mut placed = 0;
+        while placed < PREFAULT_BATCH && self.next_prefault < self.prefault.len() {
+            let gpa = self.prefault[self.next_prefault];
+            self.next_prefault += 1;
+            let Some(page) = lp.ram.page_at_gpa(gpa) else {
+                continue;
             };
-            if let Err(e) = self.uffd.wait_faults(wait_ms, &mut faults) {
-                log::error!("userfaultfd read failed: {e}");
-                return;
+            // Placed by a fault already (or being placed).
+            if !lp
+                .states
+                .transition(page.index, PageState::Missing, PageState::Requested)
+            {
+                continue;
             }
-            for f in &faults {
-                let hva = f.address & !(PAGE - 1);
-                let Some((gpa, hva)) = self.gpa_of(hva) else {
-                    log::error!("fault outside guest RAM at {:#x}", f.address);
-                    continue;
-                };
-                let start = Instant::now();
-                // A fault on a page placed already is a waiter that raced the copy.
-                if done.contains(&gpa) {
-                    let _ = self.uffd.wake(hva, PAGE);
-                    continue;
-                }
-                self.stats.faults.fetch_add(1, Ordering::Relaxed);
-                if let Some(o) = &self.observer {
-                    o.fault(f.tid, gpa);
-                }
-                if self.place(gpa, hva, &mut page).is_err() {
-                    return;
-                }
-                done.insert(gpa);
-                self.stats.pages.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .fault_to_placed_ns
-                    .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                if let Some(o) = &self.observer {
-                    o.placed(gpa);
-                }
+            self.place(lp, &page)?;
+            self.stats.prefaulted.fetch_add(1, Ordering::Relaxed);
+            placed += 1;
+            if self.next_prefault == self.prefault.len() {
+                let ns = self.started.elapsed().as_nanos() as u64;
+                self.stats.prefault_done_ns.store(ns, Ordering::Relaxed);
+                eprintln!(
+                    "tern: lazy memory: background pass placed {} pages in {:.1} ms ({} faults served first)",
+                    self.stats.prefaulted.load(Ordering::Relaxed),
+                    ns as f64 / 1e6,
+                    self.stats.faults.load(Ordering::Relaxed)
+                );
             }
-            let mut placed = 0;
-            while placed < PREFAULT_BATCH && next_prefault < prefault.len() {
-                let gpa = prefault[next_prefault];
-                next_prefault += 1;
-                if done.contains(&gpa) {
-                    continue;
-                }
-                let Some(hva) = self.hva_of(gpa) else {
-                    continue;
-                };
-                if self.place(gpa, hva, &mut page).is_err() {
-                    return;
-                }
-                done.insert(gpa);
-                self.stats.prefaulted.fetch_add(1, Ordering::Relaxed);
-                placed += 1;
-                if next_prefault == prefault.len() {
-                    let ns = started.elapsed().as_nanos() as u64;
-                    self.stats.prefault_done_ns.store(ns, Ordering::Relaxed);
-                    eprintln!(
-                        "tern: lazy memory: background pass placed {} pages in {:.1} ms ({} faults served first)",
-                        self.stats.prefaulted.load(Ordering::Relaxed),
-                        ns as f64 / 1e6,
-                        self.stats.faults.load(Ordering::Relaxed)
-                    );
-                }
-            }
+        }
+        Ok(self.next_prefault < self.prefault.len())
+    }
+
+    fn failed(&mut self, why: &str) {
+        if !self.stopped_vm {
+            log::error!("lazy memory: {why}");
         }
     }
 }

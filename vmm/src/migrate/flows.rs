@@ -15,9 +15,9 @@ use migration::stream::{Section, StreamWriter};
 use migration::transport::{self, Endpoint};
 use migration::MigratableVm;
 
-use crate::apf::AsyncPfMode;
-use crate::config::{KernelImage, MemoryConfig, SerialConfig, VmConfig};
-use crate::vm::{Origin, Vm, VmInner};
+use crate::builder::build_for_incoming;
+use crate::machine::HostOptions;
+use crate::vm::{Vm, VmInner};
 
 /// Called once the migration ended, before a completed source quits.
 pub type OnDone = Box<dyn FnOnce(&MigrationStatus) + Send>;
@@ -87,82 +87,15 @@ pub enum IncomingError {
     Restore(#[from] migration::VmSideError),
 }
 
-/// What the destination accepts, from its command line.
-pub struct IncomingOptions {
-    pub serial: SerialConfig,
-    /// COM2's backend: required exactly when the guest has a COM2 (the record says).
-    pub serial2: crate::config::Serial2Config,
-    pub async_pf: AsyncPfMode,
-    pub postcopy: bool,
-    /// `file:` snapshots: read all of RAM first, or serve it on first touch.
-    pub restore: super::restore::RestoreMode,
-}
-
-/// The VM an incoming stream describes, through the command line's checks (and one more: the RAM
-/// layout must be the one tern builds for that size), before anything is created.
-pub(crate) fn config_from_record(
-    record: &migration::VmConfigRecord,
-    opts: &IncomingOptions,
-) -> Result<VmConfig, crate::vm::VmError> {
-    let refuse = |e: String| {
-        crate::vm::VmError::Incompatible(format!("the stream's configuration is refused: {e}"))
-    };
-    let memory = MemoryConfig {
-        size: record.memory_size,
-        mergeable: record.mergeable,
-        shared: record.shared,
-        thp: record.thp,
-        ..Default::default()
-    };
-    memory.check().map_err(|e| refuse(e.to_string()))?;
-    if let Some(host) = crate::config::host_memory_bytes() {
-        memory
-            .check_host_fits(host)
-            .map_err(|e| refuse(e.to_string()))?;
-    }
-    let layout: Vec<(u64, u64)> = crate::memory::ram_ranges(memory.size)
-        .into_iter()
-        .map(|(a, l)| (a.0, l))
-        .collect();
-    if record.ram != layout {
-        return Err(refuse(format!(
-            "RAM regions {:x?} do not match {} bytes of memory",
-            record.ram, memory.size
-        )));
-    }
-    let vcpus =
-        crate::config::check_vcpus(record.vcpus.into()).map_err(|e| refuse(e.to_string()))?;
-    let serial2_on = !matches!(opts.serial2, crate::config::Serial2Config::Off);
-    if record.serial2 != serial2_on {
-        return Err(crate::vm::VmError::Incompatible(if record.serial2 {
-            "the guest has a COM2 (--serial2): give this side --serial2 socket=PATH".into()
-        } else {
-            "the guest has no COM2: --serial2 must be off".into()
-        }));
-    }
-    Ok(VmConfig {
-        memory,
-        vcpus,
-        kernel: KernelImage::Builtin,
-        cmdline: String::new(),
-        initramfs: None,
-        serial: opts.serial.clone(),
-        serial2: opts.serial2.clone(),
-        async_pf: opts.async_pf,
-        // Built from the config record.
-        balloon: None,
-    })
-}
-
 /// Receives a VM from `endpoint` and resumes it. The returned VM runs like a booted one; after a
 /// postcopy switch its remaining pages keep arriving in the background.
 pub fn receive(
     endpoint: &Endpoint,
-    opts: IncomingOptions,
+    opts: &HostOptions,
     start: Instant,
 ) -> Result<Vm, IncomingError> {
     if let Endpoint::File(path) = endpoint {
-        return super::restore::restore(path, &opts, start);
+        return super::restore::restore(path, opts, start);
     }
     eprintln!("tern: waiting for an incoming migration on {endpoint}");
     let (mut channel, listening) =
@@ -194,7 +127,6 @@ pub fn receive(
     let fds = std::mem::take(&mut channel.fds);
     let result = (|| {
         let (record, local) = incoming::read_start(&mut rx)?;
-        let cfg = config_from_record(&record, &opts)?;
         let incompatible = |e: String| crate::vm::VmError::Incompatible(e);
         let local_ram = local.is_some();
         let vm = match local {
@@ -207,10 +139,7 @@ pub fn receive(
                     ))
                     .into());
                 }
-                // Counts and sizes of the descriptors are checked against the regions there.
-                let mem = crate::memory::from_files(&cfg.memory, fds)
-                    .map_err(crate::vm::VmError::Memory)?;
-                let vm = Vm::create_on(&cfg, Origin::Incoming(&record), start, mem)?;
+                let vm = build_for_incoming(&record, opts, Some(fds), start)?;
                 // Built on the same memory: the source may pause the guest now.
                 if let Some(rp) = &return_path {
                     let mut w = rp.lock().unwrap_or_else(|e| e.into_inner());
@@ -226,7 +155,7 @@ pub fn receive(
                 ))
                 .into())
             }
-            None => Vm::create(&cfg, Origin::Incoming(&record), start)?,
+            None => build_for_incoming(&record, opts, None, start)?,
         };
         if opts.postcopy {
             // Until END (or a precopy-only completion) a discarded page would look missing.

@@ -2,6 +2,7 @@
 //! start outgoing and incoming migrations.
 
 pub mod convert;
+pub mod device_set;
 pub mod flows;
 pub mod recovery;
 pub mod restore;
@@ -11,7 +12,7 @@ use std::sync::atomic::Ordering;
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
-use migration::state::{ClockState, DeviceStates, SerialState as SerialRecord, VmState};
+use migration::state::{ClockState, VmState};
 use migration::{
     DirtyBitmap, MigratableVm, RamRegion, VmConfigRecord, VmResult, VmSideError, PAGE_SIZE,
 };
@@ -25,36 +26,6 @@ const MADV_POPULATE_WRITE: libc::c_int = 23;
 
 fn side<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> VmSideError + '_ {
     move |e| VmSideError(format!("{what}: {e}"))
-}
-
-fn serial_to(s: &devices::legacy::SerialState) -> SerialRecord {
-    SerialRecord {
-        baud_divisor_low: s.baud_divisor_low,
-        baud_divisor_high: s.baud_divisor_high,
-        interrupt_enable: s.interrupt_enable,
-        interrupt_identification: s.interrupt_identification,
-        line_control: s.line_control,
-        line_status: s.line_status,
-        modem_control: s.modem_control,
-        modem_status: s.modem_status,
-        scratch: s.scratch,
-        in_buffer: s.in_buffer.clone(),
-    }
-}
-
-fn serial_from(s: &SerialRecord) -> devices::legacy::SerialState {
-    devices::legacy::SerialState {
-        baud_divisor_low: s.baud_divisor_low,
-        baud_divisor_high: s.baud_divisor_high,
-        interrupt_enable: s.interrupt_enable,
-        interrupt_identification: s.interrupt_identification,
-        line_control: s.line_control,
-        line_status: s.line_status,
-        modem_control: s.modem_control,
-        modem_status: s.modem_status,
-        scratch: s.scratch,
-        in_buffer: s.in_buffer.clone(),
-    }
 }
 
 /// The bitmap of writes tern made through vm-memory to this region.
@@ -250,13 +221,6 @@ impl MigratableVm for VmInner {
         let slave = self.irqchip(KVM_IRQCHIP_PIC_SLAVE)?;
         let ioapic = self.irqchip(KVM_IRQCHIP_IOAPIC)?;
         let pit = self.vm_fd.get_pit2().map_err(side("KVM_GET_PIT2"))?;
-        let mut serial = Vec::new();
-        for port in std::iter::once(&self.com1).chain(self.com2.as_ref()) {
-            let port = devices::bus::lock(port);
-            if let Some(s) = port.state() {
-                serial.push((port.name().to_string(), serial_to(&s)));
-            }
-        }
         // SAFETY: (all three) each union member read matches the chip_id KVM filled in.
         let (pic_master, pic_slave, ioapic) = unsafe {
             (
@@ -275,25 +239,13 @@ impl MigratableVm for VmInner {
             pic_slave,
             ioapic,
             pit: pit_to(&pit),
-            devices: DeviceStates {
-                serial,
-                other: self.balloon_state()?,
-            },
+            devices: self.devices.save()?,
         })
     }
 
     fn restore_state(&self, state: VmState) -> VmResult<()> {
-        // Opaque records are applied or refused (before anything is restored), never kept.
-        if let Some((name, _)) = state
-            .devices
-            .other
-            .iter()
-            .find(|(name, _)| name != crate::balloon::STATE_NAME)
-        {
-            return Err(VmSideError(format!(
-                "the stream has state for an unknown device `{name}`"
-            )));
-        }
+        // Device records are applied or refused (before anything is restored), never kept.
+        self.devices.check(&state.devices)?;
         if state.vcpus.len() != self.vcpus.len() {
             return Err(VmSideError(format!(
                 "the stream has {} vCPU states for {} vCPUs",
@@ -352,16 +304,7 @@ impl MigratableVm for VmInner {
             v.restore(s).map_err(VmSideError)?;
             apf.restore_msrs(id, &apf_msrs).map_err(VmSideError)?;
         }
-        for port in std::iter::once(&self.com1).chain(self.com2.as_ref()) {
-            let mut port = devices::bus::lock(port);
-            for (name, s) in &state.devices.serial {
-                if name == port.name() {
-                    port.restore(&serial_from(s))
-                        .map_err(side("restoring a serial port"))?;
-                }
-            }
-        }
-        self.restore_balloon(&state.devices.other)
+        self.devices.restore(&state.devices)
     }
 
     fn inhibit_discards(&self, on: bool) -> u64 {
@@ -372,33 +315,5 @@ impl MigratableVm for VmInner {
 
     fn shared_memory_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
         crate::memory::shared_fds(&self.mem)
-    }
-}
-
-impl VmInner {
-    fn balloon_state(&self) -> VmResult<Vec<(String, serde_json::Value)>> {
-        let Some(b) = &self.balloon else {
-            return Ok(Vec::new());
-        };
-        let v =
-            serde_json::to_value(crate::balloon::save(b)).map_err(side("saving the balloon"))?;
-        Ok(vec![(crate::balloon::STATE_NAME.to_string(), v)])
-    }
-
-    fn restore_balloon(&self, other: &[(String, serde_json::Value)]) -> VmResult<()> {
-        let record = other
-            .iter()
-            .find(|(name, _)| name == crate::balloon::STATE_NAME);
-        match (&self.balloon, record) {
-            (Some(b), Some((_, v))) => {
-                let r = serde_json::from_value(v.clone()).map_err(side("the balloon's state"))?;
-                crate::balloon::restore(b, &r).map_err(VmSideError)
-            }
-            (None, None) => Ok(()),
-            (Some(_), None) => Err(VmSideError("the stream has no balloon state".into())),
-            (None, Some(_)) => Err(VmSideError(
-                "the stream has a balloon state but the VM has no balloon".into(),
-            )),
-        }
     }
 }

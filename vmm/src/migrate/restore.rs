@@ -13,9 +13,11 @@ use migration::progress::MigrationState;
 use migration::snapshot::Snapshot;
 use migration::{MigratableVm, PAGE_SIZE};
 
-use super::flows::{config_from_record, IncomingError, IncomingOptions};
+use super::flows::IncomingError;
+use crate::builder::build_for_incoming;
 use crate::lazy::{self, FaultObserver, LazyOptions, PageSource};
-use crate::vm::{Origin, Vm};
+use crate::machine::HostOptions;
+use crate::vm::Vm;
 
 /// How `--incoming file:` brings RAM back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -36,15 +38,14 @@ impl PageSource for SnapshotSource {
     }
 }
 
-pub fn restore(path: &Path, opts: &IncomingOptions, start: Instant) -> Result<Vm, IncomingError> {
+pub fn restore(path: &Path, opts: &HostOptions, start: Instant) -> Result<Vm, IncomingError> {
     let t0 = Instant::now();
     let mut snap = Snapshot::open(path)?;
     let state = snap
         .state
         .take()
         .ok_or_else(|| IncomingError::Restore(migration::VmSideError("no state".into())))?;
-    let cfg = config_from_record(&snap.config, opts)?;
-    let vm = Vm::create(&cfg, Origin::Incoming(&snap.config), start)?;
+    let vm = build_for_incoming(&snap.config, opts, None, start)?;
     let snap = Arc::new(snap);
     let stored = snap.stored_pages();
     match opts.restore {

@@ -11,28 +11,19 @@ mod names;
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::str::FromStr;
 use std::sync::OnceLock;
 
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `--seccomp` (parsed by clap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SeccompMode {
+    /// A forbidden system call stops tern with a report naming it.
     On,
+    /// The kernel logs a forbidden call and it runs.
     Log,
+    /// No filters.
     Off,
-}
-
-impl FromStr for SeccompMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "on" => Ok(SeccompMode::On),
-            "log" => Ok(SeccompMode::Log),
-            "off" => Ok(SeccompMode::Off),
-            _ => Err(format!("--seccomp: `{s}` is not on, log or off")),
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -375,8 +366,9 @@ mod tests {
             assert!(kind.program(SeccompMode::On).is_ok(), "{kind:?}");
             assert!(!kind.allowed().contains(&libc::SYS_execve), "{kind:?}");
         }
-        assert_eq!("log".parse(), Ok(SeccompMode::Log));
-        assert!("maybe".parse::<SeccompMode>().is_err());
+        use clap::ValueEnum;
+        assert_eq!(SeccompMode::from_str("log", false), Ok(SeccompMode::Log));
+        assert!(SeccompMode::from_str("maybe", false).is_err());
     }
 
     #[test]

@@ -270,3 +270,73 @@ pub fn linux_guest() -> (String, String) {
     };
     (value("KERNEL="), value("INITRAMFS="))
 }
+
+/// The highest `dirty round=N` the guest in `p` printed (0 before the first).
+pub fn last_round(p: &Running) -> u64 {
+    p.stdout_lines()
+        .iter()
+        .filter_map(|l| dirty_round(l))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Fails the test if the guest in `p` reported a failure.
+pub fn assert_no_failure(p: &Running) {
+    assert!(
+        !p.stdout_lines().iter().any(|l| l.contains("FAIL")),
+        "guest reported a failure\n{}",
+        p.describe()
+    );
+}
+
+/// How long a dirty guest may take to print its next round.
+pub const PROGRESS_WAIT: Duration = Duration::from_secs(60);
+
+/// Waits until the guest in `p` has printed a round above `after`; returns the last round.
+pub fn wait_progress(p: &Running, after: u64) -> u64 {
+    let line = p.wait_stdout(PROGRESS_WAIT, |l| dirty_round(l).is_some_and(|r| r > after));
+    assert!(
+        line.is_some(),
+        "guest made no progress past round {after}\n{}",
+        p.describe()
+    );
+    last_round(p)
+}
+
+/// Polls `migrate-status` on `sock` until its state is `want` (at most `timeout`).
+pub fn wait_migration_state(
+    sock: &str,
+    want: &str,
+    who: &Running,
+    timeout: Duration,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = remote_json(sock, &["migrate-status"]);
+        if v["state"] == want {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "want {want}: {v}\n{}",
+            who.describe()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The 8 bytes the built-in guest's `apf` suite expects at guest physical address `addr`.
+pub fn apf_pattern(addr: u64) -> u64 {
+    addr.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x7465_726E_6170_6621
+}
+
+/// One request line over a raw connection to an API socket; the reply line as read.
+pub fn request_line(sock: &str, line: &str, timeout: Duration) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    (&s).write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reply = String::new();
+    BufReader::new(&s).read_line(&mut reply).unwrap();
+    reply
+}

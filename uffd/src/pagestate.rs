@@ -1,5 +1,5 @@
-//! Per-page postcopy state on the destination, two bits a page in an atomic array, so the fault
-//! thread and the listen thread can race on a page safely.
+//! Per-page state of userfaultfd-registered guest RAM, two bits a page in an atomic array, so the
+//! fault thread and the threads that place pages can race on a page safely.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 pub enum PageState {
     /// Not here yet and nobody asked for it.
     Missing = 0,
-    /// Asked for on the return path; not here yet.
+    /// Being fetched (a postcopy destination asked the source for it); not here yet.
     Requested = 1,
     /// Placed (or valid from precopy).
     Received = 2,
@@ -42,6 +42,17 @@ impl PageStates {
                 .collect(),
             pages,
             received: AtomicUsize::new(pages),
+        }
+    }
+
+    /// All pages Missing.
+    pub fn all_missing(pages: usize) -> Self {
+        PageStates {
+            words: (0..pages.div_ceil(PER_WORD))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            pages,
+            received: AtomicUsize::new(0),
         }
     }
 
@@ -113,5 +124,8 @@ mod tests {
         assert!(!s.receive(69));
         assert!(s.complete());
         assert!(!s.transition(70, PageState::Received, PageState::Missing));
+        let m = PageStates::all_missing(33);
+        assert_eq!((m.get(32), m.received()), (PageState::Missing, 0));
+        assert!(m.receive(32) && !m.complete());
     }
 }
