@@ -20,8 +20,11 @@ pub const SNAPSHOT_CPUS: u32 = 2;
 /// time with kvmclock: on this host the guest's TSC is the host's (writing IA32_TSC does not move
 /// it, docs/machine-kvm.md), so a snapshot restored N minutes later sees its TSC N minutes ahead,
 /// and with `clocksource=tsc` Linux then spends minutes of emulated CPL0 catching its timer wheel
-/// up; kvmclock restarts where the snapshot left it (KVM_SET_CLOCK).
-pub const SNAPSHOT_CMDLINE: &str = "tern.init=serve clocksource=kvm-clock";
+/// up; kvmclock restarts where the snapshot left it (KVM_SET_CLOCK). RCU stall reports are
+/// off: on a host whose cores are shared, the emulated guest kernel looks stalled now and then,
+/// and printing the report (stack dumps on the serial console) slows it down further.
+pub const SNAPSHOT_CMDLINE: &str =
+    "tern.init=serve clocksource=kvm-clock rcupdate.rcu_cpu_stall_suppress=1";
 /// A boot to the command channel, generous: ~40-80 s here, more when the cores are shared.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 

@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use crate::linux::LinuxVm;
 
 const CMD: Duration = Duration::from_secs(120);
+const FILL: Duration = Duration::from_secs(400);
 
 /// What one run measured.
 #[derive(Debug)]
@@ -110,7 +111,8 @@ apf-touch mib={} touchers={} go=/tmp/go </dev/null >/tmp/apf.out 2>&1 &",
         ),
         CMD,
     )?;
-    let filled = wait_line(&mut src, "/tmp/apf.out", "apf-touch: filled", CMD)?;
+    // Filling is first-touch work in the guest kernel (emulated here): minutes when cores are busy.
+    let filled = wait_line(&mut src, "/tmp/apf.out", "apf-touch: filled", FILL)?;
     let _ = filled;
     let mig = format!("unix:{}", dir.join(format!("{}.mig", plan.mode)).display());
     let mut dst = LinuxVm::incoming(
