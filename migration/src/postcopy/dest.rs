@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::placer::{log2_bucket, trim, Placer, Tracker};
 use crate::pagestate::{PageState, PageStates};
 use crate::stream::{Section, StreamError, StreamWriter};
-use crate::uffd::{Fault, Userfaultfd, NEEDED_RANGE_IOCTLS, UFFD_FEATURE_THREAD_ID};
+use crate::uffd::{Fault, Userfaultfd, Waker, NEEDED_RANGE_IOCTLS, UFFD_FEATURE_THREAD_ID};
 use crate::{DirtyBitmap, FaultObserver, MigratableVm, RamRegion, PAGE_SIZE};
 
 /// Pages the destination must treat as missing at the switch: runs of (first gpa, page count).
@@ -124,6 +124,8 @@ pub struct Listener {
     /// Places pages (shared with the preempt channel's reader).
     placer: Placer,
     stop: Arc<AtomicBool>,
+    /// Wakes the fault thread when `stop` is set.
+    wake: Arc<Waker>,
     fault_thread: Option<JoinHandle<()>>,
     /// Why the fault thread stopped, if it did: the vCPUs would wait forever, so the
     /// listener must stop the VM and say it.
@@ -213,6 +215,7 @@ impl Listener {
             ..Default::default()
         }));
         let stop = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(Waker::new().map_err(|e| format!("eventfd: {e}"))?);
         let fault_error = Arc::new(Mutex::new(None));
         let observer = vm.fault_observer();
         let worker = FaultWorker {
@@ -224,6 +227,7 @@ impl Listener {
             vcpu_tids: vcpu_tids.clone(),
             return_path: return_path.clone(),
             stop: stop.clone(),
+            wake: wake.clone(),
             fault_error: fault_error.clone(),
         };
         let fault_thread = std::thread::Builder::new()
@@ -253,6 +257,7 @@ impl Listener {
             pushed,
             placer,
             stop,
+            wake,
             fault_thread: Some(fault_thread),
             fault_error,
             return_path,
@@ -331,16 +336,21 @@ impl Listener {
 
     /// END: stops the fault thread, unregisters RAM and returns the figures.
     pub fn finish(mut self) -> PostcopyFigures {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.fault_thread.take() {
-            let _ = t.join();
-        }
+        self.stop_fault_thread();
         for s in &self.spans {
             if let Err(e) = self.uffd.unregister(s.1, s.2) {
                 log::warn!("UFFDIO_UNREGISTER: {e}");
             }
         }
         self.figures()
+    }
+
+    fn stop_fault_thread(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake.wake();
+        if let Some(t) = self.fault_thread.take() {
+            let _ = t.join();
+        }
     }
 
     pub fn figures(&self) -> PostcopyFigures {
@@ -387,6 +397,15 @@ impl Listener {
     }
 }
 
+/// A listener dropped without `finish` (the incoming migration failed after DISCARD) stops its
+/// fault thread: nothing would read what it records, and each one kept a thread and a
+/// userfaultfd alive for the life of the process.
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop_fault_thread();
+    }
+}
+
 struct FaultWorker {
     uffd: Arc<Userfaultfd>,
     states: Arc<PageStates>,
@@ -396,6 +415,7 @@ struct FaultWorker {
     vcpu_tids: Vec<u32>,
     return_path: ReturnPath,
     stop: Arc<AtomicBool>,
+    wake: Arc<Waker>,
     fault_error: Arc<Mutex<Option<String>>>,
 }
 
@@ -403,7 +423,10 @@ impl FaultWorker {
     fn run(self) {
         let mut faults: Vec<Fault> = Vec::new();
         while !self.stop.load(Ordering::SeqCst) {
-            if let Err(e) = self.uffd.wait_faults(50, &mut faults) {
+            if let Err(e) = self
+                .uffd
+                .wait_faults_or_woken(50, Some(&self.wake), &mut faults)
+            {
                 self.fail(format!("userfaultfd read failed: {e}"));
                 return;
             }
