@@ -22,8 +22,11 @@ pub mod stream;
 #[path = "../../migration/tests/common/fake_vm.rs"]
 mod fake_vm;
 
+/// A target's body: any input, no panic.
+pub type Target = fn(&[u8]);
+
 /// Every target by the name its corpus directory and its cargo-fuzz binary carry.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("stream", stream::run),
     ("incoming", incoming::run),
     ("postcopy", postcopy::run),

@@ -228,7 +228,8 @@ fn api_seeds() -> Vec<(&'static str, Vec<u8>)> {
 
 /// Every seed: (target, name, input).
 pub fn all() -> Vec<(&'static str, &'static str, Vec<u8>)> {
-    let per_target: [(&str, Vec<(&str, Vec<u8>)>); 7] = [
+    type Named = Vec<(&'static str, Vec<u8>)>;
+    let per_target: [(&str, Named); 7] = [
         ("stream", stream_seeds()),
         (
             "incoming",

@@ -266,6 +266,29 @@ impl AsRawFd for Userfaultfd {
     }
 }
 
+/// Wakes a thread in [`Userfaultfd::wait_faults_or_woken`] for good (an eventfd that stays
+/// readable once written).
+pub struct Waker(OwnedFd);
+
+impl Waker {
+    pub fn new() -> io::Result<Waker> {
+        // SAFETY: creates a new descriptor; nothing else owns it.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        Ok(Waker(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    pub fn wake(&self) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local to an eventfd this value owns. It can only fail
+        // when the counter would overflow, and then it is readable already.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,28 +337,5 @@ mod tests {
         uffd.unregister(addr, len as u64).unwrap();
         // SAFETY: unmaps the mapping created above.
         unsafe { libc::munmap(p, len) };
-    }
-}
-
-/// Wakes a thread in [`Userfaultfd::wait_faults_or_woken`] for good (an eventfd that stays
-/// readable once written).
-pub struct Waker(OwnedFd);
-
-impl Waker {
-    pub fn new() -> io::Result<Waker> {
-        // SAFETY: creates a new descriptor; nothing else owns it.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just created and is owned by nothing else.
-        Ok(Waker(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    pub fn wake(&self) {
-        let one = 1u64;
-        // SAFETY: writes 8 bytes from a local to an eventfd this value owns. It can only fail
-        // when the counter would overflow, and then it is readable already.
-        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 }

@@ -23,7 +23,7 @@ use crate::migrate::flows;
 use crate::vm::VmInner;
 
 pub mod request;
-pub use request::{LineReader, Request, MAX_REQUEST};
+pub use request::{LineReader, Request};
 
 fn reply(stream: &UnixStream, result: Result<Value, String>) -> std::io::Result<()> {
     let body = match result {
@@ -104,7 +104,7 @@ impl ApiServer {
     }
 }
 
-/// Reads one request line: at most [`MAX_REQUEST`] bytes, all before `deadline`. None: the
+/// Reads one request line: at most [`request::MAX_REQUEST`] bytes, all before `deadline`. None: the
 /// client left without sending anything.
 fn read_request(stream: &UnixStream, deadline: Instant) -> Result<Option<String>, String> {
     let mut line = LineReader::default();
