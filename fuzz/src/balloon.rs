@@ -3,6 +3,9 @@
 //! writes (the driver), with some host-side actions (new target, postcopy inhibit/release,
 //! save/restore) mixed in.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use devices::virtio::{Balloon, DiscardRam, GuestMem, VirtioMmio};
 use devices::{IrqLine, MmioDevice};
 use vm_memory::{Bytes as _, GuestAddress};
@@ -12,11 +15,13 @@ use crate::bytes::Bytes;
 
 /// Guest RAM: small, so the fuzzer's addresses land in it often.
 pub const RAM: u64 = 64 << 10;
+/// Where the seed puts queue 0's used ring (queue 1's is 0x400 above).
+pub const USED_SEED: u64 = 0x3000;
 /// The register window and a little config space past it.
 const WINDOW: u16 = 0x1ff;
 
-/// Discards are checked against RAM (the device must only ask for RAM it validated).
-struct Ram;
+/// Discards are checked against RAM (the device must only ask for RAM it validated) and counted.
+struct Ram(Arc<AtomicU64>);
 
 impl DiscardRam for Ram {
     fn discard(&self, gpa: u64, len: u64) -> Result<(), String> {
@@ -28,6 +33,7 @@ impl DiscardRam for Ram {
             self.is_ram(gpa, len),
             "discard {gpa:#x}+{len:#x} outside RAM"
         );
+        self.0.fetch_add(len / 4096, Ordering::Relaxed);
         Ok(())
     }
 
@@ -40,6 +46,13 @@ impl DiscardRam for Ram {
 /// then operations of 7 bytes: op u8 (bit 0 write; bits 1-2 size 1/2/4/8; bit 7 a host action
 /// chosen by the value instead), offset u16 (within the window), value u32.
 pub fn run(data: &[u8]) {
+    drive(data);
+}
+
+/// As [`run`]: the pages the balloon discarded and the used-ring index of each queue after
+/// the operations, for the tests of the seeds.
+pub fn drive(data: &[u8]) -> (u64, [u16; 2]) {
+    let discarded = Arc::new(AtomicU64::new(0));
     let mut b = Bytes::new(data);
     let image_len = usize::from(b.u16());
     let image = b.take(image_len);
@@ -47,8 +60,8 @@ pub fn run(data: &[u8]) {
     mem.write_slice(image, GuestAddress(0))
         .expect("the image fits RAM");
     let irq = IrqLine::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"));
-    let balloon = Balloon::new(u32::from(b.u16()), true, Box::new(Ram));
-    let mut dev = VirtioMmio::new(balloon, mem, irq).expect("the balloon's queues");
+    let balloon = Balloon::new(u32::from(b.u16()), true, Box::new(Ram(discarded.clone())));
+    let mut dev = VirtioMmio::new(balloon, mem.clone(), irq).expect("the balloon's queues");
     while !b.is_empty() {
         let op = b.u8();
         let offset = u64::from(b.u16() & WINDOW);
@@ -66,6 +79,11 @@ pub fn run(data: &[u8]) {
             dev.read(offset, &mut out[..size]);
         }
     }
+    let used = |queue: u64| -> u16 {
+        mem.read_obj(GuestAddress(USED_SEED + queue * 0x400 + 2))
+            .unwrap_or(0)
+    };
+    (discarded.load(Ordering::Relaxed), [used(0), used(1)])
 }
 
 fn host_action(dev: &mut VirtioMmio<Balloon>, value: u32) {

@@ -144,7 +144,7 @@ fn snapshot_seeds() -> Vec<(&'static str, Vec<u8>)> {
 fn balloon_seeds() -> Vec<(&'static str, Vec<u8>)> {
     const DESC: u64 = 0x1000;
     const AVAIL: u64 = 0x2000;
-    const USED: u64 = 0x3000;
+    const USED: u64 = crate::balloon::USED_SEED;
     const PFNS: u64 = 0x4000;
     let mut image = vec![0u8; 0x5000];
     let put = |image: &mut Vec<u8>, at: u64, b: &[u8]| {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use tern_fuzz::{incoming, postcopy, seeds, TARGETS};
+use tern_fuzz::{balloon, incoming, postcopy, seeds, snapshot, TARGETS};
 
 fn corpus_dir(target: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -100,4 +100,22 @@ fn write_seeds() {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(format!("seed-{name}")), input).unwrap();
     }
+}
+
+#[test]
+fn the_snapshot_seed_opens_with_its_pages() {
+    let mut input = seed("snapshot", "three-pages");
+    assert_eq!(snapshot::open(&input), Ok(3));
+    // A stored page changed after its checksum was taken reads as an error, not garbage.
+    input[2] ^= 0xff;
+    assert_eq!(snapshot::open(&input), Ok(2));
+}
+
+#[test]
+fn the_balloon_seed_inflates_and_deflates() {
+    // 4 of the 5 PFNs are RAM (1-3 and 10): discarded once each; both queues used once.
+    assert_eq!(
+        balloon::drive(&seed("balloon", "inflate-deflate")),
+        (4, [1, 1])
+    );
 }
