@@ -15,8 +15,9 @@ use crate::bytes::Bytes;
 
 /// Guest RAM: small, so the fuzzer's addresses land in it often.
 pub const RAM: u64 = 64 << 10;
-/// Where the seed puts queue 0's used ring (queue 1's is 0x400 above).
-pub const USED_SEED: u64 = 0x3000;
+/// Where the seed puts queue 0's used ring, and queue 1's above it (16 entries: 134 bytes).
+pub const USED_SEED: u64 = 0x300;
+pub const USED_STRIDE: u64 = 0x400;
 /// The register window and a little config space past it.
 const WINDOW: u16 = 0x1ff;
 
@@ -80,7 +81,7 @@ pub fn drive(data: &[u8]) -> (u64, [u16; 2]) {
         }
     }
     let used = |queue: u64| -> u16 {
-        mem.read_obj(GuestAddress(USED_SEED + queue * 0x400 + 2))
+        mem.read_obj(GuestAddress(USED_SEED + queue * USED_STRIDE + 2))
             .unwrap_or(0)
     };
     (discarded.load(Ordering::Relaxed), [used(0), used(1)])
