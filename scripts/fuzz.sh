@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Coverage-guided fuzzing of tern's fuzz targets (fuzz/src) with cargo-fuzz (libFuzzer). usage: scripts/fuzz.sh [SECONDS] [TARGET...]   (default: 60 s, every target,
-# one after another).
+# Coverage-guided fuzzing of tern's fuzz targets (fuzz/src) with cargo-fuzz (libFuzzer).
+# usage: scripts/fuzz.sh [SECONDS] [TARGET...]   (default: 60 s, every target, one after
+# another). TERN_FUZZ_RUNS=N stops a target after N executions (or SECONDS, first).
 #
 # Needs cargo-fuzz (`cargo install cargo-fuzz --locked`, ~30 s). No nightly toolchain:
 # RUSTC_BOOTSTRAP=1 lets the stable compiler take the -Z flags cargo-fuzz passes.
+# Targets are built with debug assertions (overflow checks) and, by default, no sanitizer: the
+# targets are safe Rust apart from mmap/userfaultfd calls, and AddressSanitizer costs 4-60x in
+# executions here; TERN_FUZZ_SANITIZER=address turns it on (peak RSS then includes its shadow).
 # Each target starts from its checked-in corpus (fuzz/corpus/<target>) in a working copy under
 # target/fuzz-corpus/<target> (what fuzzing adds stays out of the repo); crashes, hangs (> 10 s)
-# and out-of-memory inputs (> 2 GiB RSS) land in
-# fuzz/libfuzzer/artifacts/<target>/. A found input belongs in fuzz/corpus/<target>/ once fixed
-# (minimise it first: cargo fuzz tmin --fuzz-dir fuzz/libfuzzer -O <target> <input>).
+# and out-of-memory inputs (> 2 GiB RSS) land in fuzz/libfuzzer/artifacts/<target>/. A found
+# input belongs in fuzz/corpus/<target>/ once fixed (minimise it first:
+# RUSTC_BOOTSTRAP=1 cargo fuzz tmin --fuzz-dir fuzz/libfuzzer -O -a -s none <target> <input>).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
