@@ -204,14 +204,28 @@ impl Userfaultfd {
     /// Waits up to `timeout_ms` for faults and reads them into `out` (cleared first); other
     /// events are skipped. Returns with `out` empty on timeout.
     pub fn wait_faults(&self, timeout_ms: i32, out: &mut Vec<Fault>) -> io::Result<()> {
+        self.wait_faults_or_woken(timeout_ms, None, out)
+    }
+
+    /// As [`Userfaultfd::wait_faults`], and returns early (with `out` empty) once `waker` is
+    /// woken: a thread told to stop stops at once rather than at its next timeout.
+    pub fn wait_faults_or_woken(
+        &self,
+        timeout_ms: i32,
+        waker: Option<&Waker>,
+        out: &mut Vec<Fault>,
+    ) -> io::Result<()> {
         out.clear();
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: polls one valid descriptor for at most `timeout_ms`.
-        if unsafe { libc::poll(&mut pfd, 1, timeout_ms) } <= 0 {
+        let mut pfds =
+            [self.fd.as_raw_fd(), waker.map_or(-1, |w| w.0.as_raw_fd())].map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        // SAFETY: polls valid descriptors (a negative one is ignored) for at most `timeout_ms`.
+        if unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms) } <= 0
+            || pfds[0].revents & libc::POLLIN == 0
+        {
             return Ok(());
         }
         self.read_faults(out)
@@ -249,6 +263,29 @@ impl Userfaultfd {
 impl AsRawFd for Userfaultfd {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+/// Wakes a thread in [`Userfaultfd::wait_faults_or_woken`] for good (an eventfd that stays
+/// readable once written).
+pub struct Waker(OwnedFd);
+
+impl Waker {
+    pub fn new() -> io::Result<Waker> {
+        // SAFETY: creates a new descriptor; nothing else owns it.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        Ok(Waker(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    pub fn wake(&self) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local to an eventfd this value owns. It can only fail
+        // when the counter would overflow, and then it is readable already.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 }
 

@@ -23,7 +23,7 @@ use crate::migrate::flows;
 use crate::vm::VmInner;
 
 pub mod request;
-pub use request::Request;
+pub use request::{LineReader, Request};
 
 fn reply(stream: &UnixStream, result: Result<Value, String>) -> std::io::Result<()> {
     let body = match result {
@@ -34,8 +34,6 @@ fn reply(stream: &UnixStream, result: Result<Value, String>) -> std::io::Result<
     writeln!(w, "{body}")
 }
 
-/// Longest request line accepted.
-pub const MAX_REQUEST: usize = 64 << 10;
 /// A client has this long to send its request line.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 /// Replies that cannot be written in this long are dropped.
@@ -106,10 +104,10 @@ impl ApiServer {
     }
 }
 
-/// Reads one request line: at most [`MAX_REQUEST`] bytes, all before `deadline`. None: the
+/// Reads one request line: at most [`request::MAX_REQUEST`] bytes, all before `deadline`. None: the
 /// client left without sending anything.
 fn read_request(stream: &UnixStream, deadline: Instant) -> Result<Option<String>, String> {
-    let mut line = Vec::new();
+    let mut line = LineReader::default();
     let mut chunk = [0u8; 4096];
     let mut r = stream;
     loop {
@@ -139,16 +137,8 @@ fn read_request(stream: &UnixStream, deadline: Instant) -> Result<Option<String>
             }
             Err(e) => return Err(e.to_string()),
         };
-        let got = &chunk[..n];
-        let end = got.iter().position(|&b| b == b'\n');
-        line.extend_from_slice(&got[..end.unwrap_or(n)]);
-        if line.len() > MAX_REQUEST {
-            return Err(format!("request line longer than {MAX_REQUEST} bytes"));
-        }
-        if end.is_some() {
-            return String::from_utf8(line)
-                .map(Some)
-                .map_err(|_| "the request is not UTF-8".into());
+        if let Some(line) = line.push(&chunk[..n])? {
+            return Ok(Some(line));
         }
     }
 }

@@ -325,16 +325,20 @@ impl Listener {
 
     /// END: stops the fault thread, unregisters RAM and returns the figures.
     pub fn finish(mut self) -> PostcopyFigures {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.fault_thread.take() {
-            let _ = t.join();
-        }
+        self.stop_fault_thread();
         for s in self.ram.spans() {
             if let Err(e) = self.uffd.unregister(s.hva, s.len) {
                 log::warn!("UFFDIO_UNREGISTER: {e}");
             }
         }
         self.figures()
+    }
+
+    fn stop_fault_thread(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.fault_thread.take() {
+            let _ = t.join();
+        }
     }
 
     pub fn figures(&self) -> PostcopyFigures {
@@ -378,6 +382,15 @@ impl Listener {
             // KVM mode: faults its async-PF workers took; tern mode: what tern injected.
             async_faults: t.async_faults + self.observer.as_ref().map_or(0, |o| o.async_faults()),
         }
+    }
+}
+
+/// A listener dropped without `finish` (the incoming migration failed after DISCARD) stops its
+/// fault thread: nothing would read what it records, and each one kept a thread and a
+/// userfaultfd alive for the life of the process.
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop_fault_thread();
     }
 }
 

@@ -49,6 +49,41 @@ pub const COMMANDS: [&str; 10] = [
     "quit",
 ];
 
+/// Longest request line the API reads (a request is a few hundred bytes; the cap keeps one client
+/// from making tern hold memory it never uses).
+pub const MAX_REQUEST: usize = 64 << 10;
+
+/// Assembles one request line from what a client sends, in whatever pieces it arrives.
+#[derive(Debug, Default)]
+pub struct LineReader {
+    line: Vec<u8>,
+}
+
+impl LineReader {
+    /// Takes the next bytes read: the line once its newline came (what follows it is ignored:
+    /// one request per connection), None while it is incomplete, an error past [`MAX_REQUEST`]
+    /// bytes or when the line is not UTF-8.
+    pub fn push(&mut self, got: &[u8]) -> Result<Option<String>, String> {
+        let end = got.iter().position(|&b| b == b'\n');
+        let take = &got[..end.unwrap_or(got.len())];
+        if self.line.len().saturating_add(take.len()) > MAX_REQUEST {
+            return Err(format!("request line longer than {MAX_REQUEST} bytes"));
+        }
+        self.line.extend_from_slice(take);
+        if end.is_none() {
+            return Ok(None);
+        }
+        String::from_utf8(std::mem::take(&mut self.line))
+            .map(Some)
+            .map_err(|_| "the request is not UTF-8".into())
+    }
+
+    /// Nothing received yet.
+    pub fn is_empty(&self) -> bool {
+        self.line.is_empty()
+    }
+}
+
 /// Why a request line is refused, said the way clients have always read it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RequestError {

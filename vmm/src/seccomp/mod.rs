@@ -7,6 +7,7 @@
 //! event loop starts) therefore also covers what the threads it starts later need (API clients,
 //! the outgoing migration); each thread adds its own on top.
 
+mod args;
 mod names;
 
 use std::cell::Cell;
@@ -198,7 +199,7 @@ impl ThreadKind {
         let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = self
             .allowed()
             .into_iter()
-            .map(|nr| (nr, Vec::new()))
+            .map(|nr| (nr, args::rules(self, nr).unwrap_or_default()))
             .collect();
         let build = |source| SeccompError::Build {
             thread: self.name(),
@@ -256,12 +257,33 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
         source,
     })?;
     KIND.with(|k| k.set(kind.name()));
-    // Tests: this thread makes a call no filter allows, to see it reported.
-    if std::env::var("TERN_TEST_SECCOMP_PROBE").is_ok_and(|t| t == kind.name()) {
-        // SAFETY: getppid has no arguments and no side effects.
-        unsafe { libc::syscall(libc::SYS_getppid) };
+    // Tests: this thread makes a call no filter allows (`<thread>`: getppid; `<thread>:ioctl`: a
+    // terminal ioctl; `<thread>:socket`: a netlink socket), to see it reported.
+    if let Ok(probe) = std::env::var("TERN_TEST_SECCOMP_PROBE") {
+        let (thread, call) = probe.split_once(':').unwrap_or((&probe, ""));
+        if thread == kind.name() {
+            probe_forbidden(call);
+        }
     }
     Ok(())
+}
+
+/// A call the thread's filter refuses, for the tests.
+fn probe_forbidden(call: &str) {
+    match call {
+        // SAFETY: FIONREAD on an invalid descriptor: EBADF at most, nothing changes.
+        "ioctl" => unsafe {
+            libc::ioctl(-1, libc::FIONREAD, std::ptr::null_mut::<libc::c_int>());
+        },
+        // SAFETY: creates a descriptor (closed by process exit, if the call is allowed).
+        "socket" => unsafe {
+            libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 0);
+        },
+        // SAFETY: getppid has no arguments and no side effects.
+        _ => unsafe {
+            libc::syscall(libc::SYS_getppid);
+        },
+    }
 }
 
 /// Names a thread that runs under its creator's filter, for the report.
