@@ -4,7 +4,9 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 // Kept here too: users named it `outgoing::MigrationError` before it moved.
+use crate::channels::ChannelSender;
 pub use crate::error::MigrationError;
+use crate::pass::{send_pass, totals, PassPages, Rearm};
 use crate::peer::PeerReader;
 use crate::postcopy::preempt::AdviseRecord;
 use crate::progress::Phase;
@@ -28,6 +30,9 @@ pub struct Params {
     pub postcopy_after_iterations: Option<u32>,
     /// Requested postcopy pages on a second connection (if the destination agrees).
     pub postcopy_preempt: bool,
+    /// RAM channels (`URI,channels=N`): 1 sends RAM on the main connection; N > 1 splits each
+    /// precopy pass over N extra connections. None: [`crate::channels::default_channels`].
+    pub channels: Option<usize>,
 }
 
 impl Default for Params {
@@ -39,6 +44,7 @@ impl Default for Params {
             postcopy: false,
             postcopy_after_iterations: None,
             postcopy_preempt: true,
+            channels: None,
         }
     }
 }
@@ -47,7 +53,7 @@ impl Default for Params {
 pub(crate) struct PageSender<W: Write> {
     pub(crate) w: StreamWriter<W>,
     pub(crate) batch: RamBatch,
-    page: Vec<u8>,
+    pub(crate) page: Vec<u8>,
     /// Checked between batches until the switch: `migrate-cancel` ends precopy there.
     pub(crate) cancel: Option<StatusCell>,
 }
@@ -61,34 +67,6 @@ impl<W: Write> PageSender<W> {
             page,
             cancel: None,
         }
-    }
-
-    /// Sends the set pages of `region`. In the first pass the destination's RAM is still zero, so
-    /// zero pages are only counted.
-    fn send(
-        &mut self,
-        vm: &dyn MigratableVm,
-        region: &RamRegion,
-        pages: &DirtyBitmap,
-        first_pass: bool,
-    ) -> Result<(), MigrationError> {
-        for p in pages.iter() {
-            let gpa = region.gpa + (p * PAGE_SIZE) as u64;
-            vm.read_ram(gpa, &mut self.page)?;
-            if is_zero(&self.page) {
-                if first_pass {
-                    self.batch.zero += 1;
-                } else {
-                    self.batch.push_zero(gpa);
-                }
-            } else {
-                self.batch.push_full(gpa, &self.page);
-            }
-            if self.batch.len() >= RamBatch::PAGES {
-                self.flush_batch()?;
-            }
-        }
-        Ok(())
     }
 
     /// Sends one page now (a postcopy request or push).
@@ -330,15 +308,30 @@ fn run(
         status.update(|s| s.phase = Phase::Precopy);
     }
     let regions = vm.ram_regions();
+    let pure_postcopy = params.postcopy && params.postcopy_after_iterations == Some(0);
+    let channel_count = params
+        .channels
+        .unwrap_or_else(crate::channels::default_channels);
+    let mut channels = if channel_count > 1 && !pure_postcopy {
+        crate::channels::open(&mut tx.w, endpoint, channel_count)?
+    } else {
+        Vec::new()
+    };
     vm.start_dirty_log()?;
 
     let mut progress = ProgressLine::default();
-    let publish = |tx: &PageSender<_>, iteration: u32, bw: f64, dirty_rate: f64, remaining: u64| {
+    let publish = |tx: &PageSender<_>,
+                   channels: &[ChannelSender],
+                   iteration: u32,
+                   bw: f64,
+                   dirty_rate: f64,
+                   remaining: u64| {
+        let (bytes, full, zero) = totals(tx, channels);
         status.update(|s| {
             s.iteration = iteration;
-            s.bytes = tx.w.bytes;
-            s.pages_full = tx.batch.full;
-            s.pages_zero = tx.batch.zero;
+            s.bytes = bytes;
+            s.pages_full = full;
+            s.pages_zero = zero;
             s.throughput_mbps = bw / 1e6;
             s.dirty_rate_mbps = dirty_rate / 1e6;
             s.remaining_bytes = remaining;
@@ -347,7 +340,7 @@ fn run(
     };
 
     // Pure postcopy: switch before sending anything; every page is fetched or pushed after RUN.
-    if params.postcopy && params.postcopy_after_iterations == Some(0) {
+    if pure_postcopy {
         begin_switch(&mut tx, status)?;
         let reader = reader
             .take()
@@ -371,15 +364,19 @@ fn run(
     }
     // Pass 0: everything that was ever populated.
     let pass_start = Instant::now();
-    for r in &regions {
-        let populated = vm.populated_pages(r)?;
-        let untouched = (r.pages() - populated.count()) as u64;
-        tx.batch.zero += untouched;
-        tx.send(vm, r, &populated, true)?;
-    }
-    tx.flush_batch()?;
+    let mut pass = 0u32;
+    send_pass(
+        &mut tx,
+        &mut channels,
+        vm,
+        &regions,
+        PassPages::First,
+        Rearm::Yes,
+        pass,
+    )?;
     tx.w.flush()?;
-    let mut bandwidth = tx.w.bytes as f64 / pass_start.elapsed().as_secs_f64().max(1e-6);
+    let mut bandwidth =
+        totals(&tx, &channels).0 as f64 / pass_start.elapsed().as_secs_f64().max(1e-6);
     let mut iteration = 0u32;
     let mut dirty_rate;
     loop {
@@ -388,7 +385,14 @@ fn run(
         let remaining: usize = dirty.iter().map(|d| d.count()).sum();
         let remaining_bytes = (remaining * PAGE_SIZE) as u64;
         dirty_rate = remaining_bytes as f64 / pass_start.elapsed().as_secs_f64().max(1e-6);
-        publish(&tx, iteration, bandwidth, dirty_rate, remaining_bytes);
+        publish(
+            &tx,
+            &channels,
+            iteration,
+            bandwidth,
+            dirty_rate,
+            remaining_bytes,
+        );
         progress.show(&status.get(), true);
         let expected = Duration::from_secs_f64(remaining_bytes as f64 / bandwidth.max(1.0));
         let converged = expected <= params.downtime;
@@ -401,6 +405,9 @@ fn run(
                 || start.elapsed() >= params.timeout);
         if switch {
             begin_switch(&mut tx, status)?;
+            // Every pass was delivered (the destination waited at its marker): postcopy pages
+            // use the main stream.
+            channels.clear();
             let Some(reader) = reader.take() else {
                 return Err(MigrationError::NoAnswer(
                     "postcopy needs a return path".into(),
@@ -426,7 +433,11 @@ fn run(
             begin_switch(&mut tx, status)?;
             return stop_and_copy(
                 vm,
-                tx,
+                Senders {
+                    tx,
+                    channels,
+                    pass: pass + 1,
+                },
                 &regions,
                 dirty,
                 reader,
@@ -437,15 +448,22 @@ fn run(
             );
         }
         iteration += 1;
-        let before = tx.w.bytes;
-        for (r, d) in regions.iter().zip(&dirty) {
-            tx.send(vm, r, d, false)?;
-        }
-        tx.flush_batch()?;
+        pass += 1;
+        let before = totals(&tx, &channels).0;
+        send_pass(
+            &mut tx,
+            &mut channels,
+            vm,
+            &regions,
+            PassPages::Dirty(&dirty),
+            Rearm::Yes,
+            pass,
+        )?;
         tx.w.record(Section::IterationDone, &iteration)?;
         tx.w.flush()?;
-        bandwidth = (tx.w.bytes - before) as f64 / iter_start.elapsed().as_secs_f64().max(1e-6);
-        publish(&tx, iteration, bandwidth, dirty_rate, 0);
+        bandwidth = (totals(&tx, &channels).0 - before) as f64
+            / iter_start.elapsed().as_secs_f64().max(1e-6);
+        publish(&tx, &channels, iteration, bandwidth, dirty_rate, 0);
         progress.show(&status.get(), false);
     }
 }
@@ -467,10 +485,17 @@ pub(crate) fn await_resumed(rx: &PeerReader) -> Result<(), MigrationError> {
     }
 }
 
+/// The main stream, the RAM channels, and the number the next pass gets.
+struct Senders<W: Write> {
+    tx: PageSender<W>,
+    channels: Vec<ChannelSender>,
+    pass: u32,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn stop_and_copy<W: Write>(
     vm: &dyn MigratableVm,
-    mut tx: PageSender<W>,
+    senders: Senders<W>,
     regions: &[RamRegion],
     mut pending: Vec<DirtyBitmap>,
     reader: Option<PeerReader>,
@@ -486,10 +511,23 @@ fn stop_and_copy<W: Write>(
     for (p, d) in pending.iter_mut().zip(vm.fetch_dirty()?) {
         p.merge(&d);
     }
-    for (r, d) in regions.iter().zip(&pending) {
-        tx.send(vm, r, d, false)?;
-    }
-    tx.flush_batch()?;
+    let Senders {
+        mut tx,
+        mut channels,
+        pass,
+    } = senders;
+    send_pass(
+        &mut tx,
+        &mut channels,
+        vm,
+        regions,
+        PassPages::Dirty(&pending),
+        Rearm::No,
+        pass,
+    )?;
+    let (bytes, full, zero) = totals(&tx, &channels);
+    // Delivered (the destination waits at the marker): the channels close before the end.
+    channels.clear();
     vm.stop_dirty_log()?;
     send_state(&mut tx.w, &vm.save_state()?)?;
     tx.w.record(Section::End, &EndRecord { paused_at_unix_ns })?;
@@ -501,8 +539,13 @@ fn stop_and_copy<W: Write>(
     }
     let total = start.elapsed().as_secs_f64();
     let downtime = paused_at.elapsed().as_secs_f64();
+    let channel_bytes = bytes - tx.w.bytes;
     status.update(|s| {
         tx.record_completion(s, total);
+        s.bytes += channel_bytes;
+        s.pages_full = full;
+        s.pages_zero = zero;
+        s.throughput_mbps = s.bytes as f64 / total / 1e6;
         s.downtime_ms = downtime * 1e3;
     });
     progress.show(&status.get(), true);

@@ -64,6 +64,13 @@ pub enum Section {
     Preempt = 17,
     /// Snapshot: (gpa u64 LE, crc32 u32 LE) of each stored page, in file order.
     PageIndex = 18,
+    /// RAM channels: the source announces `{count}` extra connections (main stream).
+    Channels = 19,
+    /// RAM channels: the first section on a channel connection (`{index}`).
+    Channel = 20,
+    /// RAM channels: a pass (its number) is complete on this channel; on the main stream, on
+    /// every channel.
+    PassDone = 21,
     /// Return path: the destination resumed the guest.
     Resumed = 0x40,
     /// Return path: the destination gave up; the payload says why.
@@ -101,6 +108,9 @@ impl Section {
             Recover,
             Preempt,
             PageIndex,
+            Channels,
+            Channel,
+            PassDone,
             Resumed,
             Abort,
             PageRequest,
@@ -147,6 +157,9 @@ impl Section {
             Section::Recover => "postcopy recover",
             Section::Preempt => "preempt channel",
             Section::PageIndex => "page index",
+            Section::Channels => "RAM channels",
+            Section::Channel => "RAM channel",
+            Section::PassDone => "pass marker",
             Section::Missing => "missing pages",
             Section::PageRequest => "page request",
             Section::Complete => "postcopy complete",

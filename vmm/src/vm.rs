@@ -97,6 +97,8 @@ pub struct VmInner {
     pub vcpus: Vec<VcpuHandle>,
     pub migration: StatusCell,
     pub dirty_logging: AtomicBool,
+    /// How dirty pages are fetched and re-armed (`migrate::dirty::DirtyLogMode` as u8).
+    pub dirty_mode: std::sync::atomic::AtomicU8,
     pub paused: AtomicBool,
     pub apf: Option<Arc<ApfController>>,
     pub lazy: Option<LazyMemory>,
@@ -315,6 +317,7 @@ impl Vm {
                 vcpus: handles,
                 migration: StatusCell::default(),
                 dirty_logging: AtomicBool::new(false),
+                dirty_mode: std::sync::atomic::AtomicU8::new(0),
                 paused: AtomicBool::new(paused),
                 apf,
                 lazy,

@@ -85,6 +85,7 @@ pub fn params() -> Params {
         postcopy: false,
         postcopy_after_iterations: None,
         postcopy_preempt: false,
+        channels: Some(1),
     }
 }
 
@@ -135,7 +136,7 @@ fn destination(listening: Listening, opts: DestOptions) -> DestOutcome {
         vcpu_tids: Vec::new(),
         local: false,
         shared_ram: false,
-        preempt: Mutex::new(opts.postcopy.then_some(listening)),
+        preempt: Mutex::new(Some(listening)),
     };
     let received = incoming::receive(
         rx,

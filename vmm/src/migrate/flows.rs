@@ -160,8 +160,7 @@ pub fn receive(
             endpoint: endpoint.clone(),
             source,
         })?;
-    // Kept listening only for a postcopy preempt channel (a Unix path goes with it).
-    let listening = if opts.postcopy { listening } else { None };
+    // Kept listening for RAM channels and a postcopy preempt channel (a Unix path goes with it).
     let t0 = Instant::now();
     let reader = channel
         .reader
@@ -400,6 +399,7 @@ pub fn params(
         postcopy,
         postcopy_after_iterations,
         postcopy_preempt,
+        channels: None,
     }
 }
 
