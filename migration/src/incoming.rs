@@ -392,6 +392,7 @@ fn apply<'scope>(
                     rec.count as usize,
                     vm,
                 )?);
+                status.update(|s| s.channels = rec.count);
                 // Without postcopy nothing else connects: a Unix path goes now.
                 if !options.postcopy {
                     *listening = None;

@@ -317,7 +317,12 @@ fn run(
     } else {
         Vec::new()
     };
+    status.update(|s| s.channels = channels.len() as u32);
     vm.start_dirty_log()?;
+    let log_start = Instant::now();
+    // Every page the dirty log reported: over the time it ran, the guest's write rate (in pages
+    // written at least once per pass; a lower bound).
+    let mut dirtied = 0u64;
 
     let mut progress = ProgressLine::default();
     let publish = |tx: &PageSender<_>,
@@ -384,7 +389,8 @@ fn run(
         let dirty = vm.fetch_dirty()?;
         let remaining: usize = dirty.iter().map(|d| d.count()).sum();
         let remaining_bytes = (remaining * PAGE_SIZE) as u64;
-        dirty_rate = remaining_bytes as f64 / pass_start.elapsed().as_secs_f64().max(1e-6);
+        dirtied += remaining_bytes;
+        dirty_rate = dirtied as f64 / log_start.elapsed().as_secs_f64().max(1e-6);
         publish(
             &tx,
             &channels,

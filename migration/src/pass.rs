@@ -168,10 +168,16 @@ pub(crate) fn send_pass<W: Write>(
                             ch.w.flush()?;
                             Ok(())
                         });
-                    if sent.is_err() {
-                        stop.store(true, Ordering::Relaxed);
+                    match sent {
+                        Err(MigrationError::Cancelled) | Ok(()) => sent,
+                        Err(e) => {
+                            stop.store(true, Ordering::Relaxed);
+                            Err(MigrationError::Channel {
+                                index: i,
+                                source: Box::new(e),
+                            })
+                        }
                     }
-                    sent
                 });
             match spawned {
                 Ok(h) => handles.push(h),

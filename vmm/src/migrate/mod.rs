@@ -78,6 +78,26 @@ impl VmInner {
 }
 
 impl VmInner {
+    /// Each slot's dirty pages: KVM's log merged with tern's own writes.
+    fn fetch_dirty_slots(&self) -> VmResult<Vec<DirtyBitmap>> {
+        let mut out = Vec::new();
+        for (slot, r) in self.mem.iter().enumerate() {
+            let pages = (r.len() as usize) / PAGE_SIZE;
+            let kvm = self
+                .vm_fd
+                .get_dirty_log(slot as u32, r.len() as usize)
+                .map_err(side("KVM_GET_DIRTY_LOG"))?;
+            let mut map = DirtyBitmap::from_words(kvm, pages);
+            // Pages tern itself wrote (devices, the compat module) are not in KVM's log.
+            map.merge(&DirtyBitmap::from_words(
+                host_bitmap(r).get_and_reset(),
+                pages,
+            ));
+            out.push(map);
+        }
+        Ok(out)
+    }
+
     /// The vCPU threads' kernel thread ids (0 for a thread not started yet).
     pub fn vcpu_thread_ids(&self) -> Vec<u32> {
         devices::bus::lock(&self.vcpu_tids).clone()
@@ -252,21 +272,13 @@ impl MigratableVm for VmInner {
     }
 
     fn fetch_dirty(&self) -> VmResult<Vec<DirtyBitmap>> {
-        let mut out = Vec::new();
-        for (slot, r) in self.mem.iter().enumerate() {
-            let pages = (r.len() as usize) / PAGE_SIZE;
-            let kvm = self
-                .vm_fd
-                .get_dirty_log(slot as u32, r.len() as usize)
-                .map_err(side("KVM_GET_DIRTY_LOG"))?;
-            let mut map = DirtyBitmap::from_words(kvm, pages);
-            // Pages tern itself wrote (devices, the compat module) are not in KVM's log.
-            map.merge(&DirtyBitmap::from_words(
-                host_bitmap(r).get_and_reset(),
-                pages,
-            ));
-            out.push(map);
-        }
+        let t0 = std::time::Instant::now();
+        let out = self.fetch_dirty_slots()?;
+        log::debug!(
+            "dirty log: fetched {} pages in {:.3} ms",
+            out.iter().map(|d| d.count()).sum::<usize>(),
+            t0.elapsed().as_secs_f64() * 1e3
+        );
         Ok(out)
     }
 
