@@ -30,8 +30,9 @@ pub struct Params {
     pub postcopy_after_iterations: Option<u32>,
     /// Requested postcopy pages on a second connection (if the destination agrees).
     pub postcopy_preempt: bool,
-    /// RAM channels (`URI,channels=N`): 1 sends RAM on the main connection; N > 1 splits each
-    /// precopy pass over N extra connections. None: [`crate::channels::default_channels`].
+    /// RAM channels (`URI,channels=N`): each precopy pass is split over N extra connections
+    /// (placed straight into guest memory there); 0 sends RAM on the main connection.
+    /// None: [`crate::channels::default_channels`].
     pub channels: Option<usize>,
 }
 
@@ -56,6 +57,8 @@ pub(crate) struct PageSender<W: Write> {
     pub(crate) page: Vec<u8>,
     /// Checked between batches until the switch: `migrate-cancel` ends precopy there.
     pub(crate) cancel: Option<StatusCell>,
+    /// RAM channels: full pages go in runs the destination places directly.
+    pub(crate) run: Option<crate::pass::RunBuilder>,
 }
 
 impl<W: Write> PageSender<W> {
@@ -66,6 +69,7 @@ impl<W: Write> PageSender<W> {
             batch,
             page,
             cancel: None,
+            run: None,
         }
     }
 
@@ -96,6 +100,7 @@ impl<W: Write> PageSender<W> {
     }
 
     pub(crate) fn flush_batch(&mut self) -> Result<(), MigrationError> {
+        self.flush_run()?;
         // Counters stay in the batch; only the payload is taken.
         if !self.batch.is_empty() {
             self.w.section(Section::Ram, self.batch.payload())?;
@@ -290,6 +295,7 @@ fn run(
         batch: RamBatch::default(),
         page: vec![0u8; PAGE_SIZE],
         cancel: Some(status.clone()),
+        run: None,
     };
     tx.w.header()?;
     tx.w.record(Section::Config, &vm.config())?;
@@ -312,7 +318,7 @@ fn run(
     let channel_count = params
         .channels
         .unwrap_or_else(crate::channels::default_channels);
-    let mut channels = if channel_count > 1 && !pure_postcopy {
+    let mut channels = if channel_count > 0 && !pure_postcopy {
         crate::channels::open(&mut tx.w, endpoint, channel_count)?
     } else {
         Vec::new()

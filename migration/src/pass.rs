@@ -34,7 +34,57 @@ pub(crate) enum Rearm {
 
 const ONES: [u64; CHUNK_PAGES / 64] = [u64::MAX; CHUNK_PAGES / 64];
 
+/// Pages in one RAM run section (1 MiB of data).
+pub const RUN_PAGES: usize = 256;
+/// A RAM run's header: gpa u64 LE, count u32 LE.
+pub const RUN_HEAD: usize = 12;
+
+/// Consecutive full pages collected for one RAM run section.
+#[derive(Default)]
+pub(crate) struct RunBuilder {
+    buf: Vec<u8>,
+    start: u64,
+    pages: usize,
+}
+
 impl<W: Write> PageSender<W> {
+    /// Sends the RAM run collected so far, if any.
+    pub(crate) fn flush_run(&mut self) -> Result<(), MigrationError> {
+        let Some(run) = self.run.as_mut() else {
+            return Ok(());
+        };
+        if run.pages == 0 {
+            return Ok(());
+        }
+        run.buf[..8].copy_from_slice(&run.start.to_le_bytes());
+        run.buf[8..RUN_HEAD].copy_from_slice(&(run.pages as u32).to_le_bytes());
+        self.w.section(Section::RamRun, &run.buf)?;
+        run.buf.clear();
+        run.pages = 0;
+        Ok(())
+    }
+
+    /// Adds a full page to the current run (a new run when it does not follow on).
+    fn push_run(&mut self, gpa: u64) -> Result<(), MigrationError> {
+        let follows = self.run.as_ref().is_some_and(|r| {
+            r.pages > 0 && r.pages < RUN_PAGES && r.start + (r.pages * PAGE_SIZE) as u64 == gpa
+        });
+        if !follows {
+            self.flush_run()?;
+        }
+        let Some(run) = self.run.as_mut() else {
+            return Ok(());
+        };
+        if run.pages == 0 {
+            run.buf.resize(RUN_HEAD, 0);
+            run.start = gpa;
+        }
+        run.buf.extend_from_slice(&self.page);
+        run.pages += 1;
+        self.batch.full += 1;
+        Ok(())
+    }
+
     /// Sends one page; zero pages of the first pass are only counted.
     fn page_at(
         &mut self,
@@ -49,6 +99,8 @@ impl<W: Write> PageSender<W> {
             } else {
                 self.batch.push_zero(gpa);
             }
+        } else if self.run.is_some() {
+            self.push_run(gpa)?;
         } else {
             self.batch.push_full(gpa, &self.page);
         }

@@ -71,6 +71,9 @@ pub enum Section {
     /// RAM channels: a pass (its number) is complete on this channel; on the main stream, on
     /// every channel.
     PassDone = 21,
+    /// RAM channels: consecutive full pages, placed straight into guest memory on arrival:
+    /// gpa u64 LE | count u32 LE | count pages.
+    RamRun = 22,
     /// Return path: the destination resumed the guest.
     Resumed = 0x40,
     /// Return path: the destination gave up; the payload says why.
@@ -111,6 +114,7 @@ impl Section {
             Channels,
             Channel,
             PassDone,
+            RamRun,
             Resumed,
             Abort,
             PageRequest,
@@ -126,6 +130,7 @@ impl Section {
     pub fn max_len(self) -> usize {
         match self {
             Section::Ram
+            | Section::RamRun
             | Section::Discard
             | Section::Vcpus
             | Section::Missing
@@ -160,6 +165,7 @@ impl Section {
             Section::Channels => "RAM channels",
             Section::Channel => "RAM channel",
             Section::PassDone => "pass marker",
+            Section::RamRun => "RAM run",
             Section::Missing => "missing pages",
             Section::PageRequest => "page request",
             Section::Complete => "postcopy complete",
@@ -364,6 +370,38 @@ impl<R: Read> StreamReader<R> {
 
     /// Reads one section.
     pub fn read_section(&mut self) -> Result<Frame, StreamError> {
+        let (head, kind, len) = self.read_head()?;
+        self.read_rest(head, kind, len)
+    }
+
+    /// Reads one section, but hands a RAM run's payload to `place` (with the stream, the
+    /// payload's length and the checksum so far) to read where it belongs; the checksum is
+    /// verified after it. Returns None for a placed run.
+    pub fn read_section_placing(
+        &mut self,
+        place: &mut dyn FnMut(
+            &mut dyn Read,
+            usize,
+            &mut crc32fast::Hasher,
+        ) -> Result<(), StreamError>,
+    ) -> Result<Option<Frame>, StreamError> {
+        let (head, kind, len) = self.read_head()?;
+        if kind != Section::RamRun {
+            return self.read_rest(head, kind, len).map(Some);
+        }
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head);
+        place(&mut self.r, len, &mut crc)?;
+        let mut crc_bytes = [0u8; 4];
+        read_exact_in(&mut self.r, &mut crc_bytes, "RAM run section")?;
+        if crc.finalize() != u32::from_le_bytes(crc_bytes) {
+            return Err(StreamError::Checksum(kind.name()));
+        }
+        self.bytes += (len + 9) as u64;
+        Ok(None)
+    }
+
+    fn read_head(&mut self) -> Result<([u8; 5], Section, usize), StreamError> {
         let mut head = [0u8; 5];
         read_exact_in(
             &mut self.r,
@@ -379,6 +417,15 @@ impl<R: Read> StreamReader<R> {
                 limit: kind.max_len(),
             });
         }
+        Ok((head, kind, len))
+    }
+
+    fn read_rest(
+        &mut self,
+        head: [u8; 5],
+        kind: Section,
+        len: usize,
+    ) -> Result<Frame, StreamError> {
         let mut payload = std::mem::take(&mut self.spare);
         payload.resize(len, 0);
         read_exact_in(

@@ -28,7 +28,7 @@ pub enum BadEndpoint {
     Syntax(String),
     #[error("`{0}`: local=on needs a unix:PATH endpoint (memory is handed over as file descriptors on a Unix socket)")]
     LocalNeedsUnix(String),
-    #[error("`{0}`: channels=N takes a count from 1 to {max} on a unix: or tcp: endpoint without local=on", max = crate::channels::MAX_CHANNELS)]
+    #[error("`{0}`: channels=N takes a count from 0 to {max} on a unix: or tcp: endpoint without local=on", max = crate::channels::MAX_CHANNELS)]
     Channels(String),
 }
 
@@ -40,11 +40,7 @@ pub fn parse_migrate_uri(full: &str) -> Result<(Endpoint, Option<usize>), BadEnd
     let bad = || BadEndpoint::Channels(full.to_string());
     let n: usize = n.parse().map_err(|_| bad())?;
     let ep: Endpoint = rest.parse()?;
-    if n == 0
-        || n > crate::channels::MAX_CHANNELS
-        || ep.is_local()
-        || matches!(ep, Endpoint::File(_))
-    {
+    if n > crate::channels::MAX_CHANNELS || ep.is_local() || matches!(ep, Endpoint::File(_)) {
         return Err(bad());
     }
     Ok((ep, Some(n)))
@@ -411,7 +407,6 @@ mod tests {
             ))
         );
         for bad in [
-            "unix:/tmp/s,channels=0",
             "unix:/tmp/s,channels=17",
             "unix:/tmp/s,channels=x",
             "unix:/tmp/s,local=on,channels=2",

@@ -77,9 +77,7 @@ fn dirty_guest_moves_there_and_back_over_one_and_four_channels() {
         let target = format!("{uri},channels={channels}");
         let result = remote_json(&sock(hop - 1), &["migrate", &target]);
         assert_eq!(result["state"], "completed", "hop {hop}: {result}");
-        // One channel is the main connection alone.
-        let extra = if *channels == 1 { 0 } else { *channels };
-        assert_eq!(result["channels"], extra, "hop {hop}: {result}");
+        assert_eq!(result["channels"], *channels, "hop {hop}: {result}");
         assert_eq!(current.wait_exit(WAIT), Some(0), "{}", current.describe());
         assert_no_failure(&current);
         assert!(next.wait_stderr(WAIT, "migration completed (destination)"));

@@ -85,7 +85,7 @@ pub fn params() -> Params {
         postcopy: false,
         postcopy_after_iterations: None,
         postcopy_preempt: false,
-        channels: Some(1),
+        channels: Some(0),
     }
 }
 

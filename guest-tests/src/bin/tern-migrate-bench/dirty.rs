@@ -11,6 +11,8 @@ use super::{remote, start, start_env, Tern};
 
 const WORKING_SET_MIB: u64 = 256;
 const BEFORE: Duration = Duration::from_secs(3);
+/// The throttled link: pass 0 (~290 MB) alone takes ~2 s, long enough to count rounds.
+const THROTTLE: u64 = 150_000_000;
 
 /// Rounds a second between `from` and `to`: the rounds completed in that window (reports are
 /// ~4 a second) over its length.
@@ -34,7 +36,15 @@ struct Row {
     status: serde_json::Value,
 }
 
-fn measure(dir: &Path, name: &str, method: &str, channels: usize) -> Result<Row> {
+/// One migration of the dirty guest with dirty-log `method`; `throttle` (bytes/s) sends the
+/// main connection through a relay that slow, so precopy lasts seconds (one channel only).
+fn measure(
+    dir: &Path,
+    name: &str,
+    method: &str,
+    channels: usize,
+    throttle: Option<u64>,
+) -> Result<Row> {
     let sock = dir.join(format!("{name}.sock"));
     let mig = format!("unix:{}", dir.join(format!("{name}.mig")).display());
     let cmd = format!("suite=dirty mib={WORKING_SET_MIB} static=16");
@@ -49,7 +59,7 @@ fn measure(dir: &Path, name: &str, method: &str, channels: usize) -> Result<Row>
             "--downtime-ms",
             "0",
             "--max-iterations",
-            "30",
+            if throttle.is_some() { "4" } else { "30" },
             "--api-socket",
             &sock_s,
         ],
@@ -60,9 +70,25 @@ fn measure(dir: &Path, name: &str, method: &str, channels: usize) -> Result<Row>
         &["--incoming", &mig, "--serial", "off"],
         "waiting for an incoming migration",
     )?;
+    let relay = dir.join(format!("{name}.relay"));
+    let _proxy = match throttle {
+        Some(rate) => Some(guest_tests::relay::Proxy::start(
+            &relay,
+            &dir.join(format!("{name}.mig")),
+            guest_tests::relay::Plan::ThrottleForward(rate),
+        )?),
+        None => None,
+    };
+    let target = match throttle {
+        Some(_) => format!("unix:{}", relay.display()),
+        None => mig.clone(),
+    };
     std::thread::sleep(BEFORE);
     let t0 = Instant::now();
-    let status = remote(&sock, &["migrate", &format!("{mig},channels={channels}")])?;
+    let status = remote(
+        &sock,
+        &["migrate", &format!("{target},channels={channels}")],
+    )?;
     let t1 = Instant::now();
     drop(dst);
     if status["state"] != "completed" {
@@ -77,11 +103,11 @@ fn measure(dir: &Path, name: &str, method: &str, channels: usize) -> Result<Row>
 
 pub fn table(dir: &Path) -> Result<()> {
     println!(
-        "| dirty log | channels | guest MB/s before (rounds) | during precopy (rounds) | kept | \
-         during precopy (dirty log) | precopy ms | iterations |"
+        "| dirty log | link | channels | guest MB/s before (rounds) | during precopy (rounds) | \
+         kept | during precopy (dirty log) | precopy ms | iterations |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
-    for round in 0..1 {
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (throttle, link) in [(Some(THROTTLE), "relay, 150 MB/s"), (None, "direct")] {
         for (method, label) in [
             ("get", "KVM_GET_DIRTY_LOG (whole slot re-protected)"),
             (
@@ -89,16 +115,14 @@ pub fn table(dir: &Path) -> Result<()> {
                 "manual protect, 4 MiB KVM_CLEAR_DIRTY_LOG",
             ),
         ] {
-            for channels in [1, 2] {
-                let r = measure(
-                    dir,
-                    &format!("d{round}-{method}-{channels}"),
-                    method,
-                    channels,
-                )?;
+            let counts: &[usize] = if throttle.is_some() { &[1] } else { &[1, 2] };
+            for &channels in counts {
+                let name = format!("d-{method}-{channels}-{}", throttle.is_some());
+                let r = measure(dir, &name, method, channels, throttle)?;
                 let (before, during) = (mb_s(r.before), mb_s(r.during));
                 println!(
-                    "| {label} | {channels} | {before:.0} | {during:.0} | {:.0} % | {:.0} | {:.0} | {} |",
+                    "| {label} | {link} | {channels} | {before:.0} | {during:.0} | {:.0} % | {:.0} \
+                     | {:.0} | {} |",
                     during / before * 100.0,
                     r.status["dirty_rate_mbps"].as_f64().unwrap_or(f64::NAN),
                     r.status["total_ms"].as_f64().unwrap_or(f64::NAN),
