@@ -72,10 +72,11 @@ fn measure(
     )?;
     let relay = dir.join(format!("{name}.relay"));
     let _proxy = match throttle {
-        Some(rate) => Some(guest_tests::relay::Proxy::start(
+        // The main connection and the RAM channel, each throttled.
+        Some(rate) => Some(guest_tests::relay::Proxy::start_each(
             &relay,
             &dir.join(format!("{name}.mig")),
-            guest_tests::relay::Plan::ThrottleForward(rate),
+            vec![guest_tests::relay::Plan::ThrottleForward(rate); 2],
         )?),
         None => None,
     };

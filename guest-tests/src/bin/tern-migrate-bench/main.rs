@@ -1,4 +1,4 @@
-//! Migration benchmarks: `tern-migrate-bench [precopy|postcopy|random|recovery|restore|local|thp|dirty]`
+//! Migration benchmarks: `tern-migrate-bench [precopy|postcopy|random|recovery|restore|local|thp|dirty|limits]`
 //! prints tables (precopy and postcopy by default; the postcopy tables end with the random-access
 //! one; `random`, `recovery`, `restore`, `local` and `thp` run only that table).
 //! Needs `cargo build --release --workspace` first (it runs the `tern` next to itself). Everything
@@ -19,6 +19,7 @@ use anyhow::{bail, Context, Result};
 use guest_tests::tern_binary;
 
 mod dirty;
+mod limits;
 mod local;
 mod thp;
 
@@ -248,9 +249,9 @@ fn main() -> Result<()> {
         None | Some("all") => (true, true),
         Some("precopy") => (true, false),
         Some("postcopy") => (false, true),
-        Some("random" | "recovery" | "restore" | "local" | "thp" | "dirty") => (false, false),
+        Some("random" | "recovery" | "restore" | "local" | "thp" | "dirty" | "limits") => (false, false),
         Some(other) => bail!(
-            "usage: tern-migrate-bench [all|precopy|postcopy|random|recovery|restore|local|thp|dirty] \
+            "usage: tern-migrate-bench [all|precopy|postcopy|random|recovery|restore|local|thp|dirty|limits] \
              (got `{other}`)"
         ),
     };
@@ -263,6 +264,7 @@ fn main() -> Result<()> {
             Some("local") => return local::table(&dir),
             Some("thp") => return thp::table(&dir),
             Some("dirty") => return dirty::table(&dir),
+            Some("limits") => return limits::table(&dir),
             Some("restore") => return restore::restore_table(&dir),
             _ => {}
         }
