@@ -34,6 +34,16 @@ pub(crate) enum Rearm {
 
 const ONES: [u64; CHUNK_PAGES / 64] = [u64::MAX; CHUNK_PAGES / 64];
 
+/// A sender's share of a pass: chunks `index` modulo `of`; it stops early (without error) once
+/// `stop` is set (another channel failed), and fails with `Cancelled` on `migrate-cancel`.
+#[derive(Clone, Copy)]
+pub(crate) struct Share<'a> {
+    index: usize,
+    of: usize,
+    stop: &'a AtomicBool,
+    cancel: Option<&'a StatusCell>,
+}
+
 /// Pages in one RAM run section (1 MiB of data).
 pub const RUN_PAGES: usize = 256;
 /// A RAM run's header: gpa u64 LE, count u32 LE.
@@ -110,7 +120,8 @@ impl<W: Write> PageSender<W> {
         Ok(())
     }
 
-    /// Sends the chunks whose global index (counted over all regions) `mine` accepts. Returns
+    /// Sends the chunks whose global index (counted over all regions) is `share.index` modulo
+    /// `share.of`. Returns
     /// early, without error, once `stop` is set (another channel failed).
     pub(crate) fn send_chunks(
         &mut self,
@@ -118,9 +129,7 @@ impl<W: Write> PageSender<W> {
         regions: &[RamRegion],
         pages: &PassPages,
         rearm: Rearm,
-        mine: impl Fn(usize) -> bool,
-        stop: &AtomicBool,
-        cancel: Option<&StatusCell>,
+        share: Share<'_>,
     ) -> Result<(), MigrationError> {
         let mut index = 0usize;
         for (ri, r) in regions.iter().enumerate() {
@@ -131,7 +140,13 @@ impl<W: Write> PageSender<W> {
                 let (chunk, at) = (index, first);
                 index += 1;
                 first += count;
-                if !mine(chunk) {
+                let Share {
+                    index: mine,
+                    of,
+                    stop,
+                    cancel,
+                } = share;
+                if chunk % of != mine {
                     continue;
                 }
                 if stop.load(Ordering::Relaxed) {
@@ -199,7 +214,13 @@ pub(crate) fn send_pass<W: Write>(
     let stop = AtomicBool::new(false);
     let cancel = tx.cancel.clone();
     if channels.is_empty() {
-        tx.send_chunks(vm, regions, &pages, rearm, |_| true, &stop, None)?;
+        let all = Share {
+            index: 0,
+            of: 1,
+            stop: &stop,
+            cancel: None,
+        };
+        tx.send_chunks(vm, regions, &pages, rearm, all)?;
         return tx.flush_batch();
     }
     let n = channels.len();
@@ -213,7 +234,18 @@ pub(crate) fn send_pass<W: Write>(
                 .spawn_scoped(s, move || {
                     crate::thread_started("migration-sender");
                     let sent = ch
-                        .send_chunks(vm, regions, pages, rearm, |c| c % n == i, stop, cancel)
+                        .send_chunks(
+                            vm,
+                            regions,
+                            pages,
+                            rearm,
+                            Share {
+                                index: i,
+                                of: n,
+                                stop,
+                                cancel,
+                            },
+                        )
                         .and_then(|_| ch.flush_batch())
                         .and_then(|_| {
                             ch.w.record(Section::PassDone, &pass)?;

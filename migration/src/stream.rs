@@ -219,6 +219,11 @@ pub fn header_bytes() -> [u8; HEADER_LEN] {
     h
 }
 
+/// Reads a RAM run's payload from the stream to where it belongs: (stream, payload length,
+/// checksum so far, to be fed every payload byte).
+pub type PlaceRun<'a> =
+    dyn FnMut(&mut dyn Read, usize, &mut crc32fast::Hasher) -> Result<(), StreamError> + 'a;
+
 /// Writes sections, counting bytes.
 pub struct StreamWriter<W: Write> {
     w: W,
@@ -379,11 +384,7 @@ impl<R: Read> StreamReader<R> {
     /// verified after it. Returns None for a placed run.
     pub fn read_section_placing(
         &mut self,
-        place: &mut dyn FnMut(
-            &mut dyn Read,
-            usize,
-            &mut crc32fast::Hasher,
-        ) -> Result<(), StreamError>,
+        place: &mut PlaceRun<'_>,
     ) -> Result<Option<Frame>, StreamError> {
         let (head, kind, len) = self.read_head()?;
         if kind != Section::RamRun {

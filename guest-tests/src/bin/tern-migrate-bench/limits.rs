@@ -12,7 +12,9 @@ use super::{migrate_run_uri, raw_socket_copy, raw_socket_copy_fresh, Migration};
 /// The destination's "RAM channels placed ..." figures: populate, receive, checksum ms.
 fn placing(m: &Migration) -> String {
     m.dst
-        .wait_line(Duration::from_secs(5), |l| l.contains("RAM channels placed"))
+        .wait_line(Duration::from_secs(5), |l| {
+            l.contains("RAM channels placed")
+        })
         .and_then(|l| {
             let nums: Vec<&str> = l
                 .split_whitespace()
@@ -32,7 +34,10 @@ fn row(what: &str, m: &Migration, fresh: f64) {
     let (mbps, ratio) = if s["bytes"].as_u64().unwrap_or(0) < 1 << 20 {
         ("–".to_string(), "–".to_string())
     } else {
-        (format!("{mbps:.0}"), format!("{:.0} %", mbps / fresh * 100.0))
+        (
+            format!("{mbps:.0}"),
+            format!("{:.0} %", mbps / fresh * 100.0),
+        )
     };
     println!(
         "| {what} | {:.1} | {:.1} | {mbps} | {ratio} | {} |",
@@ -58,16 +63,39 @@ pub fn table(dir: &Path) -> Result<()> {
     let dst = ["--serial", "off", "--log-level", "info"];
     let idle = |mem: &'static str| ["--memory", mem, "--cmdline", "suite=idle fill=1024"];
     let cases: [(&str, &str, &str); 7] = [
-        ("precopy, RAM on the main connection (channels=0)", "size=1200M", ",channels=0"),
+        (
+            "precopy, RAM on the main connection (channels=0)",
+            "size=1200M",
+            ",channels=0",
+        ),
         ("precopy, 1 channel", "size=1200M", ",channels=1"),
         ("precopy, 2 channels", "size=1200M", ",channels=2"),
         ("precopy, 4 channels", "size=1200M", ",channels=4"),
-        ("precopy, 1 channel, thp=on", "size=1200M,thp=on", ",channels=1"),
-        ("precopy, 4 channels, thp=on", "size=1200M,thp=on", ",channels=4"),
-        ("local=on (shared=on, memfd handed over)", "size=1200M,shared=on", ",local=on"),
+        (
+            "precopy, 1 channel, thp=on",
+            "size=1200M,thp=on",
+            ",channels=1",
+        ),
+        (
+            "precopy, 4 channels, thp=on",
+            "size=1200M,thp=on",
+            ",channels=4",
+        ),
+        (
+            "local=on (shared=on, memfd handed over)",
+            "size=1200M,shared=on",
+            ",local=on",
+        ),
     ];
     for (i, (what, mem, suffix)) in cases.iter().enumerate() {
-        let m = migrate_run_uri(dir, &format!("l{i}"), &idle(mem), "idle: halting", &dst, suffix)?;
+        let m = migrate_run_uri(
+            dir,
+            &format!("l{i}"),
+            &idle(mem),
+            "idle: halting",
+            &dst,
+            suffix,
+        )?;
         row(what, &m, fresh);
     }
     let m = migrate_run_uri(
