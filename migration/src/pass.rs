@@ -224,11 +224,15 @@ pub(crate) fn send_pass<W: Write>(
         return tx.flush_batch();
     }
     let n = channels.len();
+    let busy = Busy {
+        left: std::sync::Mutex::new(n),
+        changed: std::sync::Condvar::new(),
+    };
     let results: Vec<Result<(), MigrationError>> = std::thread::scope(|s| {
         let mut handles = Vec::new();
         let mut results = Vec::new();
         for (i, ch) in channels.iter_mut().enumerate() {
-            let (stop, pages, cancel) = (&stop, &pages, cancel.as_ref());
+            let (stop, pages, cancel, busy) = (&stop, &pages, cancel.as_ref(), &busy);
             let spawned = std::thread::Builder::new()
                 .name(format!("migration-sender-{i}"))
                 .spawn_scoped(s, move || {
@@ -252,6 +256,11 @@ pub(crate) fn send_pass<W: Write>(
                             ch.w.flush()?;
                             Ok(())
                         });
+                    if sent.is_err() {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                    busy.done();
+                    let sent = sent.and_then(|_| busy.heartbeat_until_all_done(ch, stop));
                     match sent {
                         Err(MigrationError::Cancelled) | Ok(()) => sent,
                         Err(e) => {
@@ -267,6 +276,7 @@ pub(crate) fn send_pass<W: Write>(
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     stop.store(true, Ordering::Relaxed);
+                    busy.done();
                     results.push(Err(MigrationError::Vm(crate::VmSideError(format!(
                         "starting a channel sender: {e}"
                     )))));
@@ -301,6 +311,45 @@ pub(crate) fn send_pass<W: Write>(
     }
     tx.w.record(Section::PassDone, &pass)?;
     Ok(())
+}
+
+/// The channel senders still sending their share of a pass. One that is done keeps its
+/// connection alive with heartbeats until the others are (a share can be much smaller than the
+/// rest, and the destination takes a silent connection for a dead one).
+struct Busy {
+    left: std::sync::Mutex<usize>,
+    changed: std::sync::Condvar,
+}
+
+impl Busy {
+    fn done(&self) {
+        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        *left = left.saturating_sub(1);
+        self.changed.notify_all();
+    }
+
+    fn heartbeat_until_all_done(
+        &self,
+        ch: &mut ChannelSender,
+        stop: &AtomicBool,
+    ) -> Result<(), MigrationError> {
+        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        while *left > 0 && !stop.load(Ordering::Relaxed) {
+            let (guard, waited) = self
+                .changed
+                .wait_timeout(left, crate::peer::HEARTBEAT_INTERVAL)
+                .unwrap_or_else(|e| e.into_inner());
+            left = guard;
+            if waited.timed_out() && *left > 0 {
+                // Not under the lock: a slow write must not hold up the others' `done`.
+                drop(left);
+                ch.w.section(Section::Heartbeat, &[])?;
+                ch.w.flush()?;
+                left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Bytes, full pages and zero pages sent so far on the main stream and every channel.
