@@ -381,10 +381,11 @@ fn apply<'scope>(
                 }
                 let _ = spare.send(frame.payload);
             }
-            Section::Channels if ch.channels.is_some() || listener.is_some() => {
+            // After ADVISE the next connection may be the preempt channel.
+            Section::Channels if ch.channels.is_some() || advised => {
                 return Err(refused(
                     Section::Channels,
-                    "channels come once, before any postcopy discard",
+                    "channels come once, before the postcopy advise",
                 ))
             }
             Section::Channels => {

@@ -306,6 +306,18 @@ fn run(
         ),
         None => None,
     };
+    let pure_postcopy = params.postcopy && params.postcopy_after_iterations == Some(0);
+    let channel_count = params
+        .channels
+        .unwrap_or_else(crate::channels::default_channels);
+    // Before ADVISE: the destination accepts exactly these connections at the Channels section,
+    // and the preempt channel only after it answered ADVISE.
+    let mut channels = if channel_count > 0 && !pure_postcopy {
+        crate::channels::open(&mut tx.w, endpoint, channel_count)?
+    } else {
+        Vec::new()
+    };
+    status.update(|s| s.channels = channels.len() as u32);
     let mut preempt = None;
     if params.postcopy {
         if advise(&mut tx.w, reader.as_ref(), params.postcopy_preempt)? {
@@ -314,16 +326,6 @@ fn run(
         status.update(|s| s.phase = Phase::Precopy);
     }
     let regions = vm.ram_regions();
-    let pure_postcopy = params.postcopy && params.postcopy_after_iterations == Some(0);
-    let channel_count = params
-        .channels
-        .unwrap_or_else(crate::channels::default_channels);
-    let mut channels = if channel_count > 0 && !pure_postcopy {
-        crate::channels::open(&mut tx.w, endpoint, channel_count)?
-    } else {
-        Vec::new()
-    };
-    status.update(|s| s.channels = channels.len() as u32);
     vm.start_dirty_log()?;
     let log_start = Instant::now();
     // Every page the dirty log reported: over the time it ran, the guest's write rate (in pages

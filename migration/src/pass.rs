@@ -132,6 +132,8 @@ impl<W: Write> PageSender<W> {
         share: Share<'_>,
     ) -> Result<(), MigrationError> {
         let mut index = 0usize;
+        // Bytes of this sender already counted in the live status.
+        let mut reported = self.w.bytes;
         for (ri, r) in regions.iter().enumerate() {
             let total = r.pages();
             let mut first = 0usize;
@@ -152,8 +154,18 @@ impl<W: Write> PageSender<W> {
                 if stop.load(Ordering::Relaxed) {
                     return Ok(());
                 }
-                if cancel.is_some_and(|c| c.get().cancel_requested) {
-                    return Err(MigrationError::Cancelled);
+                if let Some(c) = cancel {
+                    // Progress within a pass (the main stream's figures come at its end).
+                    let sent = self.w.bytes - reported;
+                    reported = self.w.bytes;
+                    let mut cancelled = false;
+                    c.update(|s| {
+                        s.bytes += sent;
+                        cancelled = s.cancel_requested;
+                    });
+                    if cancelled {
+                        return Err(MigrationError::Cancelled);
+                    }
                 }
                 match pages {
                     PassPages::First => {
