@@ -3,9 +3,9 @@
 //! source and a receiver thread on the destination; the main connection keeps the control
 //! protocol (sections, pass boundaries, the switch, postcopy).
 //!
-//! Source: after the configuration (and ADVISE) it sends a Channels section `{count}` on the main
-//! stream, then connects `count` times; each connection starts with a stream header and a
-//! Channel section `{index}`. Every pass ends on each channel with a PassDone marker, and then on
+//! Source: after the configuration (before ADVISE: the preempt connection must come after the
+//! channels) it sends a Channels section `{count}` on the main stream, then connects `count`
+//! times; each connection starts with a stream header and a Channel section `{index}`. Every pass ends on each channel with a PassDone marker, and then on
 //! the main stream with the same marker, where the destination waits until every channel
 //! delivered that pass. Before the end section or the postcopy switch the source closes them.
 
