@@ -77,6 +77,35 @@ impl Proxy {
         })
     }
 
+    /// Listens on `listen` and relays every connection to `target`, connection i (0: the first)
+    /// following `plans[i]` ([`Plan::Pass`] past the end), each with its own byte counts. The
+    /// returned proxy's counts and [`Proxy::cut`] are the first connection's.
+    pub fn start_each(listen: &Path, target: &Path, plans: Vec<Plan>) -> std::io::Result<Proxy> {
+        let listener = UnixListener::bind(listen)?;
+        let first = Arc::new(Shared::default());
+        let s = first.clone();
+        let target = target.to_path_buf();
+        std::thread::spawn(move || {
+            for i in 0.. {
+                let shared = if i == 0 {
+                    s.clone()
+                } else {
+                    Arc::new(Shared::default())
+                };
+                let plan = plans.get(i).copied().unwrap_or(Plan::Pass);
+                if let Err(e) = relay(&listener, &target, plan, &shared) {
+                    eprintln!("relay: connection {i}: {e}");
+                    shared.cut_now();
+                    return;
+                }
+            }
+        });
+        Ok(Proxy {
+            path: listen.to_path_buf(),
+            shared: first,
+        })
+    }
+
     /// Cuts both directions now.
     pub fn cut(&self) {
         self.shared.cut_now();

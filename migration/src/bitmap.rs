@@ -37,6 +37,13 @@ impl DirtyBitmap {
         self.pages
     }
 
+    /// The words holding pages `first..first + count` (`first` a multiple of 64), KVM-style.
+    pub fn words_of(&self, first: usize, count: usize) -> &[u64] {
+        let lo = (first / 64).min(self.words.len());
+        let hi = (first + count).div_ceil(64).min(self.words.len());
+        &self.words[lo..hi]
+    }
+
     pub fn set(&mut self, page: usize) {
         if page < self.pages {
             self.words[page / 64] |= 1 << (page % 64);

@@ -30,6 +30,11 @@ pub enum MigrationError {
     Cancelled,
     #[error("local migration refused: {0}")]
     LocalRefused(String),
+    #[error("RAM channel {index}: {source}")]
+    Channel {
+        index: usize,
+        source: Box<MigrationError>,
+    },
 }
 
 impl MigrationError {

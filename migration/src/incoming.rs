@@ -18,7 +18,7 @@ use crate::stream::{
 use crate::{MigratableVm, VmConfigRecord, VmState, PAGE_SIZE};
 
 /// Populates the span a RAM batch covers when the batch fills most of it.
-fn prepare_dense_range(vm: &dyn MigratableVm, payload: &[u8]) {
+pub(crate) fn prepare_dense_range(vm: &dyn MigratableVm, payload: &[u8]) {
     let (mut lo, mut hi, mut n) = (u64::MAX, 0u64, 0u64);
     for rec in parse_ram(payload).flatten() {
         if let PageRecord::Full(gpa, _) = rec {
@@ -188,7 +188,44 @@ pub fn receive(
     // Two stages: a reader thread receives and checks sections while this thread places pages
     // (populating fresh memory is the slow part here), with payload buffers handed back.
     let (frames_rx, spare_tx) = spawn_reader(r)?;
-    apply(frames_rx, spare_tx, vm, status, start, return_path, options)
+    // RAM channels' receivers borrow the VM: they end with this scope (the source closes their
+    // connections before its end section or the postcopy switch).
+    std::thread::scope(|scope| {
+        let mut channels = None;
+        let received = apply(
+            frames_rx,
+            spare_tx,
+            vm,
+            status,
+            start,
+            return_path,
+            options,
+            Channels {
+                scope,
+                channels: &mut channels,
+            },
+        );
+        if let Some(c) = &channels {
+            c.stop();
+            let p = c.placing();
+            let ms = |ns: u64| ns as f64 / 1e6;
+            log::info!(
+                "RAM channels placed {} pages in guest memory: populate {:.1} ms, receive {:.1} ms, \
+checksum {:.1} ms (summed over the channels)",
+                p.pages,
+                ms(p.populate_ns),
+                ms(p.receive_ns),
+                ms(p.checksum_ns)
+            );
+        }
+        received
+    })
+}
+
+/// The RAM channels of a migration, once the source announced them.
+struct Channels<'a, 'scope, 'env> {
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    channels: &'a mut Option<crate::channels::Receivers>,
 }
 
 type Frames = mpsc::Receiver<Result<Frame, StreamError>>;
@@ -277,14 +314,16 @@ pub fn recover(
     ))
 }
 
-fn apply(
+#[allow(clippy::too_many_arguments)]
+fn apply<'scope>(
     frames: mpsc::Receiver<Result<Frame, StreamError>>,
     spare: mpsc::Sender<Vec<u8>>,
-    vm: &dyn MigratableVm,
+    vm: &'scope dyn MigratableVm,
     status: &StatusCell,
     start: Instant,
     return_path: Option<ReturnPath>,
     options: &Options,
+    ch: Channels<'_, 'scope, '_>,
 ) -> Result<Received, MigrationError> {
     let mut listener: Option<Listener> = None;
     // Postcopy goes ADVISE (accepted here) -> DISCARD -> state -> RUN, in that order only.
@@ -293,6 +332,8 @@ fn apply(
     let zero = vec![0u8; PAGE_SIZE];
     let (mut vcpus, mut clock, mut irqchip, mut pit, mut devices) = (None, None, None, None, None);
     let (mut full, mut zeros, mut iteration, mut bytes) = (0u64, 0u64, 0u32, 0u64);
+    // What the channels placed, as of the last pass marker.
+    let mut channel_figures = (0u64, 0u64, 0u64);
     let paused_at = loop {
         let frame = frames
             .recv()
@@ -301,7 +342,12 @@ fn apply(
         if options.local
             && matches!(
                 frame.kind,
-                Section::Ram | Section::Advise | Section::Discard | Section::Run
+                Section::Ram
+                    | Section::Advise
+                    | Section::Discard
+                    | Section::Run
+                    | Section::Channels
+                    | Section::PassDone
             )
         {
             return Err(StreamError::Unexpected {
@@ -334,6 +380,43 @@ fn apply(
                     }
                 }
                 let _ = spare.send(frame.payload);
+            }
+            // After ADVISE the next connection may be the preempt channel.
+            Section::Channels if ch.channels.is_some() || advised => {
+                return Err(refused(
+                    Section::Channels,
+                    "channels come once, before the postcopy advise",
+                ))
+            }
+            Section::Channels => {
+                let rec: crate::channels::ChannelsRecord = frame.decode()?;
+                let mut listening = options.preempt.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(l) = listening.as_ref() else {
+                    return Err(refused(
+                        Section::Channels,
+                        "this endpoint takes no further connections",
+                    ));
+                };
+                *ch.channels = Some(crate::channels::accept(
+                    ch.scope,
+                    l,
+                    rec.count as usize,
+                    vm,
+                )?);
+                status.update(|s| s.channels = rec.count);
+                // Without postcopy nothing else connects: a Unix path goes now.
+                if !options.postcopy {
+                    *listening = None;
+                }
+            }
+            Section::PassDone => {
+                let pass: u32 = frame.decode()?;
+                let Some(c) = ch.channels.as_ref() else {
+                    return Err(refused(Section::PassDone, "no channels were announced"));
+                };
+                c.wait_pass(pass)?;
+                let (f, z, b) = c.figures();
+                channel_figures = (f, z, b);
             }
             Section::IterationDone => iteration = frame.decode()?,
             Section::Heartbeat => {}
@@ -444,9 +527,9 @@ fn apply(
             }
         }
         status.update(|s| {
-            s.bytes = bytes;
-            s.pages_full = full;
-            s.pages_zero = zeros;
+            s.bytes = bytes + channel_figures.2;
+            s.pages_full = full + channel_figures.0;
+            s.pages_zero = zeros + channel_figures.1;
             s.iteration = iteration;
             s.total_ms = start.elapsed().as_secs_f64() * 1e3;
         });

@@ -3,11 +3,13 @@
 //! stream written to a file.
 
 pub mod bitmap;
+pub mod channels;
 pub mod error;
 pub mod fdpass;
 pub mod incoming;
 pub mod local;
 pub mod outgoing;
+mod pass;
 pub mod peer;
 pub mod postcopy;
 pub mod progress;
@@ -73,10 +75,42 @@ pub trait MigratableVm: Send + Sync {
     fn prepare_ram(&self, _gpa: u64, _len: u64) {}
     /// Which pages of `region` have ever been populated; the rest are zero and need not be read.
     fn populated_pages(&self, region: &RamRegion) -> VmResult<DirtyBitmap>;
+    /// [`MigratableVm::populated_pages`] of pages `first..first + count` of `region` only
+    /// (bit 0 = page `first`).
+    fn populated_pages_in(
+        &self,
+        region: &RamRegion,
+        first: usize,
+        count: usize,
+    ) -> VmResult<DirtyBitmap> {
+        let all = self.populated_pages(region)?;
+        let mut out = DirtyBitmap::new(count);
+        for p in 0..count {
+            if all.get(first + p) {
+                out.set(p);
+            }
+        }
+        Ok(out)
+    }
     fn start_dirty_log(&self) -> VmResult<()>;
     fn stop_dirty_log(&self) -> VmResult<()>;
     /// Pages written since the last call (by the guest or by the VMM itself), per region, cleared.
+    /// With manual re-arming ([`MigratableVm::rearm_dirty`]) a page's next write is logged only
+    /// once it was re-armed.
     fn fetch_dirty(&self) -> VmResult<Vec<DirtyBitmap>>;
+    /// Called just before pages `first..first + count` of region `region` (index in
+    /// [`MigratableVm::ram_regions`]; `first` a multiple of 64) are read for sending: the pages set
+    /// in `bits` (bit 0 = page `first`) must log their next write from now on. Nothing to do for a
+    /// VM whose [`MigratableVm::fetch_dirty`] re-arms everything itself.
+    fn rearm_dirty(
+        &self,
+        _region: usize,
+        _first: usize,
+        _count: usize,
+        _bits: &[u64],
+    ) -> VmResult<()> {
+        Ok(())
+    }
     fn pause(&self) -> VmResult<()>;
     fn resume(&self) -> VmResult<()>;
     fn save_state(&self) -> VmResult<VmState>;

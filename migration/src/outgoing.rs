@@ -4,7 +4,9 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 // Kept here too: users named it `outgoing::MigrationError` before it moved.
+use crate::channels::ChannelSender;
 pub use crate::error::MigrationError;
+use crate::pass::{send_pass, totals, PassPages, Rearm};
 use crate::peer::PeerReader;
 use crate::postcopy::preempt::AdviseRecord;
 use crate::progress::Phase;
@@ -31,6 +33,10 @@ pub struct Params {
     /// Limit on the postcopy background push, bytes/s (`None`: as fast as it goes). Requested
     /// pages are never held back.
     pub postcopy_bandwidth: Option<u64>,
+    /// RAM channels (`URI,channels=N`): each precopy pass is split over N extra connections
+    /// (placed straight into guest memory there); 0 sends RAM on the main connection.
+    /// None: [`crate::channels::default_channels`].
+    pub channels: Option<usize>,
 }
 
 impl Default for Params {
@@ -43,6 +49,7 @@ impl Default for Params {
             postcopy_after_iterations: None,
             postcopy_preempt: true,
             postcopy_bandwidth: None,
+            channels: None,
         }
     }
 }
@@ -51,9 +58,11 @@ impl Default for Params {
 pub(crate) struct PageSender<W: Write> {
     pub(crate) w: StreamWriter<W>,
     pub(crate) batch: RamBatch,
-    page: Vec<u8>,
+    pub(crate) page: Vec<u8>,
     /// Checked between batches until the switch: `migrate-cancel` ends precopy there.
     pub(crate) cancel: Option<StatusCell>,
+    /// RAM channels: full pages go in runs the destination places directly.
+    pub(crate) run: Option<crate::pass::RunBuilder>,
 }
 
 impl<W: Write> PageSender<W> {
@@ -64,35 +73,8 @@ impl<W: Write> PageSender<W> {
             batch,
             page,
             cancel: None,
+            run: None,
         }
-    }
-
-    /// Sends the set pages of `region`. In the first pass the destination's RAM is still zero, so
-    /// zero pages are only counted.
-    fn send(
-        &mut self,
-        vm: &dyn MigratableVm,
-        region: &RamRegion,
-        pages: &DirtyBitmap,
-        first_pass: bool,
-    ) -> Result<(), MigrationError> {
-        for p in pages.iter() {
-            let gpa = region.gpa + (p * PAGE_SIZE) as u64;
-            vm.read_ram(gpa, &mut self.page)?;
-            if is_zero(&self.page) {
-                if first_pass {
-                    self.batch.zero += 1;
-                } else {
-                    self.batch.push_zero(gpa);
-                }
-            } else {
-                self.batch.push_full(gpa, &self.page);
-            }
-            if self.batch.len() >= RamBatch::PAGES {
-                self.flush_batch()?;
-            }
-        }
-        Ok(())
     }
 
     /// Sends one page now (a postcopy request or push).
@@ -122,6 +104,7 @@ impl<W: Write> PageSender<W> {
     }
 
     pub(crate) fn flush_batch(&mut self) -> Result<(), MigrationError> {
+        self.flush_run()?;
         // Counters stay in the batch; only the payload is taken.
         if !self.batch.is_empty() {
             self.w.section(Section::Ram, self.batch.payload())?;
@@ -316,6 +299,7 @@ fn run(
         batch: RamBatch::default(),
         page: vec![0u8; PAGE_SIZE],
         cancel: Some(status.clone()),
+        run: None,
     };
     tx.w.header()?;
     tx.w.record(Section::Config, &vm.config())?;
@@ -326,6 +310,18 @@ fn run(
         ),
         None => None,
     };
+    let pure_postcopy = params.postcopy && params.postcopy_after_iterations == Some(0);
+    let channel_count = params
+        .channels
+        .unwrap_or_else(crate::channels::default_channels);
+    // Before ADVISE: the destination accepts exactly these connections at the Channels section,
+    // and the preempt channel only after it answered ADVISE.
+    let mut channels = if channel_count > 0 && !pure_postcopy {
+        crate::channels::open(&mut tx.w, endpoint, channel_count)?
+    } else {
+        Vec::new()
+    };
+    status.update(|s| s.channels = channels.len() as u32);
     let mut preempt = None;
     if params.postcopy {
         if advise(&mut tx.w, reader.as_ref(), params.postcopy_preempt)? {
@@ -335,14 +331,24 @@ fn run(
     }
     let regions = vm.ram_regions();
     vm.start_dirty_log()?;
+    let log_start = Instant::now();
+    // Every page the dirty log reported: over the time it ran, the guest's write rate (in pages
+    // written at least once per pass; a lower bound).
+    let mut dirtied = 0u64;
 
     let mut progress = ProgressLine::default();
-    let publish = |tx: &PageSender<_>, iteration: u32, bw: f64, dirty_rate: f64, remaining: u64| {
+    let publish = |tx: &PageSender<_>,
+                   channels: &[ChannelSender],
+                   iteration: u32,
+                   bw: f64,
+                   dirty_rate: f64,
+                   remaining: u64| {
+        let (bytes, full, zero) = totals(tx, channels);
         status.update(|s| {
             s.iteration = iteration;
-            s.bytes = tx.w.bytes;
-            s.pages_full = tx.batch.full;
-            s.pages_zero = tx.batch.zero;
+            s.bytes = bytes;
+            s.pages_full = full;
+            s.pages_zero = zero;
             s.throughput_mbps = bw / 1e6;
             s.dirty_rate_mbps = dirty_rate / 1e6;
             s.remaining_bytes = remaining;
@@ -351,7 +357,7 @@ fn run(
     };
 
     // Pure postcopy: switch before sending anything; every page is fetched or pushed after RUN.
-    if params.postcopy && params.postcopy_after_iterations == Some(0) {
+    if pure_postcopy {
         begin_switch(&mut tx, status)?;
         let reader = reader
             .take()
@@ -376,15 +382,19 @@ fn run(
     }
     // Pass 0: everything that was ever populated.
     let pass_start = Instant::now();
-    for r in &regions {
-        let populated = vm.populated_pages(r)?;
-        let untouched = (r.pages() - populated.count()) as u64;
-        tx.batch.zero += untouched;
-        tx.send(vm, r, &populated, true)?;
-    }
-    tx.flush_batch()?;
+    let mut pass = 0u32;
+    send_pass(
+        &mut tx,
+        &mut channels,
+        vm,
+        &regions,
+        PassPages::First,
+        Rearm::Yes,
+        pass,
+    )?;
     tx.w.flush()?;
-    let mut bandwidth = tx.w.bytes as f64 / pass_start.elapsed().as_secs_f64().max(1e-6);
+    let mut bandwidth =
+        totals(&tx, &channels).0 as f64 / pass_start.elapsed().as_secs_f64().max(1e-6);
     let mut iteration = 0u32;
     let mut dirty_rate;
     loop {
@@ -392,8 +402,16 @@ fn run(
         let dirty = vm.fetch_dirty()?;
         let remaining: usize = dirty.iter().map(|d| d.count()).sum();
         let remaining_bytes = (remaining * PAGE_SIZE) as u64;
-        dirty_rate = remaining_bytes as f64 / pass_start.elapsed().as_secs_f64().max(1e-6);
-        publish(&tx, iteration, bandwidth, dirty_rate, remaining_bytes);
+        dirtied += remaining_bytes;
+        dirty_rate = dirtied as f64 / log_start.elapsed().as_secs_f64().max(1e-6);
+        publish(
+            &tx,
+            &channels,
+            iteration,
+            bandwidth,
+            dirty_rate,
+            remaining_bytes,
+        );
         progress.show(&status.get(), true);
         let expected = Duration::from_secs_f64(remaining_bytes as f64 / bandwidth.max(1.0));
         let converged = expected <= params.downtime;
@@ -406,6 +424,9 @@ fn run(
                 || start.elapsed() >= params.timeout);
         if switch {
             begin_switch(&mut tx, status)?;
+            // Every pass was delivered (the destination waited at its marker): postcopy pages
+            // use the main stream.
+            channels.clear();
             let Some(reader) = reader.take() else {
                 return Err(MigrationError::NoAnswer(
                     "postcopy needs a return path".into(),
@@ -441,7 +462,11 @@ fn run(
             begin_switch(&mut tx, status)?;
             return stop_and_copy(
                 vm,
-                tx,
+                Senders {
+                    tx,
+                    channels,
+                    pass: pass + 1,
+                },
                 &regions,
                 dirty,
                 reader,
@@ -452,15 +477,22 @@ fn run(
             );
         }
         iteration += 1;
-        let before = tx.w.bytes;
-        for (r, d) in regions.iter().zip(&dirty) {
-            tx.send(vm, r, d, false)?;
-        }
-        tx.flush_batch()?;
+        pass += 1;
+        let before = totals(&tx, &channels).0;
+        send_pass(
+            &mut tx,
+            &mut channels,
+            vm,
+            &regions,
+            PassPages::Dirty(&dirty),
+            Rearm::Yes,
+            pass,
+        )?;
         tx.w.record(Section::IterationDone, &iteration)?;
         tx.w.flush()?;
-        bandwidth = (tx.w.bytes - before) as f64 / iter_start.elapsed().as_secs_f64().max(1e-6);
-        publish(&tx, iteration, bandwidth, dirty_rate, 0);
+        bandwidth = (totals(&tx, &channels).0 - before) as f64
+            / iter_start.elapsed().as_secs_f64().max(1e-6);
+        publish(&tx, &channels, iteration, bandwidth, dirty_rate, 0);
         progress.show(&status.get(), false);
     }
 }
@@ -482,10 +514,17 @@ pub(crate) fn await_resumed(rx: &PeerReader) -> Result<(), MigrationError> {
     }
 }
 
+/// The main stream, the RAM channels, and the number the next pass gets.
+struct Senders<W: Write> {
+    tx: PageSender<W>,
+    channels: Vec<ChannelSender>,
+    pass: u32,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn stop_and_copy<W: Write>(
     vm: &dyn MigratableVm,
-    mut tx: PageSender<W>,
+    senders: Senders<W>,
     regions: &[RamRegion],
     mut pending: Vec<DirtyBitmap>,
     reader: Option<PeerReader>,
@@ -501,10 +540,23 @@ fn stop_and_copy<W: Write>(
     for (p, d) in pending.iter_mut().zip(vm.fetch_dirty()?) {
         p.merge(&d);
     }
-    for (r, d) in regions.iter().zip(&pending) {
-        tx.send(vm, r, d, false)?;
-    }
-    tx.flush_batch()?;
+    let Senders {
+        mut tx,
+        mut channels,
+        pass,
+    } = senders;
+    send_pass(
+        &mut tx,
+        &mut channels,
+        vm,
+        regions,
+        PassPages::Dirty(&pending),
+        Rearm::No,
+        pass,
+    )?;
+    let (bytes, full, zero) = totals(&tx, &channels);
+    // Delivered (the destination waits at the marker): the channels close before the end.
+    channels.clear();
     vm.stop_dirty_log()?;
     send_state(&mut tx.w, &vm.save_state()?)?;
     tx.w.record(Section::End, &EndRecord { paused_at_unix_ns })?;
@@ -516,8 +568,13 @@ fn stop_and_copy<W: Write>(
     }
     let total = start.elapsed().as_secs_f64();
     let downtime = paused_at.elapsed().as_secs_f64();
+    let channel_bytes = bytes - tx.w.bytes;
     status.update(|s| {
         tx.record_completion(s, total);
+        s.bytes += channel_bytes;
+        s.pages_full = full;
+        s.pages_zero = zero;
+        s.throughput_mbps = s.bytes as f64 / total / 1e6;
         s.downtime_ms = downtime * 1e3;
     });
     progress.show(&status.get(), true);

@@ -86,6 +86,8 @@ pub struct MigrationStatus {
     pub pages_zero: u64,
     pub throughput_mbps: f64,
     pub dirty_rate_mbps: f64,
+    /// RAM channels: extra connections precopy passes were split over (0: the main one only).
+    pub channels: u32,
     pub remaining_bytes: u64,
     pub total_ms: f64,
     pub downtime_ms: f64,

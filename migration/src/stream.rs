@@ -64,6 +64,16 @@ pub enum Section {
     Preempt = 17,
     /// Snapshot: (gpa u64 LE, crc32 u32 LE) of each stored page, in file order.
     PageIndex = 18,
+    /// RAM channels: the source announces `{count}` extra connections (main stream).
+    Channels = 19,
+    /// RAM channels: the first section on a channel connection (`{index}`).
+    Channel = 20,
+    /// RAM channels: a pass (its number) is complete on this channel; on the main stream, on
+    /// every channel.
+    PassDone = 21,
+    /// RAM channels: consecutive full pages, placed straight into guest memory on arrival:
+    /// gpa u64 LE | count u32 LE | count pages.
+    RamRun = 22,
     /// Return path: the destination resumed the guest.
     Resumed = 0x40,
     /// Return path: the destination gave up; the payload says why.
@@ -101,6 +111,10 @@ impl Section {
             Recover,
             Preempt,
             PageIndex,
+            Channels,
+            Channel,
+            PassDone,
+            RamRun,
             Resumed,
             Abort,
             PageRequest,
@@ -116,6 +130,7 @@ impl Section {
     pub fn max_len(self) -> usize {
         match self {
             Section::Ram
+            | Section::RamRun
             | Section::Discard
             | Section::Vcpus
             | Section::Missing
@@ -147,6 +162,10 @@ impl Section {
             Section::Recover => "postcopy recover",
             Section::Preempt => "preempt channel",
             Section::PageIndex => "page index",
+            Section::Channels => "RAM channels",
+            Section::Channel => "RAM channel",
+            Section::PassDone => "pass marker",
+            Section::RamRun => "RAM run",
             Section::Missing => "missing pages",
             Section::PageRequest => "page request",
             Section::Complete => "postcopy complete",
@@ -199,6 +218,11 @@ pub fn header_bytes() -> [u8; HEADER_LEN] {
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
     h
 }
+
+/// Reads a RAM run's payload from the stream to where it belongs: (stream, payload length,
+/// checksum so far, to be fed every payload byte).
+pub type PlaceRun<'a> =
+    dyn FnMut(&mut dyn Read, usize, &mut crc32fast::Hasher) -> Result<(), StreamError> + 'a;
 
 /// Writes sections, counting bytes.
 pub struct StreamWriter<W: Write> {
@@ -351,6 +375,34 @@ impl<R: Read> StreamReader<R> {
 
     /// Reads one section.
     pub fn read_section(&mut self) -> Result<Frame, StreamError> {
+        let (head, kind, len) = self.read_head()?;
+        self.read_rest(head, kind, len)
+    }
+
+    /// Reads one section, but hands a RAM run's payload to `place` (with the stream, the
+    /// payload's length and the checksum so far) to read where it belongs; the checksum is
+    /// verified after it. Returns None for a placed run.
+    pub fn read_section_placing(
+        &mut self,
+        place: &mut PlaceRun<'_>,
+    ) -> Result<Option<Frame>, StreamError> {
+        let (head, kind, len) = self.read_head()?;
+        if kind != Section::RamRun {
+            return self.read_rest(head, kind, len).map(Some);
+        }
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head);
+        place(&mut self.r, len, &mut crc)?;
+        let mut crc_bytes = [0u8; 4];
+        read_exact_in(&mut self.r, &mut crc_bytes, "RAM run section")?;
+        if crc.finalize() != u32::from_le_bytes(crc_bytes) {
+            return Err(StreamError::Checksum(kind.name()));
+        }
+        self.bytes += (len + 9) as u64;
+        Ok(None)
+    }
+
+    fn read_head(&mut self) -> Result<([u8; 5], Section, usize), StreamError> {
         let mut head = [0u8; 5];
         read_exact_in(
             &mut self.r,
@@ -366,6 +418,15 @@ impl<R: Read> StreamReader<R> {
                 limit: kind.max_len(),
             });
         }
+        Ok((head, kind, len))
+    }
+
+    fn read_rest(
+        &mut self,
+        head: [u8; 5],
+        kind: Section,
+        len: usize,
+    ) -> Result<Frame, StreamError> {
         let mut payload = std::mem::take(&mut self.spare);
         payload.resize(len, 0);
         read_exact_in(

@@ -28,6 +28,22 @@ pub enum BadEndpoint {
     Syntax(String),
     #[error("`{0}`: local=on needs a unix:PATH endpoint (memory is handed over as file descriptors on a Unix socket)")]
     LocalNeedsUnix(String),
+    #[error("`{0}`: channels=N takes a count from 0 to {max} on a unix: or tcp: endpoint without local=on", max = crate::channels::MAX_CHANNELS)]
+    Channels(String),
+}
+
+/// What `migrate` is given: an endpoint and, optionally, `,channels=N` after it (the last option).
+pub fn parse_migrate_uri(full: &str) -> Result<(Endpoint, Option<usize>), BadEndpoint> {
+    let Some((rest, n)) = full.rsplit_once(",channels=") else {
+        return Ok((full.parse()?, None));
+    };
+    let bad = || BadEndpoint::Channels(full.to_string());
+    let n: usize = n.parse().map_err(|_| bad())?;
+    let ep: Endpoint = rest.parse()?;
+    if n > crate::channels::MAX_CHANNELS || ep.is_local() || matches!(ep, Endpoint::File(_)) {
+        return Err(bad());
+    }
+    Ok((ep, Some(n)))
 }
 
 /// The `,local=on|off` suffix, if any: (the rest, local).
@@ -372,6 +388,36 @@ mod tests {
         assert!("tcp:nohost".parse::<Endpoint>().is_err());
         assert!("ftp:x".parse::<Endpoint>().is_err());
         assert!("unix:".parse::<Endpoint>().is_err());
+    }
+
+    #[test]
+    fn parses_channels() {
+        assert_eq!(
+            parse_migrate_uri("tcp:127.0.0.1:4444,channels=4"),
+            Ok((Endpoint::Tcp("127.0.0.1:4444".into()), Some(4)))
+        );
+        assert_eq!(
+            parse_migrate_uri("unix:/tmp/s"),
+            Ok((
+                Endpoint::Unix {
+                    path: "/tmp/s".into(),
+                    local: false
+                },
+                None
+            ))
+        );
+        for bad in [
+            "unix:/tmp/s,channels=17",
+            "unix:/tmp/s,channels=x",
+            "unix:/tmp/s,local=on,channels=2",
+            "file:/tmp/f,channels=2",
+        ] {
+            assert_eq!(
+                parse_migrate_uri(bad),
+                Err(BadEndpoint::Channels(bad.into())),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -204,8 +204,8 @@ impl Handler {
         resume: bool,
         stream: &UnixStream,
     ) -> Option<Result<Value, String>> {
-        let ep = match uri.parse::<migration::transport::Endpoint>() {
-            Ok(ep) => ep,
+        let (ep, channels) = match migration::transport::parse_migrate_uri(&uri) {
+            Ok(v) => v,
             Err(e) => return Some(Err(e.to_string())),
         };
         let waiter = match (detach, stream.try_clone()) {
@@ -232,7 +232,9 @@ impl Handler {
         } else if resume {
             crate::migrate::recovery::reconnect(&self.vm, ep, on_done)
         } else {
-            flows::start_outgoing(&self.vm, ep, self.params.clone(), on_done)
+            let mut params = self.params.clone();
+            params.channels = channels.or(params.channels);
+            flows::start_outgoing(&self.vm, ep, params, on_done)
         };
         match started {
             Ok(()) if detach => Some(Ok(json!({"started": uri}))),

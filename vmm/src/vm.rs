@@ -72,6 +72,8 @@ pub struct VmInner {
     pub vcpus: Vec<VcpuHandle>,
     pub migration: StatusCell,
     pub dirty_logging: AtomicBool,
+    /// How dirty pages are fetched and re-armed (`migrate::dirty::DirtyLogMode` as u8).
+    pub dirty_mode: std::sync::atomic::AtomicU8,
     pub paused: AtomicBool,
     pub apf: Option<Arc<ApfController>>,
     /// `--async-pf` on this side: with `off`, an incoming guest's async-PF MSRs are not restored.

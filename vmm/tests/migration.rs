@@ -98,9 +98,10 @@ fn killed_destination_leaves_the_source_running() {
     let mig = format!("unix:{}", dir.join("mig.sock").display());
     let src = Running::spawn(&[
         "--memory",
-        "size=512M",
+        "size=1536M",
         "--cmdline",
-        "suite=dirty mib=256",
+        // 1.3 GB in the first pass: still sending when the destination dies, however fast.
+        "suite=dirty mib=256 static=1024",
         "--api-socket",
         &sock,
         "--downtime-ms",

@@ -59,8 +59,13 @@ fn lost_resumed_reply_leaves_exactly_one_running_guest() {
     );
     assert!(dst.wait_stderr(WAIT, "waiting for an incoming migration"));
     // Everything the destination says (its Resumed, its heartbeats) is lost on the way.
-    let proxy =
-        Proxy::start(&dir.join("relay.sock"), &real, Plan::Swallow(Dir::Back)).expect("relay");
+    // (The RAM channels, later connections, pass through untouched.)
+    let proxy = Proxy::start_each(
+        &dir.join("relay.sock"),
+        &real,
+        vec![Plan::Swallow(Dir::Back)],
+    )
+    .expect("relay");
     let o = remote(&a, &["migrate", &format!("unix:{}", proxy.path.display())]);
     assert_ne!(o.code, Some(0), "{}", o.describe());
     // The destination resumed the guest and runs it...

@@ -86,6 +86,7 @@ pub fn params() -> Params {
         postcopy_after_iterations: None,
         postcopy_preempt: false,
         postcopy_bandwidth: None,
+        channels: Some(0),
     }
 }
 
@@ -136,7 +137,7 @@ fn destination(listening: Listening, opts: DestOptions) -> DestOutcome {
         vcpu_tids: Vec::new(),
         local: false,
         shared_ram: false,
-        preempt: Mutex::new(opts.postcopy.then_some(listening)),
+        preempt: Mutex::new(Some(listening)),
     };
     let received = incoming::receive(
         rx,

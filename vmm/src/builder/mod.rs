@@ -289,6 +289,7 @@ impl Parts {
                 vcpus: handles,
                 migration: StatusCell::default(),
                 dirty_logging: AtomicBool::new(false),
+                dirty_mode: std::sync::atomic::AtomicU8::new(0),
                 paused: AtomicBool::new(paused),
                 apf: self.apf,
                 async_pf: self.async_pf,

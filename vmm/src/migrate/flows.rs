@@ -103,8 +103,7 @@ pub fn receive(
             endpoint: endpoint.clone(),
             source,
         })?;
-    // Kept listening only for a postcopy preempt channel (a Unix path goes with it).
-    let listening = if opts.postcopy { listening } else { None };
+    // Kept listening for RAM channels and a postcopy preempt channel (a Unix path goes with it).
     let t0 = Instant::now();
     let reader = channel
         .reader
@@ -341,6 +340,7 @@ pub fn params(
         postcopy_after_iterations,
         postcopy_preempt,
         postcopy_bandwidth,
+        channels: None,
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod device_set;
+pub mod dirty;
 pub mod flows;
 pub mod recovery;
 pub mod restore;
@@ -48,6 +49,26 @@ impl VmInner {
 }
 
 impl VmInner {
+    /// Each slot's dirty pages: KVM's log merged with tern's own writes.
+    fn fetch_dirty_slots(&self) -> VmResult<Vec<DirtyBitmap>> {
+        let mut out = Vec::new();
+        for (slot, r) in self.mem.iter().enumerate() {
+            let pages = (r.len() as usize) / PAGE_SIZE;
+            let kvm = self
+                .vm_fd
+                .get_dirty_log(slot as u32, r.len() as usize)
+                .map_err(side("KVM_GET_DIRTY_LOG"))?;
+            let mut map = DirtyBitmap::from_words(kvm, pages);
+            // Pages tern itself wrote (devices, the compat module) are not in KVM's log.
+            map.merge(&DirtyBitmap::from_words(
+                host_bitmap(r).get_and_reset(),
+                pages,
+            ));
+            out.push(map);
+        }
+        Ok(out)
+    }
+
     /// The vCPU threads' kernel thread ids (0 for a thread not started yet).
     pub fn vcpu_thread_ids(&self) -> Vec<u32> {
         devices::bus::lock(&self.vcpu_tids).clone()
@@ -144,7 +165,67 @@ impl MigratableVm for VmInner {
         Ok(map)
     }
 
+    fn populated_pages_in(
+        &self,
+        region: &RamRegion,
+        first: usize,
+        count: usize,
+    ) -> VmResult<DirtyBitmap> {
+        if self.lazy.is_some() {
+            return Ok(DirtyBitmap::full(count));
+        }
+        let r = self
+            .mem
+            .find_region(GuestAddress(region.gpa))
+            .ok_or_else(|| VmSideError(format!("no RAM region at {:#x}", region.gpa)))?;
+        let in_region = first
+            .checked_add(count)
+            .is_some_and(|end| end <= region.pages());
+        if !in_region {
+            return Err(VmSideError(format!(
+                "pages {first}+{count} are outside the region at {:#x}",
+                region.gpa
+            )));
+        }
+        let mut vec = vec![0u8; count];
+        // SAFETY: the range (checked above) lies inside one live mapping owned by guest memory;
+        // mincore only reads page residency into `vec`, which has one byte per page.
+        let rc = unsafe {
+            libc::mincore(
+                r.as_ptr().add(first * PAGE_SIZE).cast(),
+                count * PAGE_SIZE,
+                vec.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(VmSideError(format!(
+                "mincore on guest RAM: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let mut map = DirtyBitmap::new(count);
+        for (p, v) in vec.iter().enumerate() {
+            if v & 1 != 0 {
+                map.set(p);
+            }
+        }
+        Ok(map)
+    }
+
+    fn rearm_dirty(&self, region: usize, first: usize, count: usize, bits: &[u64]) -> VmResult<()> {
+        if dirty::DirtyLogMode::from_u8(self.dirty_mode.load(Ordering::SeqCst))
+            == dirty::DirtyLogMode::Get
+        {
+            return Ok(());
+        }
+        let count = u32::try_from(count).map_err(side("KVM_CLEAR_DIRTY_LOG"))?;
+        dirty::clear(&self.vm_fd, region as u32, first as u64, count, bits)
+            .map_err(side("KVM_CLEAR_DIRTY_LOG"))
+    }
+
     fn start_dirty_log(&self) -> VmResult<()> {
+        let mode = dirty::enable(&self.vm_fd);
+        self.dirty_mode.store(mode as u8, Ordering::SeqCst);
         register_memory(&self.vm_fd, &self.mem, true).map_err(side("starting dirty logging"))?;
         for r in self.mem.iter() {
             host_bitmap(r).reset();
@@ -162,21 +243,13 @@ impl MigratableVm for VmInner {
     }
 
     fn fetch_dirty(&self) -> VmResult<Vec<DirtyBitmap>> {
-        let mut out = Vec::new();
-        for (slot, r) in self.mem.iter().enumerate() {
-            let pages = (r.len() as usize) / PAGE_SIZE;
-            let kvm = self
-                .vm_fd
-                .get_dirty_log(slot as u32, r.len() as usize)
-                .map_err(side("KVM_GET_DIRTY_LOG"))?;
-            let mut map = DirtyBitmap::from_words(kvm, pages);
-            // Pages tern itself wrote (devices, the compat module) are not in KVM's log.
-            map.merge(&DirtyBitmap::from_words(
-                host_bitmap(r).get_and_reset(),
-                pages,
-            ));
-            out.push(map);
-        }
+        let t0 = std::time::Instant::now();
+        let out = self.fetch_dirty_slots()?;
+        log::debug!(
+            "dirty log: fetched {} pages in {:.3} ms",
+            out.iter().map(|d| d.count()).sum::<usize>(),
+            t0.elapsed().as_secs_f64() * 1e3
+        );
         Ok(out)
     }
 

@@ -302,7 +302,9 @@ pub fn install_or_exit(kind: ThreadKind) {
 /// The migration crate's threads, by name.
 fn migration_thread(name: &'static str) {
     let kind = match name {
-        "migration-reader" => ThreadKind::MigrationReader,
+        "migration-reader" | "migration-channel" => ThreadKind::MigrationReader,
+        // A RAM channel's sender runs under the outgoing migration's filter.
+        "migration-sender" => return label("migration sender"),
         "postcopy-faults" => ThreadKind::Faults,
         // The return-path reader runs under the outgoing migration's filter.
         _ => return label("migration return-path"),

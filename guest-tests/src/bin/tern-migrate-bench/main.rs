@@ -1,4 +1,4 @@
-//! Migration benchmarks: `tern-migrate-bench [precopy|postcopy|random|recovery|restore|local|thp]`
+//! Migration benchmarks: `tern-migrate-bench [precopy|postcopy|random|recovery|restore|local|thp|dirty|limits]`
 //! prints tables (precopy and postcopy by default; the postcopy tables end with the random-access
 //! one; `random`, `recovery`, `restore`, `local` and `thp` run only that table).
 //! Needs `cargo build --release --workspace` first (it runs the `tern` next to itself). Everything
@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use guest_tests::tern_binary;
 
+mod dirty;
+mod limits;
 mod local;
 mod thp;
 
@@ -70,6 +72,8 @@ struct Tern {
     child: Child,
     /// Every line tern printed so far, stdout (the guest) and stderr interleaved.
     lines: Arc<Mutex<Vec<String>>>,
+    /// When each `dirty round=R` report arrived, with R (the dirty suite's progress).
+    rounds: Arc<Mutex<Vec<(Instant, u64)>>>,
 }
 
 impl Tern {
@@ -103,8 +107,14 @@ impl Drop for Tern {
 /// Starts tern and waits until its stderr (or stdout, for the guest) shows `ready`. Its output
 /// keeps being collected (so tern never blocks on a full pipe) for [`Tern::wait_line`].
 fn start(args: &[&str], ready: &str) -> Result<Tern> {
+    start_env(args, ready, &[])
+}
+
+/// [`start`] with environment variables for tern.
+fn start_env(args: &[&str], ready: &str, env: &[(&str, &str)]) -> Result<Tern> {
     let mut child = Command::new(tern_binary()?)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -113,15 +123,28 @@ fn start(args: &[&str], ready: &str) -> Result<Tern> {
     let out = child.stdout.take().context("stdout")?;
     let err = child.stderr.take().context("stderr")?;
     let lines = Arc::new(Mutex::new(Vec::new()));
+    let rounds = Arc::new(Mutex::new(Vec::new()));
     for stream in [Box::new(out) as Box<dyn Read + Send>, Box::new(err)] {
-        let lines = lines.clone();
+        let (lines, rounds) = (lines.clone(), rounds.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if line.contains("dirty round=") {
+                    if let Some(r) = field(&line, "round") {
+                        rounds
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((Instant::now(), r));
+                    }
+                }
                 lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             }
         });
     }
-    let tern = Tern { child, lines };
+    let tern = Tern {
+        child,
+        lines,
+        rounds,
+    };
     if tern
         .wait_line(Duration::from_secs(300), |l| l.contains(ready))
         .is_none()
@@ -226,9 +249,9 @@ fn main() -> Result<()> {
         None | Some("all") => (true, true),
         Some("precopy") => (true, false),
         Some("postcopy") => (false, true),
-        Some("random" | "recovery" | "restore" | "local" | "thp") => (false, false),
+        Some("random" | "recovery" | "restore" | "local" | "thp" | "dirty" | "limits") => (false, false),
         Some(other) => bail!(
-            "usage: tern-migrate-bench [all|precopy|postcopy|random|recovery|restore|local|thp] \
+            "usage: tern-migrate-bench [all|precopy|postcopy|random|recovery|restore|local|thp|dirty|limits] \
              (got `{other}`)"
         ),
     };
@@ -240,6 +263,8 @@ fn main() -> Result<()> {
             Some("recovery") => return recovery::recovery_table(&dir),
             Some("local") => return local::table(&dir),
             Some("thp") => return thp::table(&dir),
+            Some("dirty") => return dirty::table(&dir),
+            Some("limits") => return limits::table(&dir),
             Some("restore") => return restore::restore_table(&dir),
             _ => {}
         }
