@@ -1,7 +1,9 @@
 //! Linux's own async-PF handler under tern: `apf-touch` (guest-tests/linux/apf-touch) fills a
 //! region in a Linux guest restored from the booted snapshot, the guest is migrated by pure
 //! postcopy (background push limited, so the region is still missing when touched) to a
-//! destination in a chosen `--async-pf` mode, and the touchers start there.
+//! destination in a chosen `--async-pf` mode, and the touchers start there. Or
+//! ([`lazy_restore_run`]) the guest is snapshotted while apf-touch waits, and the snapshot is
+//! restored lazily from slow storage (`--restore-delay-us`) with the touchers starting at once.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -84,11 +86,82 @@ fn remote(tern: &Path, api: &Path, args: &[&str]) -> Result<String> {
     Ok(stdout)
 }
 
+/// Restores the booted snapshot, starts apf-touch there and waits until its region is filled.
+fn start_filled(
+    tern: &Path,
+    snap: &Path,
+    dir: &Path,
+    extra: &[&str],
+    plan: &ApfPlan,
+) -> Result<LinuxVm> {
+    let mut vm = LinuxVm::restore(tern, snap, dir, extra)?;
+    // No subshell: apf-touch is forked and exec'd by this sh itself.
+    vm.check_retrying(
+        &format!(
+            "rm -f /tmp/go /tmp/apf.out; mkfifo /tmp/go && \
+apf-touch mib={} touchers={} go=/tmp/go </dev/null >/tmp/apf.out 2>&1 &",
+            plan.mib, plan.touchers
+        ),
+        CMD,
+    )?;
+    // Filling is first-touch work in the guest kernel (emulated here): minutes when cores are busy.
+    wait_line(&mut vm, "/tmp/apf.out", "apf-touch: filled", FILL)?;
+    Ok(vm)
+}
+
+/// apf-touch snapshotted while it waits (region filled), then restored lazily with every stored
+/// page `delay_us` away on the destination (`--async-pf MODE`), where the touchers start.
+pub fn lazy_restore_run(
+    tern: &Path,
+    snap: &Path,
+    dir: &Path,
+    plan: &ApfPlan,
+    delay_us: u32,
+) -> Result<ApfRun> {
+    let mut src = start_filled(
+        tern,
+        snap,
+        &dir.join("booted"),
+        &["--restore", "lazy"],
+        plan,
+    )?;
+    let running = dir.join("apf-running.snap");
+    remote(
+        tern,
+        &src.api,
+        &["migrate", &format!("file:{}", running.display())],
+    )?;
+    src.wait_exit(CMD)?;
+    let delay = delay_us.to_string();
+    let mut vm = LinuxVm::restore(
+        tern,
+        &running,
+        &dir.join(format!("lazy-{}", plan.mode)),
+        &[
+            "--restore",
+            "lazy",
+            "--restore-delay-us",
+            &delay,
+            "--async-pf",
+            plan.mode,
+        ],
+    )?;
+    vm.check("echo go > /tmp/go", CMD)
+        .with_context(|| vm.describe())?;
+    let done = wait_line(&mut vm, "/tmp/apf.out", "apf-touch: done", FILL)
+        .with_context(|| vm.describe())?;
+    Ok(ApfRun {
+        mode: plan.mode.to_string(),
+        done: fields(&done),
+        postcopy: serde_json::Value::Null,
+    })
+}
+
 /// One postcopy migration of a running apf-touch, touching on the destination.
 pub fn postcopy_run(tern: &Path, snap: &Path, dir: &Path, plan: &ApfPlan) -> Result<ApfRun> {
     let src_dir = dir.join(format!("{}-src", plan.mode));
     let dst_dir = dir.join(format!("{}-dst", plan.mode));
-    let mut src = LinuxVm::restore(
+    let mut src = start_filled(
         tern,
         snap,
         &src_dir,
@@ -101,19 +174,8 @@ pub fn postcopy_run(tern: &Path, snap: &Path, dir: &Path, plan: &ApfPlan) -> Res
             "--postcopy-bandwidth",
             plan.bandwidth,
         ],
+        plan,
     )?;
-    // No subshell: apf-touch is forked and exec'd by this sh itself.
-    src.check_retrying(
-        &format!(
-            "rm -f /tmp/go /tmp/apf.out; mkfifo /tmp/go && \
-apf-touch mib={} touchers={} go=/tmp/go </dev/null >/tmp/apf.out 2>&1 &",
-            plan.mib, plan.touchers
-        ),
-        CMD,
-    )?;
-    // Filling is first-touch work in the guest kernel (emulated here): minutes when cores are busy.
-    let filled = wait_line(&mut src, "/tmp/apf.out", "apf-touch: filled", FILL)?;
-    let _ = filled;
     let mig = format!("unix:{}", dir.join(format!("{}.mig", plan.mode)).display());
     let mut dst = LinuxVm::incoming(
         tern,

@@ -186,6 +186,11 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "eager", requires = "incoming")]
     pub restore: crate::migrate::restore::RestoreMode,
 
+    /// `--restore lazy`: wait this long for each stored page the file gives (a stand-in for
+    /// slow storage, as `lazy-delay-us` is for lazy memory; async-PF tests use it).
+    #[arg(long, value_name = "US", default_value_t = 0, requires = "incoming")]
+    pub restore_delay_us: u64,
+
     /// Outgoing migrations: stop the guest once the rest fits this downtime at the measured
     /// bandwidth.
     #[arg(long, value_name = "MS", default_value_t = 300)]
@@ -284,6 +289,7 @@ impl RunArgs {
             async_pf: self.async_pf,
             postcopy: self.postcopy,
             restore: self.restore,
+            restore_delay: std::time::Duration::from_micros(self.restore_delay_us),
             api_socket: self.api_socket.clone(),
             seccomp: self.seccomp,
         })

@@ -60,6 +60,8 @@ pub struct HostOptions {
     pub postcopy: bool,
     /// `--incoming file:` snapshots: read all of RAM first, or serve it on first touch.
     pub restore: RestoreMode,
+    /// `--restore-delay-us`: each stored page a lazy restore reads waits this long.
+    pub restore_delay: std::time::Duration,
     pub api_socket: Option<PathBuf>,
     pub seccomp: SeccompMode,
 }

@@ -59,3 +59,29 @@ fn linux_handles_tern_injected_async_page_faults() {
     // (KVM may still resolve the faults off the vCPU thread and halt the vCPU meanwhile: that
     // is invisible to the guest, which is the point.)
 }
+
+/// The other way a page can be missing: a snapshot taken while apf-touch waits, restored lazily
+/// from slow storage (1 ms a stored page), touched at once. tern-mode async PF again: Linux takes
+/// READY interrupts, every page verifies.
+#[test]
+fn linux_handles_async_page_faults_of_a_lazy_restore() {
+    let tern = std::path::Path::new(common::tern_path());
+    let snap = booted_snapshot(tern).expect("booted snapshot");
+    let dir = common::scratch("linux-apf-lazy");
+    let plan = ApfPlan {
+        mode: "tern",
+        mib: 32,
+        touchers: 4,
+        bandwidth: "4M",
+    };
+    let r = guest_tests::linux_apf::lazy_restore_run(tern, &snap, &dir, &plan, 1000)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("lazy restore, tern: {:?}", r.done);
+    assert_eq!(r.get("bad"), 0.0, "{:?}", r.done);
+    assert_eq!(r.get("pages"), 8192.0, "{:?}", r.done);
+    assert!(
+        r.get("hyp_after") > r.get("hyp_before"),
+        "no PAGE_READY interrupts: {:?}",
+        r.done
+    );
+}

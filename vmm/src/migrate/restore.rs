@@ -29,12 +29,16 @@ pub enum RestoreMode {
     Lazy,
 }
 
-/// Pages from an opened snapshot, checked.
-struct SnapshotSource(Arc<Snapshot>);
+/// Pages from an opened snapshot, checked; each stored page after `delay` (slow storage).
+struct SnapshotSource(Arc<Snapshot>, std::time::Duration);
 
 impl PageSource for SnapshotSource {
     fn fetch(&mut self, gpa: u64, page: &mut [u8]) -> std::io::Result<bool> {
-        self.0.read_page(gpa, page).map_err(std::io::Error::other)
+        let stored = self.0.read_page(gpa, page).map_err(std::io::Error::other)?;
+        if stored && !self.1.is_zero() {
+            std::thread::sleep(self.1);
+        }
+        Ok(stored)
     }
 }
 
@@ -79,7 +83,7 @@ pub fn restore(path: &Path, opts: &HostOptions, start: Instant) -> Result<Vm, In
                 })),
             };
             let observer = vm.inner.apf.clone().map(|a| a as Arc<dyn FaultObserver>);
-            let source = Box::new(SnapshotSource(snap.clone()));
+            let source = Box::new(SnapshotSource(snap.clone(), opts.restore_delay));
             let lazy = lazy::start(&vm.inner.mem, source, observer, options)
                 .map_err(crate::vm::VmError::from)?;
             *devices::bus::lock(&vm.inner.restore_lazy) = Some(lazy);
