@@ -222,35 +222,13 @@ impl LinuxVm {
     /// Restores `snap` in `dir` (COM1 to `dir/console`, COM2 on `dir/com2.sock`, API on
     /// `dir/api.sock`) with `extra` options (e.g. `--restore lazy`, `--postcopy`).
     pub fn restore(tern: &Path, snap: &Path, dir: &Path, extra: &[&str]) -> Result<LinuxVm> {
-        std::fs::create_dir_all(dir)?;
-        let api = dir.join("api.sock");
-        let sock = dir.join("com2.sock");
-        let child = Command::new(tern)
-            .arg("--incoming")
-            .arg(format!("file:{}", snap.display()))
-            .arg("--serial")
-            .arg(format!("file={}", dir.join("console").display()))
-            .arg("--serial2")
-            .arg(format!("socket={}", sock.display()))
-            .arg("--api-socket")
-            .arg(&api)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("stderr"))?)
-            .spawn()
-            .context("starting tern")?;
-        let mut vm = LinuxVm {
-            child,
-            dir: dir.to_path_buf(),
-            api,
-            com2: None,
-        };
-        vm.connect(&sock)?;
+        let mut vm = Self::incoming(tern, &format!("file:{}", snap.display()), dir, extra)?;
+        vm.connect(&vm.com2_path())?;
         Ok(vm)
     }
 
-    /// A destination for a migration of this guest: `--incoming URI` in `dir`.
+    /// tern receiving this guest from `uri` (a migration, or `file:` for a snapshot) in `dir`:
+    /// COM1 to `dir/console`, COM2 on `dir/com2.sock`, API on `dir/api.sock`, plus `extra`.
     pub fn incoming(tern: &Path, uri: &str, dir: &Path, extra: &[&str]) -> Result<LinuxVm> {
         std::fs::create_dir_all(dir)?;
         let api = dir.join("api.sock");

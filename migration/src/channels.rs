@@ -22,7 +22,7 @@ use crate::outgoing::PageSender;
 use crate::pass::RUN_HEAD;
 use crate::peer::peer_timeout;
 use crate::stream::StreamWriter;
-use crate::stream::{parse_ram, PageRecord, RamBatch, Section, StreamError, StreamReader};
+use crate::stream::{RamBatch, Section, StreamError, StreamReader};
 use crate::transport::{self, Endpoint, Listening};
 use crate::{MigratableVm, PAGE_SIZE};
 
@@ -227,20 +227,7 @@ fn receive(
         };
         match frame.kind {
             Section::Ram => {
-                crate::incoming::prepare_dense_range(vm, &frame.payload);
-                let (mut full, mut zeros) = (0u64, 0u64);
-                for rec in parse_ram(&frame.payload) {
-                    match rec? {
-                        PageRecord::Full(gpa, data) => {
-                            vm.write_ram(gpa, data)?;
-                            full += 1;
-                        }
-                        PageRecord::Zero(gpa) => {
-                            vm.write_ram(gpa, &zero)?;
-                            zeros += 1;
-                        }
-                    }
-                }
+                let (full, zeros) = crate::incoming::apply_ram(vm, &frame.payload, &zero)?;
                 let len = frame.payload.len() as u64 + 9;
                 r.recycle(frame.payload);
                 let mut s = sh.lock();

@@ -17,6 +17,30 @@ use crate::stream::{
 };
 use crate::{MigratableVm, VmConfigRecord, VmState, PAGE_SIZE};
 
+/// Writes a RAM section's pages into guest RAM (populating dense batches first); returns how
+/// many full and zero pages it held. `zero` is a page of zeros.
+pub(crate) fn apply_ram(
+    vm: &dyn MigratableVm,
+    payload: &[u8],
+    zero: &[u8],
+) -> Result<(u64, u64), MigrationError> {
+    prepare_dense_range(vm, payload);
+    let (mut full, mut zeros) = (0u64, 0u64);
+    for rec in parse_ram(payload) {
+        match rec? {
+            PageRecord::Full(gpa, data) => {
+                vm.write_ram(gpa, data)?;
+                full += 1;
+            }
+            PageRecord::Zero(gpa) => {
+                vm.write_ram(gpa, zero)?;
+                zeros += 1;
+            }
+        }
+    }
+    Ok((full, zeros))
+}
+
 /// Populates the span a RAM batch covers when the batch fills most of it.
 pub(crate) fn prepare_dense_range(vm: &dyn MigratableVm, payload: &[u8]) {
     let (mut lo, mut hi, mut n) = (u64::MAX, 0u64, 0u64);
@@ -366,19 +390,9 @@ fn apply<'scope>(
                 ))
             }
             Section::Ram => {
-                prepare_dense_range(vm, &frame.payload);
-                for rec in parse_ram(&frame.payload) {
-                    match rec? {
-                        PageRecord::Full(gpa, data) => {
-                            vm.write_ram(gpa, data)?;
-                            full += 1;
-                        }
-                        PageRecord::Zero(gpa) => {
-                            vm.write_ram(gpa, &zero)?;
-                            zeros += 1;
-                        }
-                    }
-                }
+                let (f, z) = apply_ram(vm, &frame.payload, &zero)?;
+                full += f;
+                zeros += z;
                 let _ = spare.send(frame.payload);
             }
             // After ADVISE the next connection may be the preempt channel.
