@@ -94,7 +94,8 @@ pub fn probe_userfaultfd() -> Result<(), String> {
 }
 
 /// Postcopy figures, like QEMU's blocktime and latency statistics.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PostcopyFigures {
     pub missing_at_switch: u64,
     pub faults: u64,

@@ -35,7 +35,7 @@ fn pace(bytes_per_s: u64, bytes: u64, since: Instant) -> Duration {
 /// What the return path brings during postcopy.
 enum Incoming {
     Request(u64),
-    Complete(serde_json::Value),
+    Complete(super::CompleteRecord),
     /// The destination gave up before it ran the guest: this side still owns it.
     Refused(String),
     Broken(String),
@@ -57,7 +57,10 @@ impl Incoming {
                 Ok(r) => Incoming::Request(r.gpa),
                 Err(e) => Incoming::Broken(e.to_string()),
             },
-            Section::Complete => Incoming::Complete(f.decode().unwrap_or(serde_json::Value::Null)),
+            Section::Complete => match f.decode::<super::CompleteRecord>() {
+                Ok(c) => Incoming::Complete(c),
+                Err(e) => Incoming::Broken(format!("bad completion record: {e}")),
+            },
             Section::Abort => Incoming::Refused(f.decode().unwrap_or_else(|e| e.to_string())),
             other => Incoming::Broken(format!("unexpected {} section", other.name())),
         }
@@ -297,9 +300,10 @@ pub(crate) fn push<W: Write>(
     status.update(|s| {
         tx.record_completion(s, total);
         s.phase = Phase::End;
-        let mut figures = complete.unwrap_or(serde_json::Value::Null);
+        let complete = complete.unwrap_or_default();
         // Pause here to resume there: only the destination knows when it resumed.
-        s.downtime_ms = figures["downtime_ms"].as_f64().unwrap_or(f64::NAN);
+        s.downtime_ms = complete.downtime_ms.unwrap_or(f64::NAN);
+        let mut figures = complete.to_json();
         figures["source_pages_requested"] = requested.into();
         figures["source_pages_preempt"] = preempted.into();
         figures["source_pages_pushed"] = pushed.into();

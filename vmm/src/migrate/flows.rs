@@ -260,19 +260,23 @@ pub(crate) fn spawn_postcopy_tail(
                     // END: RAM is unregistered, so balloon discards are safe again.
                     let figures = tail.listener.finish();
                     let discarded = inner.inhibit_discards(false);
-                    let downtime = status.get().downtime_ms;
-                    let mut json = serde_json::to_value(&figures).unwrap_or_default();
-                    json["downtime_ms"] = downtime.into();
-                    json["balloon_pages_discarded_at_end"] = discarded.into();
+                    let complete = migration::postcopy::CompleteRecord {
+                        figures,
+                        downtime_ms: Some(status.get().downtime_ms).filter(|d| d.is_finite()),
+                        balloon_pages_discarded_at_end: discarded,
+                    };
                     status.update(|s| {
                         s.state = MigrationState::Completed;
                         s.phase = Phase::End;
                         s.remaining_bytes = 0;
                         s.total_ms = t0.elapsed().as_secs_f64() * 1e3;
-                        s.postcopy = Some(json.clone());
+                        s.postcopy = Some(complete.to_json());
                     });
                     let mut w = rp.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Err(e) = w.record(Section::Complete, &json).and_then(|_| w.flush()) {
+                    if let Err(e) = w
+                        .record(Section::Complete, &complete)
+                        .and_then(|_| w.flush())
+                    {
                         log::warn!("cannot tell the source postcopy completed: {e}");
                     }
                     eprintln!("tern: {}", summary(&status.get()));
