@@ -580,3 +580,14 @@ pub fn answer(rp: &ReturnPath, outcome: Result<(), String>) -> Result<(), Stream
     }
     w.flush()
 }
+
+/// Postcopy's END answered: the destination's figures in the Complete section (the source's
+/// last read before it exits).
+pub fn complete(
+    rp: &ReturnPath,
+    record: &crate::postcopy::CompleteRecord,
+) -> Result<(), StreamError> {
+    let mut w = rp.lock().unwrap_or_else(|e| e.into_inner());
+    w.record(Section::Complete, record)?;
+    w.flush()
+}

@@ -272,11 +272,7 @@ pub(crate) fn spawn_postcopy_tail(
                         s.total_ms = t0.elapsed().as_secs_f64() * 1e3;
                         s.postcopy = Some(complete.to_json());
                     });
-                    let mut w = rp.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Err(e) = w
-                        .record(Section::Complete, &complete)
-                        .and_then(|_| w.flush())
-                    {
+                    if let Err(e) = incoming::complete(&rp, &complete) {
                         log::warn!("cannot tell the source postcopy completed: {e}");
                     }
                     eprintln!("tern: {}", summary(&status.get()));
