@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::proxy::{Plan, Proxy};
 use common::{remote, scratch, Running};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -13,8 +14,10 @@ const WAIT: Duration = Duration::from_secs(60);
 fn attached_migrate_prints_progress_lines_on_stderr_only() {
     let dir = scratch("progress");
     let sock = dir.join("api.sock").to_string_lossy().into_owned();
-    let mig = format!("unix:{}", dir.join("mig.sock").display());
-    // 1 GiB of data to copy: over a second even at this host's best (~1 GB/s).
+    let mig_path = dir.join("mig.sock");
+    let mig = format!("unix:{}", mig_path.display());
+    // 1 GiB of data to copy through a link of 200 MB/s (one connection): about 5 s, so
+    // several progress lines whatever this host's own speed (RAM channels moved it in 0.4 s).
     let src = Running::spawn(&[
         "--memory",
         "size=1200M",
@@ -28,8 +31,15 @@ fn attached_migrate_prints_progress_lines_on_stderr_only() {
         .is_some());
     let dst = Running::spawn(&["--incoming", &mig, "--serial", "off"]);
     assert!(dst.wait_stderr(WAIT, "waiting for an incoming migration"));
+    let proxy = Proxy::start(
+        &dir.join("relay.sock"),
+        &mig_path,
+        Plan::ThrottleForward(200_000_000),
+    )
+    .expect("relay");
+    let slow = format!("unix:{},channels=0", proxy.path.display());
     // Not a terminal here: plain lines, one a second.
-    let o = remote(&sock, &["migrate", &mig]);
+    let o = remote(&sock, &["migrate", &slow]);
     assert_eq!(o.code, Some(0), "{}", o.describe());
     let progress: Vec<&str> = o
         .stderr
