@@ -102,7 +102,9 @@ fn dirty_guest_on_huge_pages_survives_postcopy() {
     let round = wait_progress(&src, 1);
     let dst = Running::spawn(&["--incoming", &mig, "--postcopy", "--api-socket", &dsock]);
     assert!(dst.wait_stderr(WAIT, "waiting for an incoming migration"));
-    let result = remote_json(&sock, &["migrate", &mig]);
+    // One connection (channels=0): with channels the first pass can be fast enough to
+    // converge before the switch this test is about.
+    let result = remote_json(&sock, &["migrate", &format!("{mig},channels=0")]);
     assert_eq!(result["state"], "completed", "{result}");
     assert!(!result["postcopy"].is_null(), "no postcopy phase: {result}");
     assert_eq!(src.wait_exit(WAIT), Some(0), "{}", src.describe());
