@@ -31,6 +31,13 @@ pub fn tern_binary() -> Result<PathBuf> {
     )
 }
 
+/// The first number after `marker` in `text` (tern's stderr figures: "... after 12.5 ms",
+/// "... placed N pages in 93.0 ms").
+pub fn number_after(text: &str, marker: &str) -> Option<f64> {
+    let rest = text.split(marker).nth(1)?;
+    rest.split_whitespace().find_map(|w| w.parse::<f64>().ok())
+}
+
 /// The median of `values` (sorted in place); NaN for none.
 pub fn median(values: &mut [f64]) -> f64 {
     if values.is_empty() {
@@ -52,5 +59,12 @@ mod tests {
         assert_eq!(super::median(&mut [3.0, 1.0, 2.0]), 2.0);
         assert_eq!(super::median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(super::median(&mut []).is_nan());
+    }
+
+    #[test]
+    fn number_after_a_marker() {
+        let line = "tern: lazy memory: background pass placed 7006 pages in 127.6 ms (49 faults)";
+        assert_eq!(super::number_after(line, " pages in"), Some(127.6));
+        assert_eq!(super::number_after(line, "no such"), None);
     }
 }

@@ -158,28 +158,39 @@ fn make_snapshot(tern: &Path, img: &Image, work: &Path, snap: &Path) -> Result<(
         .stderr(std::fs::File::create(work.join("stderr"))?)
         .spawn()
         .context("starting tern")?;
-    let result = (|| {
-        wait_for_file_line(&console, "tern-linux: serving", BOOT_TIMEOUT, &mut child)?;
-        let out = Command::new(tern)
-            .arg("remote")
-            .arg("--api-socket")
-            .arg(&api)
-            .arg("migrate")
-            .arg(format!("file:{}", snap.display()))
-            .stderr(Stdio::null())
-            .output()
-            .context("tern remote migrate")?;
-        if !out.status.success() {
-            bail!(
-                "snapshot failed: {}",
-                String::from_utf8_lossy(&out.stdout).trim()
-            );
-        }
-        Ok(())
-    })();
+    let result = wait_for_file_line(&console, "tern-linux: serving", BOOT_TIMEOUT, &mut child)
+        .and_then(|()| {
+            remote(
+                tern,
+                &api,
+                &["migrate", &format!("file:{}", snap.display())],
+            )
+        });
     let _ = child.kill();
     let _ = child.wait();
-    result.with_context(|| format!("booting Linux for a snapshot (logs in {})", work.display()))
+    result
+        .map(|_| ())
+        .with_context(|| format!("booting Linux for a snapshot (logs in {})", work.display()))
+}
+
+/// `tern remote --api-socket API ARGS...`: its stdout (the JSON result), or an error with both
+/// of its outputs.
+pub fn remote(tern: &Path, api: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(tern)
+        .arg("remote")
+        .arg("--api-socket")
+        .arg(api)
+        .args(args)
+        .output()
+        .context("tern remote")?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "tern remote {args:?}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
 }
 
 fn wait_for_file_line(

@@ -7,12 +7,11 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::linux::LinuxVm;
+use crate::linux::{remote, LinuxVm};
 
 const CMD: Duration = Duration::from_secs(120);
 const FILL: Duration = Duration::from_secs(400);
@@ -66,24 +65,6 @@ fn wait_line(vm: &mut LinuxVm, file: &str, prefix: &str, timeout: Duration) -> R
         }
         std::thread::sleep(Duration::from_millis(300));
     }
-}
-
-fn remote(tern: &Path, api: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new(tern)
-        .arg("remote")
-        .arg("--api-socket")
-        .arg(api)
-        .args(args)
-        .output()
-        .context("tern remote")?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!(
-            "tern remote {args:?}: {stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(stdout)
 }
 
 /// Restores the booted snapshot, starts apf-touch there and waits until its region is filled.
@@ -176,14 +157,14 @@ pub fn postcopy_run(tern: &Path, snap: &Path, dir: &Path, plan: &ApfPlan) -> Res
         ],
         plan,
     )?;
-    let mig = format!("unix:{}", dir.join(format!("{}.mig", plan.mode)).display());
+    let mig_path = dir.join(format!("{}.mig", plan.mode));
+    let mig = format!("unix:{}", mig_path.display());
     let mut dst = LinuxVm::incoming(
         tern,
         &mig,
         &dst_dir,
         &["--postcopy", "--async-pf", plan.mode],
     )?;
-    let mig_path = dir.join(format!("{}.mig", plan.mode));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !mig_path.exists() {
         if Instant::now() > deadline {

@@ -8,15 +8,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use guest_tests::{median, tern_binary};
+use guest_tests::{median, number_after, tern_binary};
 
 const RUNS: usize = 10;
-
-/// Parses "... <number> ms ..." after `marker` in a tern stderr line.
-fn ms_after(line: &str, marker: &str) -> Option<f64> {
-    let rest = line.split(marker).nth(1)?;
-    rest.split_whitespace().find_map(|w| w.parse::<f64>().ok())
-}
 
 fn boot() -> Result<()> {
     let tern = tern_binary()?;
@@ -35,10 +29,10 @@ fn boot() -> Result<()> {
         }
         let err = String::from_utf8_lossy(&out.stderr);
         for line in err.lines() {
-            if let Some(ms) = ms_after(line, "guest ready") {
+            if let Some(ms) = number_after(line, "guest ready") {
                 ready.push(ms);
             }
-            if let Some(ms) = ms_after(line, "after") {
+            if let Some(ms) = number_after(line, "after") {
                 exit.push(ms);
             }
         }

@@ -14,23 +14,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use guest_tests::linux::{booted_snapshot, LinuxVm};
 use guest_tests::linux_apf::{postcopy_run, ApfPlan};
-use guest_tests::{median, tern_binary};
+use guest_tests::{median, number_after, tern_binary};
 
 fn scratch(name: &str) -> Result<std::path::PathBuf> {
     let d = std::env::temp_dir().join(format!("tern-linux-bench-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d)?;
     Ok(d)
-}
-
-/// The number after `marker` in a line of `text`.
-fn figure(text: &str, marker: &str) -> Option<f64> {
-    let rest = text.split(marker).nth(1)?;
-    rest.split_whitespace().find_map(|w| {
-        w.trim_end_matches(|c: char| !c.is_ascii_digit())
-            .parse()
-            .ok()
-    })
 }
 
 fn restore(runs: usize) -> Result<()> {
@@ -58,8 +48,8 @@ fn restore(runs: usize) -> Result<()> {
             std::thread::sleep(Duration::from_millis(500));
             drop(vm);
             let err = std::fs::read_to_string(dir.join("stderr"))?;
-            running.push(figure(&err, "guest running after").context("no running figure")?);
-            if let Some(ms) = figure(&err, " pages in") {
+            running.push(number_after(&err, "guest running after").context("no running figure")?);
+            if let Some(ms) = number_after(&err, " pages in") {
                 background.push(ms);
             }
         }

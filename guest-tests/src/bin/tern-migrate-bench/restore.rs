@@ -10,12 +10,6 @@ use anyhow::{bail, Context, Result};
 
 use super::{remote, start};
 
-/// "... after X ms" / "... in X ms" figures from tern's stderr lines.
-fn ms_after(line: &str, marker: &str) -> Option<f64> {
-    let rest = &line[line.find(marker)? + marker.len()..];
-    rest.split_whitespace().next()?.parse().ok()
-}
-
 struct Restored {
     running_ms: f64,
     first_output_ms: f64,
@@ -36,12 +30,12 @@ fn restore(snap: &Path, mode: &str, output: &str) -> Result<Restored> {
         t.wait_line(Duration::from_secs(120), |l| {
             l.contains("background pass placed")
         })
-        .and_then(|l| ms_after(&l, " in "))
+        .and_then(|l| guest_tests::number_after(&l, " in "))
     } else {
         None
     };
     Ok(Restored {
-        running_ms: ms_after(&running, "guest running after").unwrap_or(f64::NAN),
+        running_ms: guest_tests::number_after(&running, "guest running after").unwrap_or(f64::NAN),
         first_output_ms,
         background_ms,
     })
