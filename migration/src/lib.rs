@@ -9,6 +9,7 @@ pub mod fdpass;
 pub mod incoming;
 pub mod local;
 pub mod outgoing;
+pub mod pacing;
 mod pass;
 pub mod peer;
 pub mod postcopy;

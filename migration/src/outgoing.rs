@@ -37,6 +37,8 @@ pub struct Params {
     /// (placed straight into guest memory there); 0 sends RAM on the main connection.
     /// None: [`crate::channels::default_channels`].
     pub channels: Option<usize>,
+    /// How dirty passes are spaced so that a writing guest keeps running.
+    pub pacing: crate::pacing::PassPacing,
 }
 
 impl Default for Params {
@@ -50,6 +52,7 @@ impl Default for Params {
             postcopy_preempt: true,
             postcopy_bandwidth: None,
             channels: None,
+            pacing: crate::pacing::PassPacing::default(),
         }
     }
 }
@@ -397,10 +400,25 @@ fn run(
         totals(&tx, &channels).0 as f64 / pass_start.elapsed().as_secs_f64().max(1e-6);
     let mut iteration = 0u32;
     let mut dirty_rate;
+    // When the last pass began re-arming pages, and how many the guest had dirtied before it.
+    let mut rearmed_at = pass_start;
+    let mut faulted: Option<u64> = None;
     loop {
+        if let Some(pages) = faulted {
+            let until = params.pacing.next_rearm(rearmed_at, pages);
+            let waited = crate::pacing::wait(
+                until,
+                start + params.timeout,
+                &mut tx,
+                &mut channels,
+                status,
+            )?;
+            status.update(|s| s.paced_ms += waited.as_secs_f64() * 1e3);
+        }
         let iter_start = Instant::now();
         let dirty = vm.fetch_dirty()?;
         let remaining: usize = dirty.iter().map(|d| d.count()).sum();
+        faulted = Some(remaining as u64);
         let remaining_bytes = (remaining * PAGE_SIZE) as u64;
         dirtied += remaining_bytes;
         dirty_rate = dirtied as f64 / log_start.elapsed().as_secs_f64().max(1e-6);
@@ -479,6 +497,7 @@ fn run(
         iteration += 1;
         pass += 1;
         let before = totals(&tx, &channels).0;
+        rearmed_at = Instant::now();
         send_pass(
             &mut tx,
             &mut channels,

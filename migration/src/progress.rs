@@ -90,6 +90,9 @@ pub struct MigrationStatus {
     pub channels: u32,
     pub remaining_bytes: u64,
     pub total_ms: f64,
+    /// Precopy waited this long between passes so that a writing guest keeps running
+    /// (`--precopy-guest-share`).
+    pub paced_ms: f64,
     pub downtime_ms: f64,
     pub error: Option<String>,
     /// Where a postcopy or local migration stands (`""` for plain precopy).

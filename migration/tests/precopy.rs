@@ -219,3 +219,79 @@ fn four_channels_carry_every_pass_in_order() {
         "the destination counted the pages of every channel"
     );
 }
+
+/// Paced passes: each re-arm waits until the guest had its share of the time since the last
+/// one (here 40 faulted pages x 2 ms at 50 %: 160 ms), and the data still arrives whole.
+#[test]
+fn paced_passes_leave_the_guest_its_share() {
+    let dir = TempDir::new("paced");
+    let src = filled_source();
+    src.script(Vec::new(), Some(spread(&src, 40)));
+    let (ep, listening) = listen(&dir);
+    let dest = spawn_dest(listening, DestOptions::default());
+    let mut p = params();
+    p.max_iterations = 4;
+    p.pacing = migration::pacing::PassPacing {
+        guest_share: 0.5,
+        fault_cost: Duration::from_millis(2),
+    };
+    let started = std::time::Instant::now();
+    let source = spawn_source(src.clone(), ep, p);
+    let (result, status) = source.join().unwrap();
+    let dest = dest.join().unwrap();
+    result.unwrap();
+    dest.result.unwrap();
+    // Five fetches (iterations 0..=4), a wait before each but the first; one more while paused.
+    assert_eq!(src.count(|c| &c.fetches), 6, "{status:?}");
+    assert!(
+        status.paced_ms >= 4.0 * 150.0,
+        "waited only {} ms",
+        status.paced_ms
+    );
+    assert!(started.elapsed() >= Duration::from_millis(640));
+    assert!(dest.vm.ram() == src.ram(), "destination RAM differs");
+}
+
+/// A cancel during a pacing wait ends the migration at once; the source keeps its guest.
+#[test]
+fn cancel_ends_a_pacing_wait() {
+    let dir = TempDir::new("paced-cancel");
+    let src = filled_source();
+    src.script(Vec::new(), Some(spread(&src, 40)));
+    let (ep, listening) = listen(&dir);
+    let dest = spawn_dest(listening, DestOptions::default());
+    let mut p = params();
+    // 40 pages x 1 s at 50 %: 80 s between passes.
+    p.pacing = migration::pacing::PassPacing {
+        guest_share: 0.5,
+        fault_cost: Duration::from_secs(1),
+    };
+    let status = migration::progress::StatusCell::default();
+    let cell = status.clone();
+    let vm = src.clone();
+    let source = std::thread::spawn(move || migration::outgoing::migrate(&*vm, &ep, &p, &cell));
+    // The first fetch comes after pass 0; the second pass is short, then the wait begins.
+    while src.count(|c| &c.fetches) < 1 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = std::time::Instant::now();
+    status.update(|s| s.cancel_requested = true);
+    let result = source.join().unwrap();
+    assert!(
+        matches!(result, Err(MigrationError::Cancelled)),
+        "{result:?}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(
+        src.count(|c| &c.fetches),
+        1,
+        "cancelled within the first wait"
+    );
+    assert!(!src.paused(), "a cancelled source keeps running its guest");
+    assert!(dest.join().unwrap().result.is_err());
+}

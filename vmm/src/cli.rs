@@ -205,6 +205,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub timeout: u64,
 
+    /// Outgoing precopy: space the dirty passes so that a guest that keeps writing keeps about
+    /// this share of its time (each page a pass write-protects again costs the guest one fault
+    /// at its next write, --write-fault-us). 0 sends the passes back to back; at most 95.
+    #[arg(long, value_name = "PERCENT", default_value_t = 50,
+          value_parser = clap::value_parser!(u8).range(0..=95))]
+    pub precopy_guest_share: u8,
+
+    /// What one write-protect fault costs a guest on this host, in µs (pacing of
+    /// --precopy-guest-share; 6.4 measured on the development host, docs/machine-kvm.md).
+    #[arg(long, value_name = "US", default_value_t = 6.4, value_parser = parse_fault_us)]
+    pub write_fault_us: f64,
+
     /// Enable postcopy (both sides): the source may switch to postcopy (`tern remote
     /// migrate-start-postcopy`, --postcopy-after-iterations, or --timeout) and the destination
     /// accepts it (userfaultfd).
@@ -224,6 +236,25 @@ pub struct RunArgs {
     /// suffixes: 64M is 64 MiB/s); requested pages always go at once. Default: no limit.
     #[arg(long, value_name = "SIZE", requires = "postcopy", value_parser = parse_bandwidth)]
     pub postcopy_bandwidth: Option<u64>,
+}
+
+fn parse_fault_us(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(us) if us.is_finite() && (0.0..=10_000.0).contains(&us) => Ok(us),
+        _ => Err(format!(
+            "invalid --write-fault-us {text:?}: microseconds, 0 to 10000"
+        )),
+    }
+}
+
+impl RunArgs {
+    /// How precopy spaces its passes (--precopy-guest-share, --write-fault-us).
+    pub fn pacing(&self) -> migration::pacing::PassPacing {
+        migration::pacing::PassPacing {
+            guest_share: f64::from(self.precopy_guest_share) / 100.0,
+            fault_cost: std::time::Duration::from_secs_f64(self.write_fault_us / 1e6),
+        }
+    }
 }
 
 fn parse_bandwidth(text: &str) -> Result<u64, String> {

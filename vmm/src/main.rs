@@ -73,7 +73,7 @@ fn run(start: Instant) -> anyhow::Result<Outcome> {
         subscribers.push(std::sync::Arc::new(std::sync::Mutex::new(com2)));
     }
     if let Some(path) = &host.api_socket {
-        let params = migrate::flows::params(
+        let mut params = migrate::flows::params(
             args.downtime_ms,
             args.max_iterations,
             args.timeout,
@@ -82,6 +82,7 @@ fn run(start: Instant) -> anyhow::Result<Outcome> {
             args.postcopy_preempt == cli::Switch::On,
             args.postcopy_bandwidth,
         );
+        params.pacing = args.pacing();
         let server = api::ApiServer::bind(path, vm.inner.clone(), params, start)
             .map_err(|e| anyhow::anyhow!("--api-socket {}: {e}", path.display()))?;
         subscribers.push(std::sync::Arc::new(std::sync::Mutex::new(server)));

@@ -69,6 +69,13 @@ fn unknown_option() {
 }
 
 #[test]
+fn precopy_pacing_out_of_range() {
+    assert_clean_error(&["--precopy-guest-share", "96"], "96 is not in 0..=95");
+    assert_clean_error(&["--write-fault-us", "nan"], "invalid --write-fault-us");
+    assert_clean_error(&["--write-fault-us", "20000"], "invalid --write-fault-us");
+}
+
+#[test]
 fn zero_vcpus() {
     assert_clean_error(&["--cpus", "boot=0"], "boot must be between 1 and 64");
 }

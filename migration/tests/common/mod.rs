@@ -87,6 +87,7 @@ pub fn params() -> Params {
         postcopy_preempt: false,
         postcopy_bandwidth: None,
         channels: Some(0),
+        pacing: migration::pacing::PassPacing::OFF,
     }
 }
 

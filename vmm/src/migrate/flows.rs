@@ -341,6 +341,7 @@ pub fn params(
         postcopy_preempt,
         postcopy_bandwidth,
         channels: None,
+        pacing: Default::default(),
     }
 }
 
