@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_no_failure, last_round, remote, scratch, wait_progress, Running};
+use common::{assert_no_failure, last_round, remote, remote_json, scratch, wait_progress, Running};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -203,4 +203,39 @@ fn second_concurrent_migrate_is_refused() {
         "{}",
         second.describe()
     );
+}
+
+/// A guest that never converges (`--downtime-ms 0`, writes only): precopy waits between its
+/// passes (pacing at the default share), the destination keeps the connections through the
+/// waits, and the guest goes on verifying its rounds there.
+#[test]
+fn paced_precopy_of_a_writing_guest_completes() {
+    let dir = scratch("paced");
+    let a = dir.join("a.sock").to_string_lossy().into_owned();
+    let b = dir.join("b.sock").to_string_lossy().into_owned();
+    let mig = format!("unix:{}", dir.join("mig.sock").display());
+    let mut src = Running::spawn(&[
+        "--memory",
+        "size=256M",
+        "--cmdline",
+        "suite=dirty mib=64",
+        "--api-socket",
+        &a,
+        "--downtime-ms",
+        "0",
+        "--max-iterations",
+        "3",
+    ]);
+    let round = wait_progress(&src, 0);
+    let dst = Running::spawn(&["--incoming", &mig, "--api-socket", &b]);
+    assert!(dst.wait_stderr(WAIT, "waiting for an incoming migration"));
+    let result = remote_json(&a, &["migrate", &format!("{mig},channels=1")]);
+    assert_eq!(result["state"], "completed", "{result}");
+    // The guest dirtied thousands of pages a pass: each wait is that many faults' worth.
+    let paced = result["paced_ms"].as_f64().unwrap_or(0.0);
+    assert!(paced > 0.0, "precopy never waited: {result}");
+    assert_eq!(src.wait_exit(WAIT), Some(0), "{}", src.describe());
+    let r = wait_progress(&dst, round);
+    assert!(r > round, "round {r} after {round}");
+    assert_no_failure(&dst);
 }
