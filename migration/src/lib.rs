@@ -4,6 +4,7 @@
 
 pub mod bitmap;
 pub mod channels;
+pub mod destination;
 pub mod error;
 pub mod fdpass;
 pub mod incoming;

@@ -201,7 +201,7 @@ pub fn migrate(
     status.update(|s| {
         *s = Default::default();
         s.state = MigrationState::Active;
-        s.role = "source".into();
+        s.role = crate::progress::Role::Source;
         s.endpoint = endpoint.to_string();
     });
     let mut paused = false;

@@ -75,6 +75,20 @@ impl VmInner {
     }
 }
 
+impl migration::destination::DestinationVm for VmInner {
+    fn status(&self) -> migration::progress::StatusCell {
+        self.migration.clone()
+    }
+
+    fn vcpu_thread_ids(&self) -> Vec<u32> {
+        VmInner::vcpu_thread_ids(self)
+    }
+
+    fn park_postcopy(&self, listener: migration::postcopy::Listener) {
+        *devices::bus::lock(&self.postcopy_paused) = Some(listener);
+    }
+}
+
 impl MigratableVm for VmInner {
     fn host_address(&self, gpa: u64) -> Option<u64> {
         self.mem

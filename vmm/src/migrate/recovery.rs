@@ -15,28 +15,42 @@ use migration::stream::StreamReader;
 use migration::transport::{self, Endpoint};
 use migration::MigratableVm;
 
-use super::flows::{spawn_postcopy_tail, OnDone};
+use super::flows::OnDone;
 use crate::vm::VmInner;
+use migration::destination::spawn_postcopy_tail;
+use migration::progress::Role;
 
 /// How long a destination listens for the source's reconnection before it gives up (it stays
 /// `postcopy-paused`; `migrate-recover` may be asked again).
 const RECOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// Why a postcopy recovery could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    /// This side is not a paused postcopy of the right role.
+    #[error("{refusal} (this side: {} {state})", if *role == Role::None { "no migration" } else { role.as_str() })]
+    NotPaused {
+        refusal: &'static str,
+        role: Role,
+        state: MigrationState,
+    },
+    #[error("the postcopy state is gone; nothing to recover")]
+    Gone,
+    #[error("cannot start the recovery thread: {0}")]
+    Thread(std::io::Error),
+}
+
 /// Moves this side from `postcopy-paused` to `postcopy-recover` (one lock, so two recoveries
 /// never start at once), or says why it cannot.
-fn claim_paused(vm: &VmInner, role: &str, refusal: &str) -> Result<(), String> {
+fn claim_paused(vm: &VmInner, role: Role, refusal: &'static str) -> Result<(), RecoveryError> {
     let mut refused = None;
     vm.migration.update(|s| {
         if s.role != role || s.state != MigrationState::PostcopyPaused {
-            refused = Some(format!(
-                "{refusal} (this side: {} {})",
-                if s.role.is_empty() {
-                    "no migration"
-                } else {
-                    &s.role
-                },
-                s.state
-            ));
+            refused = Some(RecoveryError::NotPaused {
+                refusal,
+                role: s.role,
+                state: s.state,
+            });
         } else {
             s.state = MigrationState::PostcopyRecover;
         }
@@ -45,17 +59,17 @@ fn claim_paused(vm: &VmInner, role: &str, refusal: &str) -> Result<(), String> {
 }
 
 /// Destination: listens on `endpoint` for the source's reconnection, in the background.
-pub fn listen(vm: &Arc<VmInner>, endpoint: Endpoint) -> Result<(), String> {
+pub fn listen(vm: &Arc<VmInner>, endpoint: Endpoint) -> Result<(), RecoveryError> {
     claim_paused(
         vm,
-        "destination",
+        Role::Destination,
         "nothing to recover here: migrate-recover needs a destination in postcopy-paused",
     )?;
     vm.migration.update(|s| s.endpoint = endpoint.to_string());
     let Some(listener) = devices::bus::lock(&vm.postcopy_paused).take() else {
         vm.migration
             .update(|s| s.state = MigrationState::PostcopyPaused);
-        return Err("the postcopy state is gone; nothing to recover".into());
+        return Err(RecoveryError::Gone);
     };
     let vm = vm.clone();
     std::thread::Builder::new()
@@ -104,7 +118,7 @@ pub fn listen(vm: &Arc<VmInner>, endpoint: Endpoint) -> Result<(), String> {
                         s.error = None;
                         s.recovered_pages = left as u64;
                     });
-                    spawn_postcopy_tail(&vm, tail, rp, t0, heartbeat);
+                    spawn_postcopy_tail(vm.clone(), tail, rp, t0, heartbeat);
                     eprintln!(
                         "tern: postcopy recovered: {left} pages still to come, {resent} requests sent again"
                     );
@@ -124,14 +138,18 @@ pub fn listen(vm: &Arc<VmInner>, endpoint: Endpoint) -> Result<(), String> {
             }
         })
         .map(|_| ())
-        .map_err(|e| format!("cannot start the recovery thread: {e}"))
+        .map_err(RecoveryError::Thread)
 }
 
 /// Source: reconnects a paused postcopy to `endpoint` and finishes it, in the background.
-pub fn reconnect(vm: &Arc<VmInner>, endpoint: Endpoint, on_done: OnDone) -> Result<(), String> {
+pub fn reconnect(
+    vm: &Arc<VmInner>,
+    endpoint: Endpoint,
+    on_done: OnDone,
+) -> Result<(), RecoveryError> {
     claim_paused(
         vm,
-        "source",
+        Role::Source,
         "nothing to resume: `migrate --resume` needs a source in postcopy-paused",
     )?;
     let vm = vm.clone();
@@ -159,5 +177,5 @@ pub fn reconnect(vm: &Arc<VmInner>, endpoint: Endpoint, on_done: OnDone) -> Resu
             }
         })
         .map(|_| ())
-        .map_err(|e| format!("cannot start the recovery thread: {e}"))
+        .map_err(RecoveryError::Thread)
 }
