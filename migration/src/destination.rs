@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::error::MigrationError;
-use crate::incoming::{self, PostcopyTail, Received, ReturnPath};
+use crate::incoming::{self, Answer, PostcopyTail, Received, ReturnPath};
 use crate::peer::Heartbeat;
 use crate::postcopy::{CompleteRecord, Listener};
 use crate::progress::{summary, unix_ns, MigrationState, Phase, Role, StatusCell};
@@ -190,7 +190,7 @@ where
         Ok(v) => v,
         Err(e) => {
             if let Some(rp) = &return_path {
-                if let Err(ae) = incoming::answer(rp, Err(e.to_string())) {
+                if let Err(ae) = incoming::answer(rp, Answer::Abort(&e.to_string())) {
                     log::warn!("cannot answer the source: {ae}");
                 }
             }
@@ -200,7 +200,7 @@ where
     if !postcopy {
         drop(heartbeat.take());
         if let Some(rp) = &return_path {
-            if let Err(e) = incoming::answer(rp, Ok(())) {
+            if let Err(e) = incoming::answer(rp, Answer::Resumed) {
                 log::warn!("cannot answer the source: {e}");
             }
         }

@@ -162,7 +162,8 @@ impl Handler {
                 "balloon": vm.balloon.as_ref().map(|b| crate::balloon::status(&devices::bus::lock(b))),
             })),
             Request::Balloon { bytes } => match &vm.balloon {
-                Some(b) => crate::balloon::set_target(b, bytes, vm.record.memory_size),
+                Some(b) => crate::balloon::set_target(b, bytes, vm.record.memory_size)
+                    .map_err(|e| e.to_string()),
                 None => Err("this VM has no balloon (start it with --balloon)".into()),
             },
             Request::Pause => flows::set_paused(vm, true, false)

@@ -226,12 +226,15 @@ pub struct RunArgs {
     pub postcopy_bandwidth: Option<u64>,
 }
 
-fn parse_bandwidth(text: &str) -> Result<u64, String> {
+/// A `--postcopy-bandwidth` that is not a positive size.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --postcopy-bandwidth {0:?}: bytes a second, e.g. 64M")]
+pub struct BandwidthError(String);
+
+fn parse_bandwidth(text: &str) -> Result<u64, BandwidthError> {
     match config::parse_size(text) {
         Some(n) if n > 0 => Ok(n),
-        _ => Err(format!(
-            "invalid --postcopy-bandwidth {text:?}: bytes a second, e.g. 64M"
-        )),
+        _ => Err(BandwidthError(text.to_string())),
     }
 }
 

@@ -292,7 +292,7 @@ impl MigratableVm for VmInner {
     fn save_state(&self) -> VmResult<VmState> {
         let mut vcpus = Vec::new();
         for v in &self.vcpus {
-            let mut s = v.save().map_err(VmSideError)?;
+            let mut s = v.save().map_err(|e| VmSideError(e.to_string()))?;
             if let Some(apf) = &self.apf {
                 // tern owns these MSRs: KVM's copy is the disabled one.
                 for (index, value) in apf.saved_msrs(s.id).unwrap_or_default() {
@@ -373,7 +373,7 @@ impl MigratableVm for VmInner {
                     .retain(|(i, _)| !crate::apf::msr::is_async_pf_msr(*i));
             }
             let Some(apf) = &self.apf else {
-                v.restore(s).map_err(VmSideError)?;
+                v.restore(s).map_err(|e| VmSideError(e.to_string()))?;
                 continue;
             };
             // tern mode: the async-PF MSRs go to tern's controller, not to KVM (whose own async
@@ -388,8 +388,9 @@ impl MigratableVm for VmInner {
             );
             s.msrs
                 .retain(|(i, _)| !crate::apf::msr::is_async_pf_msr(*i));
-            v.restore(s).map_err(VmSideError)?;
-            apf.restore_msrs(id, &apf_msrs).map_err(VmSideError)?;
+            v.restore(s).map_err(|e| VmSideError(e.to_string()))?;
+            apf.restore_msrs(id, &apf_msrs)
+                .map_err(|e| VmSideError(e.to_string()))?;
         }
         self.devices.restore(&state.devices)
     }
