@@ -1,6 +1,7 @@
 //! The destination's one entry (`destination::receive`) end to end against the real source: it
 //! accepts, has the test's builder make a [`FakeVm`], receives, resumes, answers, and (postcopy)
-//! finishes in the background; a builder that fails makes the source hear why.
+//! finishes in the background; a builder that fails makes the source hear why; a postcopy whose
+//! source vanishes pauses, parks its listener and recovers.
 
 mod common;
 
@@ -13,12 +14,13 @@ use common::fake_vm::marker_state;
 use common::{params, spawn_source, FakeVm, TempDir, LAYOUT};
 use migration::destination::{self, DestinationError, DestinationVm, Options};
 use migration::error::MigrationError;
-use migration::postcopy::probe_userfaultfd;
+use migration::postcopy::preempt::AdviseRecord;
+use migration::postcopy::{probe_userfaultfd, ranges, CompleteRecord, DiscardRecord};
 use migration::progress::{MigrationState, Phase, Role};
-use migration::state::LocalRamRecord;
-use migration::stream::{Section, StreamReader, StreamWriter};
+use migration::state::{EndRecord, LocalRamRecord};
+use migration::stream::{RamBatch, Section, StreamReader, StreamWriter};
 use migration::transport::{self, Endpoint};
-use migration::MigratableVm;
+use migration::{MigratableVm, PAGE_SIZE};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -246,4 +248,142 @@ fn entry_finishes_a_postcopy_in_the_background() {
         "destination RAM differs from the source's"
     );
     assert_eq!(vm.restored(), Some(marker_state()));
+}
+
+/// The next section on a return path that is not a heartbeat.
+fn next_answer(r: &mut StreamReader<Box<dyn Read + Send>>) -> migration::stream::Frame {
+    loop {
+        let f = r.read_section().unwrap();
+        if f.kind != Section::Heartbeat {
+            return f;
+        }
+    }
+}
+
+/// Connects to `ep` once something listens there (the entry and `recover::listen` bind it
+/// themselves, from another thread).
+fn connect_when_listening(ep: &Endpoint) -> transport::Channel {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match transport::connect(ep) {
+            Ok(c) => return c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "nobody listens on {ep}: {e}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+/// Every page of `vm` (its own contents) in RAM sections, then END.
+fn send_all_pages(w: &mut Writer, vm: &FakeVm) {
+    let mut batch = RamBatch::default();
+    let mut page = vec![0u8; PAGE_SIZE];
+    for p in 0..vm.total_pages() {
+        let gpa = vm.gpa_of(p);
+        vm.read_ram(gpa, &mut page).unwrap();
+        batch.push_full(gpa, &page);
+        if batch.len() == RamBatch::PAGES {
+            w.section(Section::Ram, &batch.take()).unwrap();
+        }
+    }
+    if !batch.is_empty() {
+        w.section(Section::Ram, &batch.take()).unwrap();
+    }
+    w.record(Section::End, &EndRecord::default()).unwrap();
+    w.flush().unwrap();
+}
+
+/// A source by hand that switches to postcopy with every page missing and then vanishes: the
+/// guest pauses on the destination with its listener parked. `migrate-recover` (recover::listen)
+/// then takes a second source's reconnection, says what is missing, places what comes and
+/// completes.
+#[test]
+fn broken_postcopy_parks_the_listener_and_recovers() {
+    if let Err(why) = probe_userfaultfd() {
+        eprintln!("SKIPPED broken_postcopy_parks_the_listener_and_recovers: {why}");
+        return;
+    }
+    let dir = TempDir::new("entry-recover");
+    let src = filled_source();
+    let ep = endpoint(&dir);
+    let dest = spawn_entry(&ep, Options { postcopy: true }, build_fake);
+    let (mut r, mut w) = scripted_source(&ep, &src.config());
+    w.record(Section::Advise, &AdviseRecord { preempt: false })
+        .unwrap();
+    w.flush().unwrap();
+    assert_eq!(next_answer(&mut r).kind, Section::Advise);
+    let all: Vec<usize> = (0..src.total_pages()).collect();
+    let discard = DiscardRecord {
+        ranges: ranges(&src.ram_regions(), &src.bitmaps(&all)),
+    };
+    w.record(Section::Discard, &discard).unwrap();
+    let state = marker_state();
+    w.record(Section::Vcpus, &state.vcpus).unwrap();
+    w.record(Section::Clock, &state.clock).unwrap();
+    w.record(
+        Section::Irqchip,
+        &(&state.pic_master, &state.pic_slave, &state.ioapic),
+    )
+    .unwrap();
+    w.record(Section::Pit, &state.pit).unwrap();
+    w.record(Section::Devices, &state.devices).unwrap();
+    w.record(Section::Run, &EndRecord::default()).unwrap();
+    w.flush().unwrap();
+    let vm = dest.join().unwrap().expect("the guest runs after RUN");
+    assert_eq!(vm.restored(), Some(state));
+    // The source is gone: the listen thread pauses the guest and keeps what it has.
+    drop((r, w));
+    let deadline = Instant::now() + WAIT;
+    while vm.status().get().state != MigrationState::PostcopyPaused {
+        assert!(Instant::now() < deadline, "{:?}", vm.status().get());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let paused = vm.status().get();
+    assert!(paused.error.unwrap().contains("postcopy broke"));
+    assert!(vm.parked());
+    assert!(vm.count(|c| &c.pauses) >= 1);
+
+    // migrate-recover on a new socket; a second recovery at once is refused.
+    let ep2 = Endpoint::Unix {
+        path: dir.0.join("recover.sock"),
+        local: false,
+    };
+    destination::recover::listen(vm.clone(), ep2.clone()).unwrap();
+    let again = destination::recover::listen(vm.clone(), ep2.clone()).unwrap_err();
+    assert!(again.to_string().contains("postcopy-recover"), "{again}");
+    assert!(!vm.parked());
+    let mut ch = connect_when_listening(&ep2);
+    let mut w: Writer = StreamWriter::new(ch.writer.take().unwrap());
+    let mut r = StreamReader::new(ch.reader.take().unwrap());
+    w.header().unwrap();
+    w.record(Section::Recover, &src.config()).unwrap();
+    w.flush().unwrap();
+    let mut missing = Vec::new();
+    loop {
+        let f = next_answer(&mut r);
+        match f.kind {
+            Section::Missing => missing.extend(f.decode::<DiscardRecord>().unwrap().ranges),
+            Section::Recover => break,
+            other => panic!("unexpected {} section", other.name()),
+        }
+    }
+    assert_eq!(missing, discard.ranges, "nothing arrived before the break");
+    send_all_pages(&mut w, &src);
+    // The guest touched nothing, so no page request comes first: Complete is next.
+    let f = next_answer(&mut r);
+    assert_eq!(f.kind, Section::Complete, "got {}", f.kind.name());
+    let complete: CompleteRecord = f.decode().unwrap();
+    assert_eq!(complete.figures.missing_at_switch, src.total_pages() as u64);
+    let done = vm.status().get();
+    assert_eq!(done.state, MigrationState::Completed);
+    assert_eq!(done.recovered_pages, src.total_pages() as u64);
+    assert!(
+        vm.count(|c| &c.resumes) >= 2,
+        "resumed after RUN and after recovery"
+    );
+    assert!(
+        vm.ram() == src.ram(),
+        "destination RAM differs from the source's"
+    );
 }

@@ -178,7 +178,10 @@ impl Handler {
             Request::MigrateRecover { uri } => uri
                 .parse::<migration::transport::Endpoint>()
                 .map_err(|e| e.to_string())
-                .and_then(|ep| crate::migrate::recovery::listen(vm, ep).map_err(|e| e.to_string()))
+                .and_then(|ep| {
+                    migration::destination::recover::listen(vm.clone(), ep)
+                        .map_err(|e| e.to_string())
+                })
                 .map(|_| json!({"listening": uri})),
             Request::MigrateStatus => {
                 serde_json::to_value(vm.migration.get()).map_err(|e| e.to_string())

@@ -383,4 +383,8 @@ impl DestinationVm for FakeVm {
     fn park_postcopy(&self, listener: Listener) {
         *self.parked.lock().unwrap() = Some(listener);
     }
+
+    fn take_parked(&self) -> Option<Listener> {
+        self.parked.lock().unwrap().take()
+    }
 }

@@ -87,6 +87,10 @@ impl migration::destination::DestinationVm for VmInner {
     fn park_postcopy(&self, listener: migration::postcopy::Listener) {
         *devices::bus::lock(&self.postcopy_paused) = Some(listener);
     }
+
+    fn take_parked(&self) -> Option<migration::postcopy::Listener> {
+        devices::bus::lock(&self.postcopy_paused).take()
+    }
 }
 
 impl MigratableVm for VmInner {

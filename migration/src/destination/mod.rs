@@ -1,7 +1,10 @@
 //! The destination of a migration over a connection, from the first byte to Complete: accept,
 //! read the configuration, have the VMM build the VM ([`receive`]'s builder), receive RAM and
 //! state ([`incoming::receive`]), restore and resume, answer the source, and after a postcopy
-//! switch place the remaining pages in the background until END ([`spawn_postcopy_tail`]).
+//! switch place the remaining pages in the background until END ([`spawn_postcopy_tail`]); after a
+//! broken postcopy, [`recover`] takes the source's reconnection.
+
+pub mod recover;
 
 use std::fs::File;
 use std::sync::{Arc, Mutex};
@@ -25,6 +28,8 @@ pub trait DestinationVm: MigratableVm {
     /// Keeps a broken postcopy's listener (the pages still missing and where to ask for them)
     /// for a later `migrate-recover`.
     fn park_postcopy(&self, listener: Listener);
+    /// Takes the parked listener back (a recovery starts).
+    fn take_parked(&self) -> Option<Listener>;
 }
 
 /// What this side accepts.
