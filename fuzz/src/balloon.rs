@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use devices::virtio::{Balloon, DiscardRam, GuestMem, VirtioMmio};
+use devices::virtio::{Balloon, DiscardError, DiscardRam, GuestMem, VirtioMmio};
 use devices::{IrqLine, MmioDevice, Stateful};
 use vm_memory::{Bytes as _, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -25,7 +25,7 @@ const WINDOW: u16 = 0x1ff;
 struct Ram(Arc<AtomicU64>);
 
 impl DiscardRam for Ram {
-    fn discard(&self, gpa: u64, len: u64) -> Result<(), String> {
+    fn discard(&self, gpa: u64, len: u64) -> Result<(), DiscardError> {
         assert!(
             gpa.is_multiple_of(4096) && len.is_multiple_of(4096) && len > 0,
             "discard {gpa:#x}+{len:#x}: not whole pages"

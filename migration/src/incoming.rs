@@ -457,7 +457,7 @@ fn apply<'scope>(
                 let verdict = if options.shared_ram {
                     Err("postcopy is not supported with shared=on guest RAM".into())
                 } else if options.postcopy {
-                    probe_userfaultfd()
+                    probe_userfaultfd().map_err(|e| e.to_string())
                 } else {
                     Err(
                         "postcopy is not enabled on the destination (start it with --postcopy)"
@@ -571,12 +571,20 @@ fn assemble(
     })
 }
 
+/// How a migration ended on the destination, as the source hears it.
+pub enum Answer<'a> {
+    /// The guest runs here.
+    Resumed,
+    /// Refused: the guest never ran here, for this reason.
+    Abort(&'a str),
+}
+
 /// Tells the source how it ended: resumed, or why not.
-pub fn answer(rp: &ReturnPath, outcome: Result<(), String>) -> Result<(), StreamError> {
+pub fn answer(rp: &ReturnPath, outcome: Answer<'_>) -> Result<(), StreamError> {
     let mut w = rp.lock().unwrap_or_else(|e| e.into_inner());
     match outcome {
-        Ok(()) => w.section(Section::Resumed, &[])?,
-        Err(why) => w.record(Section::Abort, &why)?,
+        Answer::Resumed => w.section(Section::Resumed, &[])?,
+        Answer::Abort(why) => w.record(Section::Abort, &why)?,
     }
     w.flush()
 }

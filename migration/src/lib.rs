@@ -1,9 +1,11 @@
 //! tern's live migration. The VMM implements [`MigratableVm`]; this crate drives precopy over a
 //! [`transport`] with the versioned, framed, checksummed stream in [`stream`]. Snapshots are the same
-//! stream written to a file.
+//! stream written to a file. The source runs [`outgoing::migrate`]; the destination runs
+//! [`destination::receive`], given a closure that builds the VM.
 
 pub mod bitmap;
 pub mod channels;
+pub mod destination;
 pub mod error;
 pub mod fdpass;
 pub mod incoming;

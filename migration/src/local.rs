@@ -72,7 +72,9 @@ switch: the memory itself is handed over); start the source without --postcopy",
     let rx = PeerReader::start(StreamReader::new(reader))
         .map_err(|e| MigrationError::NoAnswer(format!("starting the return path: {e}")))?;
     // The destination maps the memory and creates its VM while the guest still runs here.
-    let answer = rx.next(ACK_TIMEOUT).map_err(MigrationError::NoAnswer)?;
+    let answer = rx
+        .next(ACK_TIMEOUT)
+        .map_err(|e| MigrationError::NoAnswer(e.to_string()))?;
     match answer.kind {
         Section::Ready => {}
         Section::Abort => {

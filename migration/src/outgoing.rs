@@ -169,7 +169,9 @@ fn advise<W: Write>(
     };
     w.record(Section::Advise, &AdviseRecord { preempt })?;
     w.flush()?;
-    let answer = rx.next(ACK_TIMEOUT).map_err(MigrationError::NoAnswer)?;
+    let answer = rx
+        .next(ACK_TIMEOUT)
+        .map_err(|e| MigrationError::NoAnswer(e.to_string()))?;
     match answer.kind {
         Section::Advise => Ok(preempt && AdviseRecord::decode(&answer.payload).preempt),
         Section::Abort => Err(MigrationError::Rejected(
@@ -204,7 +206,7 @@ pub fn migrate(
     status.update(|s| {
         *s = Default::default();
         s.state = MigrationState::Active;
-        s.role = "source".into();
+        s.role = crate::progress::Role::Source;
         s.endpoint = endpoint.to_string();
     });
     let mut paused = false;
@@ -518,7 +520,9 @@ fn run(
 
 /// After the end section: the destination's word that it runs the guest, or that it did not.
 pub(crate) fn await_resumed(rx: &PeerReader) -> Result<(), MigrationError> {
-    let answer = rx.next(ACK_TIMEOUT).map_err(MigrationError::Unconfirmed)?;
+    let answer = rx
+        .next(ACK_TIMEOUT)
+        .map_err(|e| MigrationError::Unconfirmed(e.to_string()))?;
     match answer.kind {
         Section::Resumed => Ok(()),
         // The destination says it did not run the guest: it is safe to run it here again.

@@ -78,6 +78,18 @@ pub(crate) enum PeerEvent {
     Broken(String),
 }
 
+/// Why no section came from the destination.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("no answer from the destination within {:.0} s", .0.as_secs_f64())]
+    Silent(Duration),
+    #[error("the return path is closed")]
+    Closed,
+    /// The read failed, as [`explain`] words it.
+    #[error("{0}")]
+    Broken(String),
+}
+
 /// The source's reader of the return path: a thread that reads sections as they come (so the
 /// destination's heartbeats never pile up in the socket) and hands the others over.
 pub(crate) struct PeerReader {
@@ -125,17 +137,12 @@ impl PeerReader {
     }
 
     /// The next section, waiting at most `timeout` (the peer timeout bounds it anyway).
-    pub(crate) fn next(&self, timeout: Duration) -> Result<Frame, String> {
+    pub(crate) fn next(&self, timeout: Duration) -> Result<Frame, PeerError> {
         match self.rx.recv_timeout(timeout) {
             Ok(PeerEvent::Frame(f)) => Ok(f),
-            Ok(PeerEvent::Broken(e)) => Err(e),
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(format!(
-                "no answer from the destination within {:.0} s",
-                timeout.as_secs_f64()
-            )),
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                Err("the return path is closed".to_string())
-            }
+            Ok(PeerEvent::Broken(e)) => Err(PeerError::Broken(e)),
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(PeerError::Silent(timeout)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(PeerError::Closed),
         }
     }
 

@@ -74,11 +74,41 @@ pub enum Phase {
     End,
 }
 
+/// Which side of a migration this VM is.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub enum Role {
+    /// No migration yet.
+    #[default]
+    #[serde(rename = "")]
+    None,
+    #[serde(rename = "source")]
+    Source,
+    #[serde(rename = "destination")]
+    Destination,
+}
+
+impl Role {
+    /// As `migrate-status` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::None => "",
+            Role::Source => "source",
+            Role::Destination => "destination",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A snapshot of a migration's progress, as `migrate-status` returns it.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct MigrationStatus {
     pub state: MigrationState,
-    pub role: String,
+    pub role: Role,
     pub endpoint: String,
     pub iteration: u32,
     pub bytes: u64,

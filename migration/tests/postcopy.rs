@@ -211,13 +211,14 @@ fn page_request_outside_ram_is_refused() {
         discard.ranges.iter().map(|r| r.1).sum::<u64>(),
         total as u64
     );
-    while r.read_section().unwrap().kind != Section::Run {}
-    // The push cannot have ended yet: it stalls on the socket buffers (~200 KiB) until this side
-    // reads, and the guest has 1.3 MB. So the source sees the request during its push.
+    // Sent before RUN is read: the source's return-path reader queues it, and the push answers
+    // it at its first look. (Sent after RUN it could arrive after a fast push had ended, and a
+    // request after END is not answered.)
     let outside = 1u64 << 40;
     w.record(Section::PageRequest, &PageRequest { gpa: outside })
         .unwrap();
     w.flush().unwrap();
+    while r.read_section().unwrap().kind != Section::Run {}
     let (mut refusals, mut pages) = (Vec::new(), Vec::new());
     loop {
         let f = r.read_section().unwrap();

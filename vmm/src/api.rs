@@ -162,22 +162,26 @@ impl Handler {
                 "balloon": vm.balloon.as_ref().map(|b| crate::balloon::status(&devices::bus::lock(b))),
             })),
             Request::Balloon { bytes } => match &vm.balloon {
-                Some(b) => crate::balloon::set_target(b, bytes, vm.record.memory_size),
+                Some(b) => crate::balloon::set_target(b, bytes, vm.record.memory_size)
+                    .map_err(|e| e.to_string()),
                 None => Err("this VM has no balloon (start it with --balloon)".into()),
             },
-            Request::Pause => {
-                flows::set_paused(vm, true, false).map(|_| json!({"state": "paused"}))
-            }
-            Request::Resume { force } => {
-                flows::set_paused(vm, false, force).map(|_| json!({"state": "running"}))
-            }
-            Request::MigrateCancel => {
-                flows::cancel_outgoing(vm).map(|_| json!({"cancelling": true}))
-            }
+            Request::Pause => flows::set_paused(vm, true, false)
+                .map(|_| json!({"state": "paused"}))
+                .map_err(|e| e.to_string()),
+            Request::Resume { force } => flows::set_paused(vm, false, force)
+                .map(|_| json!({"state": "running"}))
+                .map_err(|e| e.to_string()),
+            Request::MigrateCancel => flows::cancel_outgoing(vm)
+                .map(|_| json!({"cancelling": true}))
+                .map_err(|e| e.to_string()),
             Request::MigrateRecover { uri } => uri
                 .parse::<migration::transport::Endpoint>()
                 .map_err(|e| e.to_string())
-                .and_then(|ep| crate::migrate::recovery::listen(vm, ep))
+                .and_then(|ep| {
+                    migration::destination::recover::listen(vm.clone(), ep)
+                        .map_err(|e| e.to_string())
+                })
                 .map(|_| json!({"listening": uri})),
             Request::MigrateStatus => {
                 serde_json::to_value(vm.migration.get()).map_err(|e| e.to_string())
@@ -230,11 +234,11 @@ impl Handler {
         let started = if resume && ep.is_local() {
             Err("local=on cannot resume a postcopy (a local migration never uses postcopy)".into())
         } else if resume {
-            crate::migrate::recovery::reconnect(&self.vm, ep, on_done)
+            crate::migrate::recovery::reconnect(&self.vm, ep, on_done).map_err(|e| e.to_string())
         } else {
             let mut params = self.params.clone();
             params.channels = channels.or(params.channels);
-            flows::start_outgoing(&self.vm, ep, params, on_done)
+            flows::start_outgoing(&self.vm, ep, params, on_done).map_err(|e| e.to_string())
         };
         match started {
             Ok(()) if detach => Some(Ok(json!({"started": uri}))),

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::bus::lock;
-use devices::virtio::{Balloon, DiscardRam, VirtioMmio};
+use devices::virtio::{Balloon, DiscardError, DiscardRam, VirtioMmio};
 use devices::{IrqLine, MmioBus};
 use kvm_ioctls::VmFd;
 use serde_json::{json, Value};
@@ -43,16 +43,15 @@ impl DiscardRam for GuestRamDiscard {
             .is_some_and(|r| gpa + len <= r.start_addr().0 + r.len())
     }
 
-    fn discard(&self, gpa: u64, len: u64) -> Result<(), String> {
+    fn discard(&self, gpa: u64, len: u64) -> Result<(), DiscardError> {
+        let not_ram = DiscardError::NotRam { gpa, len };
         if !self.is_ram(gpa, len) || !gpa.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
-            return Err(format!(
-                "{gpa:#x}+{len:#x} is not whole pages of one RAM region"
-            ));
+            return Err(not_ram);
         }
         let host = self
             .0
             .get_host_address(GuestAddress(gpa))
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| not_ram)?;
         // MADV_DONTNEED on a shared mapping only unmaps: the memfd keeps the page (and its
         // old contents). MADV_REMOVE frees it there.
         let shared = self
@@ -69,7 +68,7 @@ impl DiscardRam for GuestRamDiscard {
         // pages up, nothing in tern holds references into them.
         let rc = unsafe { libc::madvise(host.cast(), len as usize, advice) };
         if rc != 0 {
-            return Err(std::io::Error::last_os_error().to_string());
+            return Err(DiscardError::Host(std::io::Error::last_os_error()));
         }
         Ok(())
     }
@@ -108,14 +107,21 @@ pub fn create(
     Ok(dev)
 }
 
+/// Why a balloon target was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("balloon size {bytes} is larger than guest RAM ({ram_bytes} bytes)")]
+    LargerThanRam { bytes: u64, ram_bytes: u64 },
+    #[error("balloon size too large")]
+    TooLarge,
+}
+
 /// Sets a new target size in bytes (rounded down to pages) and tells the driver.
-pub fn set_target(dev: &SharedBalloon, bytes: u64, ram_bytes: u64) -> Result<Value, String> {
+pub fn set_target(dev: &SharedBalloon, bytes: u64, ram_bytes: u64) -> Result<Value, TargetError> {
     if bytes > ram_bytes {
-        return Err(format!(
-            "balloon size {bytes} is larger than guest RAM ({ram_bytes} bytes)"
-        ));
+        return Err(TargetError::LargerThanRam { bytes, ram_bytes });
     }
-    let pages = u32::try_from(bytes / PAGE).map_err(|_| "balloon size too large".to_string())?;
+    let pages = u32::try_from(bytes / PAGE).map_err(|_| TargetError::TooLarge)?;
     let mut d = lock(dev);
     d.device_mut().set_target(pages);
     d.config_changed();

@@ -238,12 +238,15 @@ pub struct RunArgs {
     pub postcopy_bandwidth: Option<u64>,
 }
 
-fn parse_fault_us(text: &str) -> Result<f64, String> {
+/// A `--write-fault-us` that is not a number of microseconds in range.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --write-fault-us {0:?}: microseconds, 0 to 10000")]
+pub struct FaultCostError(String);
+
+fn parse_fault_us(text: &str) -> Result<f64, FaultCostError> {
     match text.parse::<f64>() {
         Ok(us) if us.is_finite() && (0.0..=10_000.0).contains(&us) => Ok(us),
-        _ => Err(format!(
-            "invalid --write-fault-us {text:?}: microseconds, 0 to 10000"
-        )),
+        _ => Err(FaultCostError(text.to_string())),
     }
 }
 
@@ -257,12 +260,15 @@ impl RunArgs {
     }
 }
 
-fn parse_bandwidth(text: &str) -> Result<u64, String> {
+/// A `--postcopy-bandwidth` that is not a positive size.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --postcopy-bandwidth {0:?}: bytes a second, e.g. 64M")]
+pub struct BandwidthError(String);
+
+fn parse_bandwidth(text: &str) -> Result<u64, BandwidthError> {
     match config::parse_size(text) {
         Some(n) if n > 0 => Ok(n),
-        _ => Err(format!(
-            "invalid --postcopy-bandwidth {text:?}: bytes a second, e.g. 64M"
-        )),
+        _ => Err(BandwidthError(text.to_string())),
     }
 }
 

@@ -66,12 +66,23 @@ pub struct HostOptions {
     pub seccomp: SeccompMode,
 }
 
+/// An incoming stream's configuration this side will not build.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordRefused {
+    #[error("the stream's configuration is refused: {0}")]
+    Check(#[from] config::ConfigError),
+    #[error(
+        "the stream's configuration is refused: RAM regions {regions:x?} do not match {size} \
+bytes of memory"
+    )]
+    Layout { regions: Vec<(u64, u64)>, size: u64 },
+}
+
 impl MachineConfig {
     /// The machine an incoming stream describes, through the command line's checks (and one
     /// more: the RAM layout must be the one tern builds for that size), before anything is
     /// created. Host-only memory options (prefault, lazy-from) stay off.
-    pub fn from_record(record: &VmConfigRecord) -> Result<Self, String> {
-        let refuse = |e: String| format!("the stream's configuration is refused: {e}");
+    pub fn from_record(record: &VmConfigRecord) -> Result<Self, RecordRefused> {
         let memory = MemoryConfig {
             size: record.memory_size,
             mergeable: record.mergeable,
@@ -79,19 +90,17 @@ impl MachineConfig {
             thp: record.thp,
             ..Default::default()
         };
-        memory.check().map_err(|e| refuse(e.to_string()))?;
+        memory.check()?;
         if let Some(host) = config::host_memory_bytes() {
-            memory
-                .check_host_fits(host)
-                .map_err(|e| refuse(e.to_string()))?;
+            memory.check_host_fits(host)?;
         }
         if record.ram != ram_layout(memory.size) {
-            return Err(refuse(format!(
-                "RAM regions {:x?} do not match {} bytes of memory",
-                record.ram, memory.size
-            )));
+            return Err(RecordRefused::Layout {
+                regions: record.ram.clone(),
+                size: memory.size,
+            });
         }
-        let vcpus = config::check_vcpus(record.vcpus.into()).map_err(|e| refuse(e.to_string()))?;
+        let vcpus = config::check_vcpus(record.vcpus.into())?;
         Ok(MachineConfig {
             memory,
             vcpus,
@@ -162,12 +171,15 @@ mod tests {
         let mut rec = machine().to_record(0, Vec::new());
         rec.ram = vec![(0, 32 << 20)];
         let err = MachineConfig::from_record(&rec).unwrap_err();
+        assert!(matches!(err, RecordRefused::Layout { .. }), "{err}");
         assert!(
-            err.contains("do not match 67108864 bytes of memory"),
+            err.to_string()
+                .contains("do not match 67108864 bytes of memory"),
             "{err}"
         );
         let mut rec = machine().to_record(0, Vec::new());
         rec.vcpus = 0;
-        assert!(MachineConfig::from_record(&rec).is_err());
+        let err = MachineConfig::from_record(&rec).unwrap_err();
+        assert!(matches!(err, RecordRefused::Check(_)), "{err}");
     }
 }

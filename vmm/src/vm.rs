@@ -50,6 +50,8 @@ pub enum VmError {
     Lazy(#[from] lazy::LazyError),
     #[error("the incoming VM cannot be built here: {0}")]
     Incompatible(String),
+    #[error("the incoming VM cannot be built here: {0}")]
+    Refused(#[from] crate::machine::RecordRefused),
     #[error("{0}")]
     Seccomp(String),
 }

@@ -28,10 +28,20 @@ const MAX_PFN_BYTES: usize = MAX_PFNS * 4;
 const PFN_SHIFT: u32 = 12;
 const PAGE: u64 = 1 << PFN_SHIFT;
 
+/// Why guest RAM could not be given back.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscardError {
+    #[error("{gpa:#x}+{len:#x} is not whole pages of one RAM region")]
+    NotRam { gpa: u64, len: u64 },
+    /// The host refused to drop the pages (madvise).
+    #[error("{0}")]
+    Host(std::io::Error),
+}
+
 /// Gives guest RAM back to the host.
 pub trait DiscardRam: Send {
     /// Drops [gpa, gpa + len) (whole 4 KiB pages, all RAM); the next guest read sees zeros.
-    fn discard(&self, gpa: u64, len: u64) -> Result<(), String>;
+    fn discard(&self, gpa: u64, len: u64) -> Result<(), DiscardError>;
     /// Whether [gpa, gpa + len) is guest RAM.
     fn is_ram(&self, gpa: u64, len: u64) -> bool;
 }
@@ -334,7 +344,7 @@ mod tests {
     #[derive(Clone, Default)]
     struct Log(Arc<Mutex<Vec<(u64, u64)>>>);
     impl DiscardRam for Log {
-        fn discard(&self, gpa: u64, len: u64) -> Result<(), String> {
+        fn discard(&self, gpa: u64, len: u64) -> Result<(), DiscardError> {
             self.0.lock().unwrap().push((gpa, len));
             Ok(())
         }

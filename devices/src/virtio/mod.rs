@@ -9,7 +9,7 @@ pub mod mmio;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::GuestMemoryMmap;
 
-pub use balloon::{Balloon, BalloonDeviceState, BalloonState, DiscardRam};
+pub use balloon::{Balloon, BalloonDeviceState, BalloonState, DiscardError, DiscardRam};
 pub use mmio::{MmioTransportState, VirtioMmio};
 
 /// Guest memory as tern maps it (dirty tracking in the bitmap, for migration).

@@ -56,13 +56,42 @@ pub fn ranges(regions: &[RamRegion], maps: &[DirtyBitmap]) -> Vec<(u64, u64)> {
     out
 }
 
+/// Why postcopy cannot listen here: the ADVISE probe, or DISCARD/LISTEN.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("userfaultfd disabled by TERN_TEST_NO_USERFAULTFD")]
+    DisabledForTest,
+    #[error("userfaultfd: {0}")]
+    Open(std::io::Error),
+    #[error("mmap for the userfaultfd probe failed")]
+    ProbeMap,
+    #[error("UFFDIO_REGISTER: {0}")]
+    Register(std::io::Error),
+    #[error("WAKE/COPY/ZEROPAGE not allowed on anonymous memory")]
+    MissingIoctls,
+    #[error("UFFDIO_UNREGISTER: {0}")]
+    Unregister(std::io::Error),
+    #[error("no host mapping for RAM at {0:#x}")]
+    NoMapping(u64),
+    #[error("discard range {gpa:#x}+{pages} pages is empty or not page-aligned")]
+    BadRange { gpa: u64, pages: u64 },
+    #[error("discard range {gpa:#x}+{pages} pages is outside guest RAM")]
+    OutsideRam { gpa: u64, pages: u64 },
+    #[error("MADV_DONTNEED: {0}")]
+    Discard(std::io::Error),
+    #[error(transparent)]
+    Uffd(#[from] uffd::RegisterError),
+    #[error("starting the fault thread: {0}")]
+    Thread(std::io::Error),
+}
+
 /// The ADVISE check: userfaultfd with the API, REGISTER/UNREGISTER and WAKE/COPY/ZEROPAGE on
 /// anonymous memory (QEMU's postcopy OS probe, done the same way).
-pub fn probe_userfaultfd() -> Result<(), String> {
+pub fn probe_userfaultfd() -> Result<(), ListenError> {
     if std::env::var_os("TERN_TEST_NO_USERFAULTFD").is_some() {
-        return Err("userfaultfd disabled by TERN_TEST_NO_USERFAULTFD".into());
+        return Err(ListenError::DisabledForTest);
     }
-    let uffd = Userfaultfd::new(UFFD_FEATURE_THREAD_ID).map_err(|e| format!("userfaultfd: {e}"))?;
+    let uffd = Userfaultfd::new(UFFD_FEATURE_THREAD_ID).map_err(ListenError::Open)?;
     let len = PAGE_SIZE;
     // SAFETY: a fresh private anonymous page, unmapped below.
     let p = unsafe {
@@ -76,17 +105,17 @@ pub fn probe_userfaultfd() -> Result<(), String> {
         )
     };
     if p == libc::MAP_FAILED {
-        return Err("mmap for the userfaultfd probe failed".into());
+        return Err(ListenError::ProbeMap);
     }
     let result = uffd
         .register(p as u64, len as u64)
-        .map_err(|e| format!("UFFDIO_REGISTER: {e}"))
+        .map_err(ListenError::Register)
         .and_then(|ioctls| {
             if ioctls & NEEDED_RANGE_IOCTLS != NEEDED_RANGE_IOCTLS {
-                return Err("WAKE/COPY/ZEROPAGE not allowed on anonymous memory".into());
+                return Err(ListenError::MissingIoctls);
             }
             uffd.unregister(p as u64, len as u64)
-                .map_err(|e| format!("UFFDIO_UNREGISTER: {e}"))
+                .map_err(ListenError::Unregister)
         });
     // SAFETY: unmaps the probe page mapped above.
     unsafe { libc::munmap(p, len) };
@@ -140,12 +169,14 @@ type ReturnPath = Arc<Mutex<StreamWriter<Box<dyn Write + Send>>>>;
 
 /// Checks one discard run (first gpa, page count) from the stream against guest RAM; returns
 /// (hva, byte length, first page index, page count).
-fn check_discard(ram: &GuestRam, gpa: u64, n: u64) -> Result<(u64, usize, usize, usize), String> {
-    let outside = || format!("discard range {gpa:#x}+{n} pages is outside guest RAM");
+fn check_discard(
+    ram: &GuestRam,
+    gpa: u64,
+    n: u64,
+) -> Result<(u64, usize, usize, usize), ListenError> {
+    let outside = || ListenError::OutsideRam { gpa, pages: n };
     if n == 0 || !gpa.is_multiple_of(PAGE_SIZE as u64) {
-        return Err(format!(
-            "discard range {gpa:#x}+{n} pages is empty or not page-aligned"
-        ));
+        return Err(ListenError::BadRange { gpa, pages: n });
     }
     // Checked: a huge count must not wrap to a short (or empty) length.
     let len = n.checked_mul(PAGE_SIZE as u64).ok_or_else(outside)?;
@@ -169,12 +200,12 @@ impl Listener {
         discard: &DiscardRecord,
         return_path: ReturnPath,
         vcpu_tids: Vec<u32>,
-    ) -> Result<Listener, String> {
+    ) -> Result<Listener, ListenError> {
         let mut regions = Vec::new();
         for r in vm.ram_regions() {
             let hva = vm
                 .host_address(r.gpa)
-                .ok_or_else(|| format!("no host mapping for RAM at {:#x}", r.gpa))?;
+                .ok_or(ListenError::NoMapping(r.gpa))?;
             regions.push((r.gpa, hva, r.len));
         }
         let ram = GuestRam::new(regions);
@@ -190,10 +221,7 @@ impl Listener {
             // SAFETY: the range lies inside one live guest mapping (check_discard); dropping
             // pages only makes them read as missing (userfaultfd) from now on.
             if unsafe { libc::madvise(hva as *mut libc::c_void, len, libc::MADV_DONTNEED) } != 0 {
-                return Err(format!(
-                    "MADV_DONTNEED: {}",
-                    std::io::Error::last_os_error()
-                ));
+                return Err(ListenError::Discard(std::io::Error::last_os_error()));
             }
             for p in first..first + n {
                 if states.transition(p, PageState::Received, PageState::Missing) {
@@ -201,7 +229,7 @@ impl Listener {
                 }
             }
         }
-        let uffd = Arc::new(uffd::register(&ram).map_err(|e| e.to_string())?);
+        let uffd = Arc::new(uffd::register(&ram)?);
         let tracker = Arc::new(Mutex::new(Tracker {
             vcpu_tids,
             ..Default::default()
@@ -228,7 +256,7 @@ impl Listener {
                 crate::thread_started("postcopy-faults");
                 faults.run(&mut fetcher)
             })
-            .map_err(|e| format!("starting the fault thread: {e}"))?;
+            .map_err(ListenError::Thread)?;
         let pushed = Arc::new(AtomicU64::new(0));
         let placer = Placer {
             uffd: uffd.clone(),
@@ -493,29 +521,33 @@ mod tests {
     fn discard_runs_are_checked_before_use() {
         let spans = GuestRam::new([(0, 0x10_0000, 16 * 4096), (1 << 32, 0x90_0000, 8 * 4096)]);
         assert_eq!(
-            check_discard(&spans, 0x2000, 3),
-            Ok((0x10_2000, 3 * 4096, 2, 3))
+            check_discard(&spans, 0x2000, 3).unwrap(),
+            (0x10_2000, 3 * 4096, 2, 3)
         );
         assert_eq!(
-            check_discard(&spans, (1 << 32) + 0x1000, 7),
-            Ok((0x90_1000, 7 * 4096, 17, 7))
+            check_discard(&spans, (1 << 32) + 0x1000, 7).unwrap(),
+            (0x90_1000, 7 * 4096, 17, 7)
         );
         // n * 4096 wraps to 0 for n = 2^52: that once passed the range check and spun.
         let err = check_discard(&spans, 0x1000, 1 << 52).unwrap_err();
-        assert!(err.contains("outside guest RAM"), "{err}");
+        assert!(matches!(err, ListenError::OutsideRam { .. }), "{err}");
         assert!(check_discard(&spans, 0x1000, u64::MAX).is_err());
         assert!(check_discard(&spans, !0xfff, 2).is_err());
         assert!(
             check_discard(&spans, 0xf000, 2).is_err(),
             "past the span's end"
         );
-        assert!(check_discard(&spans, 0x1800, 1).is_err(), "unaligned");
-        assert!(check_discard(&spans, 0x1000, 0).is_err(), "empty");
+        for (gpa, n, why) in [(0x1800, 1, "unaligned"), (0x1000, 0, "empty")] {
+            let err = check_discard(&spans, gpa, n).unwrap_err();
+            assert!(matches!(err, ListenError::BadRange { .. }), "{why}: {err}");
+        }
     }
 
     #[test]
     fn probe_finds_userfaultfd_here() {
         // This machine has userfaultfd (docs/machine-kvm.md); the probe must say so.
-        assert_eq!(probe_userfaultfd(), Ok(()));
+        if let Err(e) = probe_userfaultfd() {
+            panic!("postcopy needs userfaultfd here: {e}");
+        }
     }
 }

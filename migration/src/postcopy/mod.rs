@@ -8,7 +8,8 @@ pub mod recover;
 pub mod source;
 
 pub use dest::{
-    probe_userfaultfd, ranges, DiscardRecord, Listener, PageRefusal, PageRequest, PostcopyFigures,
+    probe_userfaultfd, ranges, DiscardRecord, ListenError, Listener, PageRefusal, PageRequest,
+    PostcopyFigures,
 };
 
 /// The destination's last word after postcopy (the Complete section): its figures, the

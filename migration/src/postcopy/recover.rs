@@ -53,7 +53,9 @@ pub fn recover(
             .collect();
         let mut requests = Vec::new();
         loop {
-            let f = rx.next(ACK_TIMEOUT).map_err(MigrationError::NoAnswer)?;
+            let f = rx
+                .next(ACK_TIMEOUT)
+                .map_err(|e| MigrationError::NoAnswer(e.to_string()))?;
             match f.kind {
                 Section::Missing => {
                     let runs: crate::postcopy::DiscardRecord = f.decode()?;

@@ -293,7 +293,8 @@ pub(crate) fn push<W: Write>(
         {
             Ok(Incoming::Complete(v)) => complete = Some(v),
             Ok(Incoming::Request(_)) => {}
-            Ok(Incoming::Refused(e) | Incoming::Broken(e)) | Err(e) => return Err(broken(e)),
+            Ok(Incoming::Refused(e) | Incoming::Broken(e)) => return Err(broken(e)),
+            Err(e) => return Err(broken(e.to_string())),
         }
     }
     let total = start.elapsed().as_secs_f64();

@@ -5,6 +5,9 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use migration::destination::DestinationVm;
+use migration::postcopy::Listener;
+use migration::progress::StatusCell;
 use migration::state::{ClockState, Regs, VcpuState};
 use migration::{
     DirtyBitmap, MigratableVm, RamRegion, VmConfigRecord, VmResult, VmSideError, VmState, PAGE_SIZE,
@@ -106,6 +109,9 @@ pub struct FakeVm {
     restored: Mutex<Option<VmState>>,
     /// The destination cannot load the state: `restore_state` fails with this.
     pub refuse_restore: Option<String>,
+    /// As a [`DestinationVm`]: its status, and a broken postcopy's parked listener.
+    status: StatusCell,
+    parked: Mutex<Option<Listener>>,
 }
 
 /// A recognisable vCPU and clock state, so the tests can check it arrived whole.
@@ -160,6 +166,8 @@ impl FakeVm {
             state: marker_state(),
             restored: Mutex::new(None),
             refuse_restore: None,
+            status: StatusCell::default(),
+            parked: Mutex::new(None),
         }
     }
 
@@ -243,6 +251,11 @@ impl FakeVm {
 
     pub fn restored(&self) -> Option<VmState> {
         self.restored.lock().unwrap().clone()
+    }
+
+    /// Whether a broken postcopy left its listener here.
+    pub fn parked(&self) -> bool {
+        self.parked.lock().unwrap().is_some()
     }
 
     pub fn count(&self, c: impl Fn(&Counters) -> &AtomicU64) -> u64 {
@@ -354,5 +367,24 @@ impl MigratableVm for FakeVm {
         }
         *self.restored.lock().unwrap() = Some(state);
         Ok(())
+    }
+}
+
+impl DestinationVm for FakeVm {
+    fn status(&self) -> StatusCell {
+        self.status.clone()
+    }
+
+    /// No vCPU threads: every fault is one of the test's own reads.
+    fn vcpu_thread_ids(&self) -> Vec<u32> {
+        Vec::new()
+    }
+
+    fn park_postcopy(&self, listener: Listener) {
+        *self.parked.lock().unwrap() = Some(listener);
+    }
+
+    fn take_parked(&self) -> Option<Listener> {
+        self.parked.lock().unwrap().take()
     }
 }

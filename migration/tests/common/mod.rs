@@ -204,7 +204,11 @@ fn destination(listening: Listening, opts: DestOptions) -> DestOutcome {
     if postcopy.is_none() {
         // Resumed or Abort, as tern's flows answer.
         // The source may be gone already (it refused first): nothing to tell it then.
-        let _ = incoming::answer(&rp, result.clone());
+        let outcome = match &result {
+            Ok(()) => incoming::Answer::Resumed,
+            Err(why) => incoming::Answer::Abort(why),
+        };
+        let _ = incoming::answer(&rp, outcome);
     }
     DestOutcome {
         vm,

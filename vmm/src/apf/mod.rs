@@ -20,6 +20,16 @@ use crate::lazy::FaultObserver;
 use crate::memory::GuestMemory;
 use msr::*;
 
+/// A migrated async-PF MSR value this side refuses (the guest would have got #GP for it).
+#[derive(Debug, thiserror::Error)]
+#[error("vcpu {id}: async-PF MSR {index:#x} = {value:#x} refused: {why:?}")]
+pub struct MsrRestoreError {
+    pub id: u8,
+    pub index: u32,
+    pub value: u64,
+    pub why: Refused,
+}
+
 pub const KVM_PV_REASON_PAGE_NOT_PRESENT: u32 = 1;
 /// A PAGE_READY with this token wakes every waiter.
 pub const WAKE_ALL: u32 = !0;
@@ -164,12 +174,16 @@ impl ApfController {
     /// touch their page again and fault here if it is still missing. Like KVM, the wake-all is
     /// only queued here and delivered from the vCPU's own thread once it runs (its shared area
     /// may still be a missing postcopy page, which only a running listener can bring).
-    pub fn restore_msrs(&self, id: u8, msrs: &[(u32, u64)]) -> Result<(), String> {
+    pub fn restore_msrs(&self, id: u8, msrs: &[(u32, u64)]) -> Result<(), MsrRestoreError> {
         for index in [MSR_KVM_ASYNC_PF_INT, MSR_KVM_ASYNC_PF_EN] {
             if let Some(&(_, value)) = msrs.iter().find(|(i, _)| *i == index) {
-                self.write(id, index, value, false).map_err(|e| {
-                    format!("vcpu {id}: async-PF MSR {index:#x} = {value:#x} refused: {e:?}")
-                })?;
+                self.write(id, index, value, false)
+                    .map_err(|why| MsrRestoreError {
+                        id,
+                        index,
+                        value,
+                        why,
+                    })?;
             }
         }
         Ok(())

@@ -113,7 +113,7 @@ pub fn build_for_incoming(
     handed_over: Option<Vec<File>>,
     start: Instant,
 ) -> Result<Vm, VmError> {
-    let machine = MachineConfig::from_record(record).map_err(VmError::Incompatible)?;
+    let machine = MachineConfig::from_record(record)?;
     let backend = host.serial2 != Serial2Config::Off;
     if machine.serial2 != backend {
         return Err(VmError::Incompatible(if machine.serial2 {

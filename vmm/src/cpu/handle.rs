@@ -13,6 +13,18 @@ use super::vcpu::{ControlPort, Request, Response, Vcpu};
 
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why a vCPU's state could not be saved or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuStateError {
+    /// The vCPU thread did not answer.
+    #[error("{0}")]
+    Gone(std::io::Error),
+    #[error(transparent)]
+    Kvm(#[from] super::state::StateError),
+    #[error("unexpected vcpu reply to {0}")]
+    Unexpected(&'static str),
+}
+
 pub struct VcpuHandle {
     pub id: u8,
     pause: Arc<AtomicBool>,
@@ -98,20 +110,23 @@ impl VcpuHandle {
         }
     }
 
-    pub fn save(&self) -> Result<VcpuState, String> {
-        match self.call(Request::SaveState).map_err(|e| e.to_string())? {
-            Response::State(s) => s.map(|b| *b),
-            _ => Err("unexpected vcpu reply to save".into()),
+    pub fn save(&self) -> Result<VcpuState, VcpuStateError> {
+        match self
+            .call(Request::SaveState)
+            .map_err(VcpuStateError::Gone)?
+        {
+            Response::State(s) => Ok(*s?),
+            _ => Err(VcpuStateError::Unexpected("save")),
         }
     }
 
-    pub fn restore(&self, state: VcpuState) -> Result<(), String> {
+    pub fn restore(&self, state: VcpuState) -> Result<(), VcpuStateError> {
         match self
             .call(Request::Restore(Box::new(state)))
-            .map_err(|e| e.to_string())?
+            .map_err(VcpuStateError::Gone)?
         {
-            Response::Restored(r) => r,
-            _ => Err("unexpected vcpu reply to restore".into()),
+            Response::Restored(r) => Ok(r?),
+            _ => Err(VcpuStateError::Unexpected("restore")),
         }
     }
 

@@ -54,8 +54,8 @@ pub enum Request {
 
 pub enum Response {
     Paused,
-    State(Result<Box<VcpuState>, String>),
-    Restored(Result<(), String>),
+    State(Result<Box<VcpuState>, state::StateError>),
+    Restored(Result<(), state::StateError>),
     Resumed,
 }
 
@@ -184,13 +184,11 @@ impl Vcpu {
         loop {
             let reply = match port.requests.recv() {
                 Ok(Request::SaveState) => Response::State(
-                    state::save(&self.fd, self.id, &self.ctx.state_policy)
-                        .map(Box::new)
-                        .map_err(|e| e.to_string()),
+                    state::save(&self.fd, self.id, &self.ctx.state_policy).map(Box::new),
                 ),
-                Ok(Request::Restore(s)) => Response::Restored(
-                    state::restore(&self.fd, &s, &self.ctx.state_policy).map_err(|e| e.to_string()),
-                ),
+                Ok(Request::Restore(s)) => {
+                    Response::Restored(state::restore(&self.fd, &s, &self.ctx.state_policy))
+                }
                 Ok(Request::Resume) => {
                     port.pause.store(false, Ordering::SeqCst);
                     return port.responses.send(Response::Resumed).is_ok();

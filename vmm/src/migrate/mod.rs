@@ -75,6 +75,24 @@ impl VmInner {
     }
 }
 
+impl migration::destination::DestinationVm for VmInner {
+    fn status(&self) -> migration::progress::StatusCell {
+        self.migration.clone()
+    }
+
+    fn vcpu_thread_ids(&self) -> Vec<u32> {
+        VmInner::vcpu_thread_ids(self)
+    }
+
+    fn park_postcopy(&self, listener: migration::postcopy::Listener) {
+        *devices::bus::lock(&self.postcopy_paused) = Some(listener);
+    }
+
+    fn take_parked(&self) -> Option<migration::postcopy::Listener> {
+        devices::bus::lock(&self.postcopy_paused).take()
+    }
+}
+
 impl MigratableVm for VmInner {
     fn host_address(&self, gpa: u64) -> Option<u64> {
         self.mem
@@ -278,7 +296,7 @@ impl MigratableVm for VmInner {
     fn save_state(&self) -> VmResult<VmState> {
         let mut vcpus = Vec::new();
         for v in &self.vcpus {
-            let mut s = v.save().map_err(VmSideError)?;
+            let mut s = v.save().map_err(|e| VmSideError(e.to_string()))?;
             if let Some(apf) = &self.apf {
                 // tern owns these MSRs: KVM's copy is the disabled one.
                 for (index, value) in apf.saved_msrs(s.id).unwrap_or_default() {
@@ -359,7 +377,7 @@ impl MigratableVm for VmInner {
                     .retain(|(i, _)| !crate::apf::msr::is_async_pf_msr(*i));
             }
             let Some(apf) = &self.apf else {
-                v.restore(s).map_err(VmSideError)?;
+                v.restore(s).map_err(|e| VmSideError(e.to_string()))?;
                 continue;
             };
             // tern mode: the async-PF MSRs go to tern's controller, not to KVM (whose own async
@@ -374,8 +392,9 @@ impl MigratableVm for VmInner {
             );
             s.msrs
                 .retain(|(i, _)| !crate::apf::msr::is_async_pf_msr(*i));
-            v.restore(s).map_err(VmSideError)?;
-            apf.restore_msrs(id, &apf_msrs).map_err(VmSideError)?;
+            v.restore(s).map_err(|e| VmSideError(e.to_string()))?;
+            apf.restore_msrs(id, &apf_msrs)
+                .map_err(|e| VmSideError(e.to_string()))?;
         }
         self.devices.restore(&state.devices)
     }

@@ -94,7 +94,7 @@ pub fn restore(path: &Path, opts: &HostOptions, start: Instant) -> Result<Vm, In
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     vm.inner.migration.update(|s| {
         s.state = MigrationState::Completed;
-        s.role = "destination".into();
+        s.role = migration::progress::Role::Destination;
         s.endpoint = format!("file:{}", path.display());
         s.pages_full = stored as u64;
         s.total_ms = ms;

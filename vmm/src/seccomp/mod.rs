@@ -306,6 +306,7 @@ fn migration_thread(name: &'static str) {
         // A RAM channel's sender runs under the outgoing migration's filter.
         "migration-sender" => return label("migration sender"),
         "postcopy-faults" => ThreadKind::Faults,
+        "postcopy-listen" => ThreadKind::PostcopyListen,
         // The return-path reader runs under the outgoing migration's filter.
         _ => return label("migration return-path"),
     };

@@ -1,0 +1,144 @@
+//! Postcopy recovery, destination side (after QEMU's postcopy-paused / postcopy-recover): a
+//! destination whose postcopy broke keeps its listener parked; `migrate-recover URI` makes it
+//! listen anew for the source, send what it still misses, and place the rest on a new
+//! `postcopy-listen` thread while the guest runs again.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{spawn_postcopy_tail, DestinationVm};
+use crate::incoming;
+use crate::peer::Heartbeat;
+use crate::postcopy::Listener;
+use crate::progress::{MigrationState, Phase, Role, StatusCell};
+use crate::stream::StreamReader;
+use crate::transport::{self, Endpoint};
+
+/// How long a destination listens for the source's reconnection before it gives up (it stays
+/// `postcopy-paused`; `migrate-recover` may be asked again).
+pub const RECOVER_WAIT: Duration = Duration::from_secs(600);
+
+/// Why a postcopy recovery could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    /// This side is not a paused postcopy of the right role.
+    #[error(
+        "{refusal} (this side: {} {state})",
+        if *role == Role::None { "no migration" } else { role.as_str() }
+    )]
+    NotPaused {
+        refusal: &'static str,
+        role: Role,
+        state: MigrationState,
+    },
+    #[error("the postcopy state is gone; nothing to recover")]
+    Gone,
+    #[error("cannot start the recovery thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Moves this side from `postcopy-paused` to `postcopy-recover` (one lock, so two recoveries
+/// never start at once), or says why it cannot (`refusal`, and where this side stands).
+pub fn claim_paused(
+    status: &StatusCell,
+    role: Role,
+    refusal: &'static str,
+) -> Result<(), RecoveryError> {
+    let mut refused = None;
+    status.update(|s| {
+        if s.role != role || s.state != MigrationState::PostcopyPaused {
+            refused = Some(RecoveryError::NotPaused {
+                refusal,
+                role: s.role,
+                state: s.state,
+            });
+        } else {
+            s.state = MigrationState::PostcopyRecover;
+        }
+    });
+    refused.map_or(Ok(()), Err)
+}
+
+/// Listens on `endpoint` for the source's reconnection, in the background (the thread runs
+/// under its creator's seccomp filter). Refused unless `vm` is a destination in
+/// `postcopy-paused` with its listener parked.
+pub fn listen(vm: Arc<dyn DestinationVm>, endpoint: Endpoint) -> Result<(), RecoveryError> {
+    let status = vm.status();
+    claim_paused(
+        &status,
+        Role::Destination,
+        "nothing to recover here: migrate-recover needs a destination in postcopy-paused",
+    )?;
+    status.update(|s| s.endpoint = endpoint.to_string());
+    let Some(listener) = vm.take_parked() else {
+        status.update(|s| s.state = MigrationState::PostcopyPaused);
+        return Err(RecoveryError::Gone);
+    };
+    std::thread::Builder::new()
+        .name("postcopy-recover".into())
+        .spawn(move || serve(vm, status, endpoint, listener))
+        .map(|_| ())
+        .map_err(RecoveryError::Thread)
+}
+
+/// The recovery thread: one reconnection, then the tail again; a failure parks the listener
+/// again (another recovery may be tried).
+fn serve(vm: Arc<dyn DestinationVm>, status: StatusCell, endpoint: Endpoint, listener: Listener) {
+    eprintln!("tern: waiting for the source to recover postcopy on {endpoint}");
+    let t0 = Instant::now();
+    let failed = |why: String, listener: Listener| {
+        eprintln!("tern: error: postcopy recovery failed: {why}");
+        // Keep what we have: another recovery may be tried.
+        vm.park_postcopy(listener);
+        status.update(|s| {
+            s.state = MigrationState::PostcopyPaused;
+            s.error = Some(format!("postcopy recovery failed: {why}"));
+        });
+    };
+    // Bounded: a source that never comes leaves this side recoverable again.
+    let channel = transport::listen(&endpoint).and_then(|l| l.accept_within(RECOVER_WAIT));
+    let mut channel = match channel {
+        Ok(c) => c,
+        Err(e) => return failed(format!("waiting on {endpoint}: {e}"), listener),
+    };
+    let (Some(r), Some(w)) = (channel.reader.take(), channel.writer.take()) else {
+        return failed(
+            "recovery needs a connection with a return path".into(),
+            listener,
+        );
+    };
+    let reconnected = Instant::now();
+    let outcome = incoming::recover(StreamReader::new(r), w, listener, &vm.config());
+    let (tail, resent) = match outcome {
+        Ok(v) => v,
+        Err(b) => {
+            let (e, listener) = *b;
+            return failed(e.to_string(), listener);
+        }
+    };
+    let left = tail.listener.pages_left();
+    let rp = tail.listener.return_path();
+    let heartbeat = match Heartbeat::start(rp.clone()) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            log::warn!("no heartbeat during the recovered postcopy: {e}");
+            None
+        }
+    };
+    status.update(|s| {
+        s.state = MigrationState::Active;
+        s.phase = Phase::Running;
+        s.error = None;
+        s.recovered_pages = left as u64;
+    });
+    spawn_postcopy_tail(vm.clone(), tail, rp, t0, heartbeat);
+    eprintln!("tern: postcopy recovered: {left} pages still to come, {resent} requests sent again");
+    if let Err(e) = vm.resume() {
+        eprintln!("tern: error: cannot resume the guest after recovery: {e}");
+    }
+    let ms = reconnected.elapsed().as_secs_f64() * 1e3;
+    status.update(|s| {
+        s.recovery_ms = ms;
+        s.recovery_requests_resent = resent as u64;
+    });
+}
