@@ -316,7 +316,7 @@ fn run(
         .unwrap_or_else(crate::channels::default_channels);
     // Before ADVISE: the destination accepts exactly these connections at the Channels section,
     // and the preempt channel only after it answered ADVISE.
-    let mut channels = if channel_count > 0 && !pure_postcopy {
+    let mut channels = if channel_count > 0 {
         crate::channels::open(&mut tx.w, endpoint, channel_count)?
     } else {
         Vec::new()
@@ -378,6 +378,7 @@ fn run(
             start,
             paused,
             params.postcopy_bandwidth,
+            channels,
         );
     }
     // Pass 0: everything that was ever populated.
@@ -424,9 +425,8 @@ fn run(
                 || start.elapsed() >= params.timeout);
         if switch {
             begin_switch(&mut tx, status)?;
-            // Every pass was delivered (the destination waited at its marker): postcopy pages
-            // use the main stream.
-            channels.clear();
+            // Every pass was delivered (the destination waited at its marker): the channels
+            // carry the postcopy push now.
             let Some(reader) = reader.take() else {
                 return Err(MigrationError::NoAnswer(
                     "postcopy needs a return path".into(),
@@ -449,6 +449,7 @@ fn run(
                 start,
                 paused,
                 params.postcopy_bandwidth,
+                std::mem::take(&mut channels),
             );
         }
         if converged || iteration >= params.max_iterations || start.elapsed() >= params.timeout {

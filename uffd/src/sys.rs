@@ -428,14 +428,21 @@ mod tests {
         let addr = p as u64;
         uffd.register(addr, len as u64).unwrap();
         // Pages 2 and 5 are placed first (as a request's answer would be).
-        assert_eq!(uffd.copy(addr + 2 * 4096, &[2; 4096]).unwrap(), Placed::Done);
-        assert_eq!(uffd.copy(addr + 5 * 4096, &[5; 4096]).unwrap(), Placed::Done);
+        assert_eq!(
+            uffd.copy(addr + 2 * 4096, &[2; 4096]).unwrap(),
+            Placed::Done
+        );
+        assert_eq!(
+            uffd.copy(addr + 5 * 4096, &[5; 4096]).unwrap(),
+            Placed::Done
+        );
         let data: Vec<u8> = (0..6u8).flat_map(|i| [0x10 + i; 4096]).collect();
         let mut skipped = Vec::new();
         uffd.copy_range(addr, &data, &mut skipped).unwrap();
         assert_eq!(skipped, vec![2, 5]);
         let mut zeros = Vec::new();
-        uffd.zeropage_range(addr + 5 * 4096, 3 * 4096, &mut zeros).unwrap();
+        uffd.zeropage_range(addr + 5 * 4096, 3 * 4096, &mut zeros)
+            .unwrap();
         assert_eq!(zeros, vec![0]);
         // SAFETY: the whole range is placed now; reads do not fault.
         let mem = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };

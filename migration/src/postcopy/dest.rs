@@ -237,6 +237,7 @@ impl Listener {
             tracker: tracker.clone(),
             observer: observer.clone(),
             pushed: pushed.clone(),
+            place_ns: Arc::new(AtomicU64::new(0)),
         };
         Ok(Listener {
             uffd,

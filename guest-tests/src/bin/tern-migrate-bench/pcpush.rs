@@ -76,13 +76,25 @@ pub fn table(dir: &Path, rounds: usize) -> Result<()> {
         let mut precopy = [f64::NAN; 3];
         for (i, c) in CASES.iter().enumerate() {
             let suffix = format!(",channels={}", c.channels);
-            let mut src = vec!["--memory", "size=1200M", "--cmdline", "suite=idle fill=1024"];
+            let mut src = vec![
+                "--memory",
+                "size=1200M",
+                "--cmdline",
+                "suite=idle fill=1024",
+            ];
             let mut dst = vec!["--serial", "off", "--log-level", "info"];
             if c.postcopy {
                 src.extend(["--postcopy", "--postcopy-after-iterations", "0"]);
                 dst.push("--postcopy");
             }
-            let m = migrate_run_uri(dir, &format!("p{round}-{i}"), &src, "idle: halting", &dst, &suffix)?;
+            let m = migrate_run_uri(
+                dir,
+                &format!("p{round}-{i}"),
+                &src,
+                "idle: halting",
+                &dst,
+                &suffix,
+            )?;
             let s = &m.status;
             if c.postcopy && s["postcopy"].is_null() {
                 bail!("{}: ended without a postcopy phase: {s}", c.what);
