@@ -204,3 +204,56 @@ fn hybrid_postcopy_keeps_the_channels_for_the_push() {
     drop(src);
     assert_same_final_checksum(&mut reference, &mut dst);
 }
+
+#[test]
+fn postcopy_bandwidth_holds_over_the_sum_of_the_channels() {
+    let dir = scratch("pc-channels-paced");
+    let a = dir.join("a.sock").to_string_lossy().into_owned();
+    const LIMIT: f64 = (32 << 20) as f64;
+    let src = Running::spawn(&[
+        "--memory",
+        "size=256M",
+        "--cmdline",
+        "suite=idle fill=96",
+        "--api-socket",
+        &a,
+        "--postcopy",
+        "--postcopy-after-iterations",
+        "0",
+        "--postcopy-bandwidth",
+        "32M",
+    ]);
+    assert!(
+        src.wait_stdout(WAIT, |l| l.contains("idle: halting"))
+            .is_some(),
+        "{}",
+        src.describe()
+    );
+    let mig = dir.join("mig.sock");
+    let dst = Running::spawn(&[
+        "--incoming",
+        &format!("unix:{}", mig.display()),
+        "--postcopy",
+        "--log-level",
+        "info",
+    ]);
+    assert!(dst.wait_stderr(WAIT, "waiting for an incoming migration"));
+    let v = remote_json(
+        &a,
+        &["migrate", &format!("unix:{},channels=2", mig.display())],
+    );
+    assert_eq!(v["state"], "completed", "{v}");
+    assert!(
+        dst.wait_stderr(WAIT, "on 2 connection(s)"),
+        "{}",
+        dst.describe()
+    );
+    // ~96 MiB pushed: two channels each held to the limit would take half as long as this.
+    let bytes = v["bytes"].as_f64().unwrap_or(0.0);
+    assert!(bytes > (90 << 20) as f64, "{v}");
+    let ms = v["total_ms"].as_f64().unwrap_or(0.0);
+    assert!(
+        ms >= 0.9 * bytes / LIMIT * 1e3,
+        "{bytes} bytes in {ms} ms: faster than 32 MiB/s\n{v}"
+    );
+}

@@ -11,8 +11,9 @@ use anyhow::{bail, Result};
 
 use super::{migrate_run_uri, raw_socket_copy_fresh, Migration};
 
-/// The destination's "postcopy push placed ..." figures: receive / place ms (summed over the
-/// threads that placed pushed pages).
+/// The destination's "postcopy push placed ..." figures: receive (channels: reading runs into the
+/// staging buffers, waits for the source included) / place (UFFDIO_COPY/ZEROPAGE and bookkeeping)
+/// ms, summed over the threads that placed pushed pages.
 fn push_placing(m: &Migration) -> String {
     m.dst
         .wait_line(Duration::from_secs(5), |l| {
@@ -70,6 +71,9 @@ pub fn table(dir: &Path, rounds: usize) -> Result<()> {
          limit | of precopy, same channels (0: 1 channel) | destination push receive / place ms |"
     );
     println!("|---|---|---|---|---|---|---|---|");
+    // MB/s of every case in every round, for the medians at the end.
+    let mut all: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
     for round in 1..=rounds {
         let fresh = raw_socket_copy_fresh()?;
         println!("| {round} | raw copy into 1 GiB of fresh memory (the limit) | – | – | {fresh:.0} | 100 % | – | – |");
@@ -100,8 +104,11 @@ pub fn table(dir: &Path, rounds: usize) -> Result<()> {
                 bail!("{}: ended without a postcopy phase: {s}", c.what);
             }
             let mbps = s["throughput_mbps"].as_f64().unwrap_or(f64::NAN);
+            all[i].push(mbps);
             let of_precopy = if c.postcopy {
-                format!("{:.0} %", mbps / precopy[c.channels.max(1)] * 100.0)
+                let r = mbps / precopy[c.channels.max(1)];
+                ratios[i].push(r);
+                format!("{:.0} %", r * 100.0)
             } else {
                 precopy[c.channels] = mbps;
                 "–".into()
@@ -120,5 +127,32 @@ pub fn table(dir: &Path, rounds: usize) -> Result<()> {
             );
         }
     }
+    println!();
+    println!("| over {rounds} rounds | median MB/s | min–max MB/s | median of the same round's precopy (0: 1 channel) |");
+    println!("|---|---|---|---|");
+    for (i, c) in CASES.iter().enumerate() {
+        let (lo, hi) = all[i]
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+        let ratio = if c.postcopy {
+            format!("{:.0} %", median(&mut ratios[i]) * 100.0)
+        } else {
+            "–".into()
+        };
+        println!(
+            "| {} | {:.0} | {lo:.0}–{hi:.0} | {ratio} |",
+            c.what,
+            median(&mut all[i])
+        );
+    }
     Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
