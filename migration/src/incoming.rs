@@ -134,6 +134,7 @@ impl PostcopyTail {
                 .or_else(|| self.channels.as_ref().and_then(|c| c.broken()))
                 .map(MigrationError::PostcopyBroken)
         };
+        let placer = self.listener.placer();
         loop {
             let frame = match self.frames.recv_timeout(FAULT_CHECK) {
                 Ok(frame) => frame?,
@@ -150,7 +151,6 @@ impl PostcopyTail {
             if let Some(e) = broken() {
                 return Err(e);
             }
-            let placer = self.listener.placer();
             match frame.kind {
                 Section::Ram | Section::RamRun => {
                     if frame.kind == Section::Ram {

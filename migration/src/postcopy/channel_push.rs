@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::source::{broken, pace, refused, region_page, Answers, Incoming, Pushed, PACE_SLICE};
+use super::source::{
+    broken, pace, paced_batch, refused, region_page, Answers, Incoming, Pushed, PACE_SLICE,
+};
 use crate::channels::ChannelSender;
 use crate::error::MigrationError;
 use crate::outgoing::PageSender;
@@ -244,6 +246,9 @@ fn send_share(
 ) -> Result<(), MigrationError> {
     // Full pages go in runs: one UFFDIO_COPY each on the destination.
     ch.run.get_or_insert_with(Default::default);
+    // Slices of a run each, smaller under a low bandwidth limit (each sender's slice is its
+    // share of one pacing slice).
+    let slice_pages = paced_batch(sh.bandwidth.map(|b| b / n as u64), RUN_PAGES);
     let mut last_sent = Instant::now();
     let mut chunk = 0usize;
     for (ri, r) in regions.iter().enumerate() {
@@ -260,7 +265,7 @@ fn send_share(
             }
             // The source's guest is paused for good: a page never populated is zero.
             let populated = vm.populated_pages_in(r, first, count)?;
-            for slice in (0..count).step_by(RUN_PAGES) {
+            for slice in (0..count).step_by(slice_pages) {
                 if sh.stop.load(Ordering::Relaxed) {
                     return Ok(());
                 }
@@ -280,7 +285,7 @@ fn send_share(
                 }
                 let before = ch.w.bytes;
                 let mut taken = 0u64;
-                for k in slice..(slice + RUN_PAGES).min(count) {
+                for k in slice..(slice + slice_pages).min(count) {
                     let p = first + k;
                     if !pending.claim(ri, p) {
                         continue;

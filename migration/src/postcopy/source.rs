@@ -33,6 +33,15 @@ pub(super) fn pace(bytes_per_s: u64, bytes: u64, since: Instant) -> Duration {
     due.saturating_sub(since.elapsed())
 }
 
+/// Pages a push batch (or a channel's slice) may hold: `most`, or under a `bandwidth` limit what
+/// the limit allows in one pacing slice (at least one page), so the pacing stays fine-grained.
+pub(super) fn paced_batch(bandwidth: Option<u64>, most: usize) -> usize {
+    bandwidth.map_or(most, |rate| {
+        let per_slice = rate as f64 * PACE_SLICE.as_secs_f64() / PAGE_SIZE as f64;
+        (per_slice as usize).clamp(1, most)
+    })
+}
+
 /// What the return path brings during postcopy.
 pub(super) enum Incoming {
     Request(u64),
@@ -264,11 +273,14 @@ pub(crate) fn push<W: Write>(
     // Full pages go in runs (one UFFDIO_COPY each on the destination). Without the preempt
     // channel requested pages queue behind the push batch, so it stays small then.
     tx.run = Some(Default::default());
-    let batch_pages = if answers.preempt.is_some() {
-        crate::pass::RUN_PAGES
-    } else {
-        PUSH_BATCH_PAGES
-    };
+    let batch_pages = paced_batch(
+        bandwidth,
+        if answers.preempt.is_some() {
+            crate::pass::RUN_PAGES
+        } else {
+            PUSH_BATCH_PAGES
+        },
+    );
 
     let (mut pushed, mut left) = (0u64, missing_total);
     let mut cursor = (0usize, 0usize);
