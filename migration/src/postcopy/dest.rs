@@ -238,6 +238,7 @@ impl Listener {
             observer: observer.clone(),
             pushed: pushed.clone(),
             place_ns: Arc::new(AtomicU64::new(0)),
+            copying: Arc::new(Mutex::new(())),
         };
         Ok(Listener {
             uffd,

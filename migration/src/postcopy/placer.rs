@@ -69,6 +69,8 @@ pub struct Placer {
     /// Time spent placing pushed runs (UFFDIO_COPY/ZEROPAGE and the bookkeeping), summed over
     /// the threads that place them.
     pub(super) place_ns: Arc<AtomicU64>,
+    /// Held while a pushed run is copied in: one copy at a time (see `place_run`).
+    pub(super) copying: Arc<Mutex<()>>,
 }
 
 impl Placer {
@@ -109,13 +111,15 @@ impl Placer {
             }
         };
         let mut skipped = Vec::new();
-        match data {
+        let copying = self.copying.lock().unwrap_or_else(|e| e.into_inner());
+        let copied = match data {
             Some(d) => self.uffd.copy_range(page.hva, d, &mut skipped),
             None => self
                 .uffd
                 .zeropage_range(page.hva, bytes as u64, &mut skipped),
-        }
-        .map_err(|e| refuse(format!("placing {pages} pages at {gpa:#x}: {e}")))?;
+        };
+        drop(copying);
+        copied.map_err(|e| refuse(format!("placing {pages} pages at {gpa:#x}: {e}")))?;
         let mut placed = Vec::with_capacity(pages);
         let mut skip = skipped.iter().peekable();
         for i in 0..pages {
