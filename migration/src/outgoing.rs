@@ -33,8 +33,9 @@ pub struct Params {
     /// Limit on the postcopy background push, bytes/s (`None`: as fast as it goes). Requested
     /// pages are never held back.
     pub postcopy_bandwidth: Option<u64>,
-    /// RAM channels (`URI,channels=N`): each precopy pass is split over N extra connections
-    /// (placed straight into guest memory there); 0 sends RAM on the main connection.
+    /// RAM channels (`URI,channels=N`): each precopy pass, and the postcopy push, is split over
+    /// N extra connections (placed straight into guest memory there, or with userfaultfd after
+    /// the switch); 0 sends RAM on the main connection.
     /// None: [`crate::channels::default_channels`].
     pub channels: Option<usize>,
 }
