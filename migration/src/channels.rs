@@ -7,7 +7,9 @@
 //! channels) it sends a Channels section `{count}` on the main stream, then connects `count`
 //! times; each connection starts with a stream header and a Channel section `{index}`. Every pass ends on each channel with a PassDone marker, and then on
 //! the main stream with the same marker, where the destination waits until every channel
-//! delivered that pass. Before the end section or the postcopy switch the source closes them.
+//! delivered that pass. Before the end section the source closes them; at the postcopy switch
+//! each carries a Run marker and then the channel's share of the background push
+//! (`postcopy::channel_place`, `postcopy::channel_push`).
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,7 +101,11 @@ struct State {
     zero: u64,
     bytes: u64,
     placing: Placing,
+    /// Connections handed over at the postcopy switch (their Run marker came).
+    handed: Vec<Option<ChannelReader>>,
 }
+
+type ChannelReader = StreamReader<Box<dyn Read + Send>>;
 
 /// Where a channel receiver's time went while it placed RAM runs straight into guest memory.
 #[derive(Debug, Default, Clone, Copy)]
@@ -172,6 +178,7 @@ pub(crate) fn accept<'scope>(
         state: Mutex::new(State {
             done: vec![None; count],
             ended: vec![None; count],
+            handed: (0..count).map(|_| None).collect(),
             ..Default::default()
         }),
         changed: Condvar::new(),
@@ -185,7 +192,11 @@ pub(crate) fn accept<'scope>(
             .spawn_scoped(scope, move || {
                 crate::thread_started("migration-channel");
                 let why = match receive(r, i, vm, &sh) {
-                    Ok(()) => "closed".to_string(),
+                    Ok(None) => "closed".to_string(),
+                    Ok(Some(r)) => {
+                        sh.lock().handed[i] = Some(r);
+                        "handed over to postcopy".to_string()
+                    }
                     Err(e) => e.to_string(),
                 };
                 sh.lock().ended[i] = Some(why);
@@ -197,13 +208,15 @@ pub(crate) fn accept<'scope>(
 }
 
 /// One channel's receiver: places RAM batches and records pass markers until the source closes
-/// the connection (which reads as a truncated stream: Ok) or something fails.
+/// the connection (which reads as a truncated stream: Ok(None)) or something fails. At the
+/// postcopy switch (a Run marker) it returns the connection: what follows goes through
+/// userfaultfd (`postcopy::channel_place`).
 fn receive(
-    mut r: StreamReader<Box<dyn Read + Send>>,
+    mut r: ChannelReader,
     index: usize,
     vm: &dyn MigratableVm,
     sh: &Shared,
-) -> Result<(), MigrationError> {
+) -> Result<Option<ChannelReader>, MigrationError> {
     let zero = vec![0u8; PAGE_SIZE];
     while !sh.stop.load(Ordering::Relaxed) {
         let mut placed = Placing::default();
@@ -222,10 +235,11 @@ fn receive(
                 s.placing.checksum_ns += placed.checksum_ns;
                 continue;
             }
-            Err(StreamError::Truncated(_)) => return Ok(()),
+            Err(StreamError::Truncated(_)) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
         match frame.kind {
+            Section::Run => return Ok(Some(r)),
             Section::Ram => {
                 let (full, zeros) = crate::incoming::apply_ram(vm, &frame.payload, &zero)?;
                 let len = frame.payload.len() as u64 + 9;
@@ -250,7 +264,7 @@ fn receive(
             }
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Reads a RAM run's payload (`len` bytes of `src`) straight into guest memory: its pages are
@@ -359,6 +373,43 @@ impl Receivers {
     pub(crate) fn figures(&self) -> (u64, u64, u64) {
         let s = self.shared.lock();
         (s.full, s.zero, s.bytes)
+    }
+
+    /// The postcopy switch: waits until every channel handed its connection over (its Run
+    /// marker came; the source sends it before RUN on the main stream) and takes them.
+    pub(crate) fn take_for_postcopy(&self) -> Result<Vec<ChannelReader>, MigrationError> {
+        let deadline = std::time::Instant::now() + peer_timeout();
+        let mut s = self.shared.lock();
+        loop {
+            if s.handed.iter().all(|h| h.is_some()) {
+                return Ok(s.handed.iter_mut().filter_map(|h| h.take()).collect());
+            }
+            let lost = s
+                .handed
+                .iter()
+                .zip(&s.ended)
+                .enumerate()
+                .find_map(|(i, (h, e))| match e {
+                    Some(why) if h.is_none() => Some((i, why.clone())),
+                    _ => None,
+                });
+            if let Some((i, why)) = lost {
+                return Err(MigrationError::Stream(StreamError::Truncated(format!(
+                    "RAM channel {i} ended before the postcopy switch ({why})"
+                ))));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(MigrationError::NoAnswer(
+                    "a RAM channel never reached the postcopy switch".into(),
+                ));
+            }
+            s = self
+                .shared
+                .changed
+                .wait_timeout(s, Duration::from_millis(200))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
     }
 
     /// Tells the receivers to stop after the section they are reading.

@@ -5,6 +5,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use crate::error::MigrationError;
+use crate::postcopy::channel_place::{self, ChannelPlacers};
 use crate::postcopy::preempt::AdviseRecord;
 use crate::postcopy::{probe_userfaultfd, DiscardRecord, Listener};
 use crate::progress::Phase;
@@ -114,6 +115,8 @@ pub struct PostcopyTail {
     frames: mpsc::Receiver<Result<Frame, StreamError>>,
     spare: mpsc::Sender<Vec<u8>>,
     pub listener: Listener,
+    /// The RAM channels' share of the push (None: it all comes on the main stream).
+    channels: Option<ChannelPlacers>,
 }
 
 impl PostcopyTail {
@@ -122,14 +125,22 @@ impl PostcopyTail {
         self.listener
     }
 
-    /// Places arriving pages until the end section; returns when every page is Received.
+    /// Places arriving pages until the end section; returns when every page is Received. A
+    /// RAM channel that breaks before its share is done breaks postcopy as the main stream would.
     pub fn run(&self, status: &StatusCell) -> Result<(), MigrationError> {
+        let broken = || {
+            self.listener
+                .fault_error()
+                .or_else(|| self.channels.as_ref().and_then(|c| c.broken()))
+                .map(MigrationError::PostcopyBroken)
+        };
+        let placer = self.listener.placer();
         loop {
             let frame = match self.frames.recv_timeout(FAULT_CHECK) {
                 Ok(frame) => frame?,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if let Some(why) = self.listener.fault_error() {
-                        return Err(MigrationError::PostcopyBroken(why));
+                    if let Some(e) = broken() {
+                        return Err(e);
                     }
                     continue;
                 }
@@ -137,25 +148,28 @@ impl PostcopyTail {
                     return Err(StreamError::Truncated("stream: the reader stopped".into()).into())
                 }
             };
-            if let Some(why) = self.listener.fault_error() {
-                return Err(MigrationError::PostcopyBroken(why));
+            if let Some(e) = broken() {
+                return Err(e);
             }
             match frame.kind {
-                Section::Ram => {
-                    for rec in parse_ram(&frame.payload) {
-                        match rec? {
-                            PageRecord::Full(gpa, data) => self.listener.place(gpa, Some(data))?,
-                            PageRecord::Zero(gpa) => self.listener.place(gpa, None)?,
-                        }
+                Section::Ram | Section::RamRun => {
+                    if frame.kind == Section::Ram {
+                        channel_place::place_batch(&placer, &frame.payload)?;
+                    } else {
+                        channel_place::place_run(&placer, &frame.payload)?;
                     }
                     let _ = self.spare.send(frame.payload);
                     let left = self.listener.pages_left();
                     status.update(|s| s.remaining_bytes = (left * PAGE_SIZE) as u64);
                 }
                 Section::End => {
-                    // Requested pages on the preempt channel may still be on their way.
+                    // Pages on the channels and requested pages on the preempt channel may still
+                    // be on their way.
                     let deadline = std::time::Instant::now() + crate::peer::peer_timeout();
                     while !self.listener.complete() && std::time::Instant::now() < deadline {
+                        if let Some(e) = broken() {
+                            return Err(e);
+                        }
                         std::thread::sleep(std::time::Duration::from_millis(1));
                     }
                     break;
@@ -183,6 +197,15 @@ impl PostcopyTail {
             )
             .into());
         }
+        let (pushed, place_ns) = self.listener.placer().push_figures();
+        let receive_ns = self.channels.as_ref().map_or(0, |c| c.receive_ns());
+        log::info!(
+            "postcopy push placed {pushed} pages on {} connection(s): receive {:.1} ms, place {:.1} ms \
+(runs, summed over the threads that placed them)",
+            self.channels.as_ref().map_or(1, |c| c.count()),
+            receive_ns as f64 / 1e6,
+            place_ns as f64 / 1e6
+        );
         Ok(())
     }
 }
@@ -333,6 +356,7 @@ pub fn recover(
             frames,
             spare,
             listener,
+            channels: None,
         },
         resent,
     ))
@@ -522,6 +546,14 @@ fn apply<'scope>(
                     .map(|e| e.paused_at_unix_ns);
                 let state = assemble(vcpus, clock, irqchip, pit, devices)?;
                 let listener = listener.take().ok_or_else(|| missing("postcopy discard"))?;
+                // The channels' share of the push is placed by threads of their own from now on.
+                let channels = match ch.channels.as_ref() {
+                    Some(c) => Some(ChannelPlacers::start(
+                        c.take_for_postcopy()?,
+                        &listener.placer(),
+                    )?),
+                    None => None,
+                };
                 return Ok(Received::Postcopy {
                     state,
                     paused_at,
@@ -529,6 +561,7 @@ fn apply<'scope>(
                         frames,
                         spare,
                         listener,
+                        channels,
                     }),
                 });
             }

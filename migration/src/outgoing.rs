@@ -33,8 +33,9 @@ pub struct Params {
     /// Limit on the postcopy background push, bytes/s (`None`: as fast as it goes). Requested
     /// pages are never held back.
     pub postcopy_bandwidth: Option<u64>,
-    /// RAM channels (`URI,channels=N`): each precopy pass is split over N extra connections
-    /// (placed straight into guest memory there); 0 sends RAM on the main connection.
+    /// RAM channels (`URI,channels=N`): each precopy pass, and the postcopy push, is split over
+    /// N extra connections (placed straight into guest memory there, or with userfaultfd after
+    /// the switch); 0 sends RAM on the main connection.
     /// None: [`crate::channels::default_channels`].
     pub channels: Option<usize>,
     /// How dirty passes are spaced so that a writing guest keeps running.
@@ -321,7 +322,7 @@ fn run(
         .unwrap_or_else(crate::channels::default_channels);
     // Before ADVISE: the destination accepts exactly these connections at the Channels section,
     // and the preempt channel only after it answered ADVISE.
-    let mut channels = if channel_count > 0 && !pure_postcopy {
+    let mut channels = if channel_count > 0 {
         crate::channels::open(&mut tx.w, endpoint, channel_count)?
     } else {
         Vec::new()
@@ -383,6 +384,7 @@ fn run(
             start,
             paused,
             params.postcopy_bandwidth,
+            channels,
         );
     }
     // Pass 0: everything that was ever populated.
@@ -444,9 +446,8 @@ fn run(
                 || start.elapsed() >= params.timeout);
         if switch {
             begin_switch(&mut tx, status)?;
-            // Every pass was delivered (the destination waited at its marker): postcopy pages
-            // use the main stream.
-            channels.clear();
+            // Every pass was delivered (the destination waited at its marker): the channels
+            // carry the postcopy push now.
             let Some(reader) = reader.take() else {
                 return Err(MigrationError::NoAnswer(
                     "postcopy needs a return path".into(),
@@ -469,6 +470,7 @@ fn run(
                 start,
                 paused,
                 params.postcopy_bandwidth,
+                std::mem::take(&mut channels),
             );
         }
         if converged || iteration >= params.max_iterations || start.elapsed() >= params.timeout {

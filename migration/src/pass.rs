@@ -96,7 +96,7 @@ impl<W: Write> PageSender<W> {
     }
 
     /// Sends one page; zero pages of the first pass are only counted.
-    fn page_at(
+    pub(crate) fn page_at(
         &mut self,
         vm: &dyn MigratableVm,
         gpa: u64,

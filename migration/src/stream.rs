@@ -368,8 +368,9 @@ impl<R: Read> StreamReader<R> {
     }
 
     /// Gives a payload buffer back for reuse.
-    pub fn recycle(&mut self, mut payload: Vec<u8>) {
-        payload.clear();
+    pub fn recycle(&mut self, payload: Vec<u8>) {
+        // Its length is kept: the next section of the same size is read over it without
+        // zeroing it first (read_rest overwrites every byte it hands out).
         self.spare = payload;
     }
 

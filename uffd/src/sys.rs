@@ -180,6 +180,74 @@ impl Userfaultfd {
         }
     }
 
+    /// Places `data` (whole pages) at `dst` with as few UFFDIO_COPY calls as it takes (one when
+    /// no page of the range is there yet), waking the waiters. A page that is there already
+    /// (EEXIST: another thread placed it) is woken and skipped; its index in the range (in
+    /// pages) goes to `skipped`.
+    pub fn copy_range(&self, dst: u64, data: &[u8], skipped: &mut Vec<usize>) -> io::Result<()> {
+        let page = crate::PAGE as usize;
+        let mut done = 0usize;
+        let mut retries = 0u32;
+        while done < data.len() {
+            let rest = &data[done..];
+            let mut c = UffdioCopy {
+                dst: dst + done as u64,
+                src: rest.as_ptr() as u64,
+                len: rest.len() as u64,
+                mode: 0,
+                copy: 0,
+            };
+            match ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) {
+                Ok(()) => return Ok(()),
+                // Part of the range went in (the kernel stopped at a page it could not place):
+                // go on from there.
+                Err(_) if c.copy > 0 => done += (c.copy as usize).min(rest.len()),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    self.wake(dst + done as u64, page as u64)?;
+                    skipped.push(done / page);
+                    done += page;
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {
+                    again(&mut retries, e)?
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// As [`Userfaultfd::copy_range`] with zero pages: maps the zero page over `len` bytes at
+    /// `dst`, skipping (and waking) pages that are there already.
+    pub fn zeropage_range(&self, dst: u64, len: u64, skipped: &mut Vec<usize>) -> io::Result<()> {
+        let page = crate::PAGE;
+        let mut done = 0u64;
+        let mut retries = 0u32;
+        while done < len {
+            let mut z = UffdioZeropage {
+                range: UffdioRange {
+                    start: dst + done,
+                    len: len - done,
+                },
+                mode: 0,
+                zeropage: 0,
+            };
+            match ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z) {
+                Ok(()) => return Ok(()),
+                Err(_) if z.zeropage > 0 => done += (z.zeropage as u64).min(len - done),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    self.wake(dst + done, page)?;
+                    skipped.push((done / page) as usize);
+                    done += page;
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {
+                    again(&mut retries, e)?
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Atomically maps the zero page at `dst` and wakes the waiters.
     pub fn zeropage(&self, dst: u64, len: u64) -> io::Result<Placed> {
         let mut retries = 0u32;
@@ -334,6 +402,52 @@ mod tests {
         assert_eq!(uffd.copy(addr, &[0x5a; 4096]).unwrap(), Placed::Done);
         assert_eq!(reader.join().unwrap(), 0x5a);
         assert_eq!(uffd.copy(addr, &[1; 4096]).unwrap(), Placed::AlreadyThere);
+        uffd.unregister(addr, len as u64).unwrap();
+        // SAFETY: unmaps the mapping created above.
+        unsafe { libc::munmap(p, len) };
+    }
+
+    #[test]
+    fn ranges_are_placed_around_pages_that_are_there() {
+        let Ok(uffd) = Userfaultfd::new(UFFD_FEATURE_THREAD_ID) else {
+            return;
+        };
+        let len = 8 * 4096;
+        // SAFETY: a fresh private anonymous mapping, unmapped at the end.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let addr = p as u64;
+        uffd.register(addr, len as u64).unwrap();
+        // Pages 2 and 5 are placed first (as a request's answer would be).
+        assert_eq!(
+            uffd.copy(addr + 2 * 4096, &[2; 4096]).unwrap(),
+            Placed::Done
+        );
+        assert_eq!(
+            uffd.copy(addr + 5 * 4096, &[5; 4096]).unwrap(),
+            Placed::Done
+        );
+        let data: Vec<u8> = (0..6u8).flat_map(|i| [0x10 + i; 4096]).collect();
+        let mut skipped = Vec::new();
+        uffd.copy_range(addr, &data, &mut skipped).unwrap();
+        assert_eq!(skipped, vec![2, 5]);
+        let mut zeros = Vec::new();
+        uffd.zeropage_range(addr + 5 * 4096, 3 * 4096, &mut zeros)
+            .unwrap();
+        assert_eq!(zeros, vec![0]);
+        // SAFETY: the whole range is placed now; reads do not fault.
+        let mem = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+        let first: Vec<u8> = (0..8).map(|i| mem[i * 4096]).collect();
+        assert_eq!(first, vec![0x10, 0x11, 2, 0x13, 0x14, 5, 0, 0]);
         uffd.unregister(addr, len as u64).unwrap();
         // SAFETY: unmaps the mapping created above.
         unsafe { libc::munmap(p, len) };

@@ -130,7 +130,14 @@ fn broken_postcopy_pauses_both_sides_and_refuses_resume() {
         Plan::CutForwardAfter(64 << 20),
     )
     .expect("relay");
-    let o = remote(&a, &["migrate", &format!("unix:{}", proxy.path.display())]);
+    // The relay carries the first connection only: the push stays on it (no RAM channels).
+    let o = remote(
+        &a,
+        &[
+            "migrate",
+            &format!("unix:{},channels=0", proxy.path.display()),
+        ],
+    );
     assert_ne!(o.code, Some(0), "{}", o.describe());
     assert!(proxy.bytes(Dir::Forward) >= 64 << 20);
     let st = wait_migration_state(&a, "postcopy-paused", &src, WAIT);
@@ -267,7 +274,14 @@ fn postcopy_push_longer_than_the_peer_timeout_completes() {
         &env,
     );
     assert!(dst.wait_stderr(WAIT, "waiting for an incoming migration"));
-    let v = remote_json(&a, &["migrate", &format!("unix:{}", proxy.path.display())]);
+    // The relay carries the first connection only: the push stays on it (no RAM channels).
+    let v = remote_json(
+        &a,
+        &[
+            "migrate",
+            &format!("unix:{},channels=0", proxy.path.display()),
+        ],
+    );
     assert_eq!(v["state"], "completed", "{v}");
     assert_eq!(src.wait_exit(WAIT), Some(0), "{}", src.describe());
     let st = remote_json(&b, &["migrate-status"]);

@@ -265,6 +265,8 @@ impl Listener {
             tracker: tracker.clone(),
             observer: observer.clone(),
             pushed: pushed.clone(),
+            place_ns: Arc::new(AtomicU64::new(0)),
+            copying: Arc::new(Mutex::new(())),
         };
         Ok(Listener {
             uffd,

@@ -1,6 +1,8 @@
 //! Postcopy: the guest runs on the destination while the rest of its pages arrive, pushed in the
 //! background or requested on the return path when the guest faults on them.
 
+pub mod channel_place;
+pub mod channel_push;
 pub mod dest;
 pub mod placer;
 pub mod preempt;

@@ -91,7 +91,18 @@ pub fn recover(
             s.recovered_pages = left as u64;
         });
         crate::postcopy::source::push(
-            vm, tx, &regions, missing, rx, None, status, start, requests, None,
+            vm,
+            tx,
+            &regions,
+            missing,
+            rx,
+            None,
+            status,
+            start,
+            requests,
+            None,
+            // One connection: the push of a recovery uses the main stream.
+            Vec::new(),
         )
     })();
     if let Err(e) = &result {

@@ -140,7 +140,8 @@ impl ThreadKind {
                 v.extend([SYS_ioctl, SYS_pread64, SYS_poll, SYS_ppoll, SYS_sendto])
             }
             ThreadKind::MigrationReader => v.extend([SYS_recvfrom, SYS_lseek]),
-            ThreadKind::PostcopyListen => v.extend([SYS_ioctl, SYS_sendto]),
+            // recvfrom: the RAM channels' postcopy placers read their own connection.
+            ThreadKind::PostcopyListen => v.extend([SYS_ioctl, SYS_sendto, SYS_recvfrom]),
             ThreadKind::Migration => {
                 v.extend(spawn);
                 v.extend(socket_io);
@@ -307,6 +308,9 @@ fn migration_thread(name: &'static str) {
         "migration-sender" => return label("migration sender"),
         "postcopy-faults" => ThreadKind::Faults,
         "postcopy-listen" => ThreadKind::PostcopyListen,
+        // A RAM channel's connection after the postcopy switch: read and placed with
+        // userfaultfd.
+        "postcopy-channel" => ThreadKind::PostcopyListen,
         // The return-path reader runs under the outgoing migration's filter.
         _ => return label("migration return-path"),
     };

@@ -1,4 +1,4 @@
-//! Migration benchmarks: `tern-migrate-bench [precopy|postcopy|random|recovery|restore|local|thp|dirty|limits]`
+//! Migration benchmarks: `tern-migrate-bench [precopy|postcopy|random|recovery|restore|local|thp|dirty|limits|pcpush]`
 //! prints tables (precopy and postcopy by default; the postcopy tables end with the random-access
 //! one; `random`, `recovery`, `restore`, `local` and `thp` run only that table).
 //! Needs `cargo build --release --workspace` first (it runs the `tern` next to itself). Everything
@@ -21,6 +21,7 @@ use guest_tests::tern_binary;
 mod dirty;
 mod limits;
 mod local;
+mod pcpush;
 mod thp;
 
 const GIB: usize = 1 << 30;
@@ -249,9 +250,11 @@ fn main() -> Result<()> {
         None | Some("all") => (true, true),
         Some("precopy") => (true, false),
         Some("postcopy") => (false, true),
-        Some("random" | "recovery" | "restore" | "local" | "thp" | "dirty" | "limits") => (false, false),
+        Some(
+            "random" | "recovery" | "restore" | "local" | "thp" | "dirty" | "limits" | "pcpush",
+        ) => (false, false),
         Some(other) => bail!(
-            "usage: tern-migrate-bench [all|precopy|postcopy|random|recovery|restore|local|thp|dirty|limits] \
+            "usage: tern-migrate-bench [all|precopy|postcopy|random|recovery|restore|local|thp|dirty|limits|pcpush [ROUNDS]] \
              (got `{other}`)"
         ),
     };
@@ -265,6 +268,13 @@ fn main() -> Result<()> {
             Some("thp") => return thp::table(&dir),
             Some("dirty") => return dirty::table(&dir),
             Some("limits") => return limits::table(&dir),
+            Some("pcpush") => {
+                let rounds = match std::env::args().nth(2) {
+                    Some(n) => n.parse().context("ROUNDS must be a number")?,
+                    None => 2,
+                };
+                return pcpush::table(&dir, rounds);
+            }
             Some("restore") => return restore::restore_table(&dir),
             _ => {}
         }

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use super::{blocked, field, migrate_run, postcopy_status, Tern};
+use super::{blocked, field, migrate_run_uri, postcopy_status, Tern};
 
 /// The `touch n=` counts a tern's guest printed so far.
 pub(super) fn touches(t: &Tern) -> Vec<u64> {
@@ -31,7 +31,9 @@ pub(super) fn random_access_table(dir: &Path) -> Result<()> {
 }
 
 fn random_access_row(dir: &Path, preempt: &str) -> Result<()> {
-    let m = migrate_run(
+    // The push on the main connection (channels=0), as this table was first measured: with
+    // preempt off, requested pages queue behind it.
+    let m = migrate_run_uri(
         dir,
         &format!("pc-random-{preempt}"),
         &[
@@ -48,6 +50,7 @@ fn random_access_row(dir: &Path, preempt: &str) -> Result<()> {
         // Three reports (~0.75 s of touching) before the switch: the rate before postcopy.
         "touch n=",
         &["--postcopy"],
+        ",channels=0",
     )?;
     let s = postcopy_status(&m, "random access")?;
     let p = &s["postcopy"];

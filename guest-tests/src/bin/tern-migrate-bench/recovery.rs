@@ -58,7 +58,14 @@ pub(super) fn recovery_table(dir: &Path) -> Result<()> {
         let _ = std::fs::remove_file(&relay);
         let cut = Proxy::start(&relay, &real, Plan::CutForwardAfter(cut_mb << 20))?;
         // Fails: the relay cuts the stream.
-        let _ = remote(&a, &["migrate", &format!("unix:{}", cut.path.display())]);
+        // The relay carries the first connection only: the push stays on it (no RAM channels).
+        let _ = remote(
+            &a,
+            &[
+                "migrate",
+                &format!("unix:{},channels=0", cut.path.display()),
+            ],
+        );
         wait_state(&a, "postcopy-paused")?;
         wait_state(&b, "postcopy-paused")?;
         let rec = format!("unix:{}", dir.join("rec-again.sock").display());
