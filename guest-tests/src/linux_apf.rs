@@ -67,6 +67,25 @@ fn wait_line(vm: &mut LinuxVm, file: &str, prefix: &str, timeout: Duration) -> R
     }
 }
 
+/// Starts `cmd` (ending in `&`, writing `out`) and waits until `out` exists; starts it again
+/// (up to three times) when the forked shell died before its redirection made the file.
+fn start_in_background(vm: &mut LinuxVm, cmd: &str, out: &str) -> Result<()> {
+    for _ in 0..3 {
+        vm.check_retrying(cmd, CMD)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            // `[` is the shell's own: no process that could die.
+            let seen = vm.check_retrying(&format!("[ -e {out} ] && echo yes || echo no"), CMD)?;
+            if seen.trim() == "yes" {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        eprintln!("linux: `{cmd}` made no {out} within 30 s; starting it again");
+    }
+    bail!("`{cmd}` never started\n{}", vm.describe())
+}
+
 /// Restores the booted snapshot, starts apf-touch there and waits until its region is filled.
 fn start_filled(
     tern: &Path,
@@ -76,14 +95,18 @@ fn start_filled(
     plan: &ApfPlan,
 ) -> Result<LinuxVm> {
     let mut vm = LinuxVm::restore(tern, snap, dir, extra)?;
-    // No subshell: apf-touch is forked and exec'd by this sh itself.
-    vm.check_retrying(
+    // Each step on its own, so a busybox applet dying of the open SIGSEGV (docs/machine-kvm.md)
+    // is seen and retried: inside a background list it would go unnoticed and apf-touch would
+    // never start. A mkfifo that made the fifo and then died counts as done.
+    vm.check_retrying("rm -f /tmp/go /tmp/apf.out", CMD)?;
+    vm.check_retrying("mkfifo /tmp/go || [ -p /tmp/go ]", CMD)?;
+    start_in_background(
+        &mut vm,
         &format!(
-            "rm -f /tmp/go /tmp/apf.out; mkfifo /tmp/go && \
-apf-touch mib={} touchers={} go=/tmp/go </dev/null >/tmp/apf.out 2>&1 &",
+            "apf-touch mib={} touchers={} go=/tmp/go </dev/null >/tmp/apf.out 2>&1 &",
             plan.mib, plan.touchers
         ),
-        CMD,
+        "/tmp/apf.out",
     )?;
     // Filling is first-touch work in the guest kernel (emulated here): minutes when cores are busy.
     wait_line(&mut vm, "/tmp/apf.out", "apf-touch: filled", FILL)?;
