@@ -139,8 +139,9 @@ pub struct MigrationStatus {
     /// (ms), and the page requests it sent again.
     pub recovery_ms: f64,
     pub recovery_requests_resent: u64,
-    /// Postcopy figures (destination: measured; source: as the destination reported them).
-    pub postcopy: Option<serde_json::Value>,
+    /// Postcopy figures (destination: measured; source: as the destination reported them, and
+    /// its own).
+    pub postcopy: Option<crate::postcopy::PostcopyStatus>,
 }
 
 /// Shared between the migration thread and the control API.
@@ -221,12 +222,18 @@ impl ProgressLine {
 /// The closing summary both sides print.
 pub fn summary(s: &MigrationStatus) -> String {
     let post = match &s.postcopy {
-        Some(p) => format!(
-            "; postcopy: {} missing at the switch, {} requested, {} pushed, request latency p50 {:.0} us p99 {:.0} us",
-            p["missing_at_switch"], p["pages_requested"], p["pages_pushed"],
-            p["request_latency_p50_us"].as_f64().unwrap_or(0.0),
-            p["request_latency_p99_us"].as_f64().unwrap_or(0.0)
-        ),
+        Some(p) => {
+            let f = &p.complete.figures;
+            format!(
+                "; postcopy: {} missing at the switch, {} requested, {} pushed, request latency \
+p50 {:.0} us p99 {:.0} us",
+                f.missing_at_switch,
+                f.pages_requested,
+                f.pages_pushed,
+                f.request_latency_p50_us,
+                f.request_latency_p99_us
+            )
+        }
         None => String::new(),
     };
     format!(

@@ -227,8 +227,13 @@ fn entry_finishes_a_postcopy_in_the_background() {
         .postcopy
         .expect("the source got the destination's figures");
     assert_eq!(
-        figures["missing_at_switch"].as_u64(),
-        Some(src.total_pages() as u64)
+        figures.complete.figures.missing_at_switch,
+        src.total_pages() as u64
+    );
+    let pushed = figures.source.expect("the source's own figures");
+    assert!(
+        pushed.source_pages_pushed + pushed.source_pages_requested >= src.total_pages() as u64,
+        "{pushed:?}"
     );
     // The Complete section is written just after the status says END.
     let deadline = Instant::now() + WAIT;

@@ -105,8 +105,8 @@ fn pure_postcopy_over(
     );
     assert_eq!(pc.figures.faults, touch.len() as u64);
     let figures = status.postcopy.expect("the source got the figures");
-    let requested = figures["source_pages_requested"].as_u64().unwrap();
-    let pushed = figures["source_pages_pushed"].as_u64().unwrap();
+    let own = figures.source.expect("the source's own figures");
+    let (requested, pushed) = (own.source_pages_requested, own.source_pages_pushed);
     assert_eq!(
         requested + pushed,
         total as u64,

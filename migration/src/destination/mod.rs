@@ -246,7 +246,10 @@ pub fn spawn_postcopy_tail(
                         s.phase = Phase::End;
                         s.remaining_bytes = 0;
                         s.total_ms = t0.elapsed().as_secs_f64() * 1e3;
-                        s.postcopy = Some(complete.to_json());
+                        s.postcopy = Some(crate::postcopy::PostcopyStatus {
+                            complete: complete.clone(),
+                            source: None,
+                        });
                     });
                     if let Err(e) = incoming::complete(&rp, &complete) {
                         log::warn!("cannot tell the source postcopy completed: {e}");

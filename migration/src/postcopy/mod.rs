@@ -27,9 +27,22 @@ pub struct CompleteRecord {
     pub balloon_pages_discarded_at_end: u64,
 }
 
-impl CompleteRecord {
-    /// As the status shows it (`migrate-status`'s `postcopy`).
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
-    }
+/// `migrate-status`'s `postcopy`: the destination's completion record (measured there, and as
+/// the source received it), plus on the source what it answered and pushed. Flattened: one
+/// JSON object, as before it was typed.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct PostcopyStatus {
+    #[serde(flatten)]
+    pub complete: CompleteRecord,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourcePushFigures>,
+}
+
+/// The source's side of a postcopy: pages it sent because they were asked for (and of those, on
+/// the preempt channel) and pages its background push sent.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct SourcePushFigures {
+    pub source_pages_requested: u64,
+    pub source_pages_preempt: u64,
+    pub source_pages_pushed: u64,
 }

@@ -433,11 +433,14 @@ fn finish<W: Write>(
         let complete = complete.unwrap_or_default();
         // Pause here to resume there: only the destination knows when it resumed.
         s.downtime_ms = complete.downtime_ms.unwrap_or(f64::NAN);
-        let mut figures = complete.to_json();
-        figures["source_pages_requested"] = answers.requested.into();
-        figures["source_pages_preempt"] = answers.preempted.into();
-        figures["source_pages_pushed"] = pushed.pages.into();
-        s.postcopy = Some(figures);
+        s.postcopy = Some(super::PostcopyStatus {
+            complete,
+            source: Some(super::SourcePushFigures {
+                source_pages_requested: answers.requested,
+                source_pages_preempt: answers.preempted,
+                source_pages_pushed: pushed.pages,
+            }),
+        });
     });
     Ok(())
 }
