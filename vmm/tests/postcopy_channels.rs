@@ -17,12 +17,6 @@ fn guest() -> String {
     format!("suite=dirty mib=64 static=16 rounds={ROUNDS}")
 }
 
-fn final_checksum(r: &Running) -> Option<String> {
-    r.stdout_lines()
-        .into_iter()
-        .find(|l| dirty_round(l) == Some(ROUNDS))
-}
-
 /// The pure-postcopy source (after a few rounds) and a postcopy destination logging at info.
 fn pair(dir: &std::path::Path) -> (Running, Running, String, String) {
     let sock = |n: &str| dir.join(n).to_string_lossy().into_owned();
@@ -58,25 +52,7 @@ fn pair(dir: &std::path::Path) -> (Running, Running, String, String) {
 }
 
 fn assert_same_final_checksum(reference: &mut Running, dst: &mut Running) {
-    assert_eq!(dst.wait_exit(WAIT), Some(0), "{}", dst.describe());
-    assert_eq!(
-        reference.wait_exit(WAIT),
-        Some(0),
-        "{}",
-        reference.describe()
-    );
-    let want = final_checksum(reference).expect("reference final round");
-    assert_eq!(
-        final_checksum(dst).as_deref(),
-        Some(want.as_str()),
-        "{}",
-        dst.describe()
-    );
-    assert!(
-        !dst.stdout_lines().iter().any(|l| l.contains("FAIL")),
-        "{}",
-        dst.describe()
-    );
+    common::assert_same_final_checksum(reference, dst, ROUNDS, WAIT);
 }
 
 #[test]

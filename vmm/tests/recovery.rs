@@ -17,12 +17,6 @@ fn guest() -> String {
     format!("suite=dirty mib=64 static=16 rounds={ROUNDS}")
 }
 
-fn final_checksum(r: &Running) -> Option<String> {
-    r.stdout_lines()
-        .into_iter()
-        .find(|l| dirty_round(l) == Some(ROUNDS))
-}
-
 #[test]
 fn postcopy_cut_twice_recovers_without_losing_a_write() {
     let dir = scratch("recovery");
@@ -133,25 +127,7 @@ fn postcopy_cut_twice_recovers_without_losing_a_write() {
     assert!(left_at_second > 0, "{v}");
 
     // The guest finishes on the destination with the reference's checksum.
-    assert_eq!(dst.wait_exit(WAIT), Some(0), "{}", dst.describe());
-    assert_eq!(
-        reference.wait_exit(WAIT),
-        Some(0),
-        "{}",
-        reference.describe()
-    );
-    let want = final_checksum(&reference).expect("reference final round");
-    assert_eq!(
-        final_checksum(&dst).as_deref(),
-        Some(want.as_str()),
-        "{}",
-        dst.describe()
-    );
-    assert!(
-        !dst.stdout_lines().iter().any(|l| l.contains("FAIL")),
-        "{}",
-        dst.describe()
-    );
+    common::assert_same_final_checksum(&mut reference, &mut dst, ROUNDS, WAIT);
 }
 
 #[test]
@@ -248,18 +224,5 @@ fn hybrid_postcopy_cut_early_in_the_push_recovers() {
         &["migrate", "--resume", &format!("unix:{}", rec.display())],
     );
     assert_eq!(v["state"], "completed", "{v}");
-    assert_eq!(dst.wait_exit(WAIT), Some(0), "{}", dst.describe());
-    assert_eq!(
-        reference.wait_exit(WAIT),
-        Some(0),
-        "{}",
-        reference.describe()
-    );
-    let want = final_checksum(&reference).expect("reference final round");
-    assert_eq!(
-        final_checksum(&dst).as_deref(),
-        Some(want.as_str()),
-        "{}",
-        dst.describe()
-    );
+    common::assert_same_final_checksum(&mut reference, &mut dst, ROUNDS, WAIT);
 }

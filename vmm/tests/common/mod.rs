@@ -243,6 +243,41 @@ pub fn dirty_round(line: &str) -> Option<u64> {
         .ok()
 }
 
+/// Waits for the destination and the reference run (a guest that never migrated) of a
+/// `dirty ... rounds=N` guest to end, and checks that the destination ended with the reference's
+/// final checksum and never reported a failure: no write was lost on the way.
+pub fn assert_same_final_checksum(
+    reference: &mut Running,
+    dst: &mut Running,
+    rounds: u64,
+    wait: Duration,
+) {
+    assert_eq!(dst.wait_exit(wait), Some(0), "{}", dst.describe());
+    assert_eq!(
+        reference.wait_exit(wait),
+        Some(0),
+        "{}",
+        reference.describe()
+    );
+    let last = |r: &Running| {
+        r.stdout_lines()
+            .into_iter()
+            .find(|l| dirty_round(l) == Some(rounds))
+    };
+    let want = last(reference).expect("reference final round");
+    assert_eq!(
+        last(dst).as_deref(),
+        Some(want.as_str()),
+        "{}",
+        dst.describe()
+    );
+    assert!(
+        !dst.stdout_lines().iter().any(|l| l.contains("FAIL")),
+        "{}",
+        dst.describe()
+    );
+}
+
 pub fn resources_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources")
 }

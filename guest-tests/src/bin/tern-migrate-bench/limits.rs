@@ -3,7 +3,6 @@
 //! THP on, local fd passing, pure postcopy; then the dirty guest's write rate (`dirty`).
 
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::Result;
 
@@ -11,20 +10,7 @@ use super::{migrate_run_uri, raw_socket_copy, raw_socket_copy_fresh, Migration};
 
 /// The destination's "RAM channels placed ..." figures: populate, receive, checksum ms.
 fn placing(m: &Migration) -> String {
-    m.dst
-        .wait_line(Duration::from_secs(5), |l| {
-            l.contains("RAM channels placed")
-        })
-        .and_then(|l| {
-            let nums: Vec<&str> = l
-                .split_whitespace()
-                .zip(l.split_whitespace().skip(1))
-                .filter(|(_, unit)| unit.starts_with("ms"))
-                .map(|(n, _)| n)
-                .collect();
-            (nums.len() == 3).then(|| nums.join(" / "))
-        })
-        .unwrap_or_else(|| "–".into())
+    super::ms_figures(m, "RAM channels placed", 3)
 }
 
 fn row(what: &str, m: &Migration, fresh: f64) {

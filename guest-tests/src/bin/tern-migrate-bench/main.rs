@@ -550,3 +550,20 @@ fn postcopy_table(dir: &Path) -> Result<()> {
     println!();
     random::random_access_table(dir)
 }
+
+/// The `count` figures in ms of the destination's stderr line containing `needle` (as
+/// "N ms ..."), joined with " / "; "–" when the line or its figures are missing.
+fn ms_figures(m: &Migration, needle: &str, count: usize) -> String {
+    m.dst
+        .wait_line(Duration::from_secs(5), |l| l.contains(needle))
+        .and_then(|l| {
+            let nums: Vec<&str> = l
+                .split_whitespace()
+                .zip(l.split_whitespace().skip(1))
+                .filter(|(_, unit)| unit.starts_with("ms"))
+                .map(|(n, _)| n)
+                .collect();
+            (nums.len() == count).then(|| nums.join(" / "))
+        })
+        .unwrap_or_else(|| "–".into())
+}

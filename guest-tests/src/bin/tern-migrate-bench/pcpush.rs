@@ -5,7 +5,6 @@
 //! in turn, so the host's changing load hits them all alike.
 
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{bail, Result};
 
@@ -15,20 +14,7 @@ use super::{migrate_run_uri, raw_socket_copy_fresh, Migration};
 /// staging buffers, waits for the source included) / place (UFFDIO_COPY/ZEROPAGE and bookkeeping)
 /// ms, summed over the threads that placed pushed pages.
 fn push_placing(m: &Migration) -> String {
-    m.dst
-        .wait_line(Duration::from_secs(5), |l| {
-            l.contains("postcopy push placed")
-        })
-        .and_then(|l| {
-            let nums: Vec<&str> = l
-                .split_whitespace()
-                .zip(l.split_whitespace().skip(1))
-                .filter(|(_, unit)| unit.starts_with("ms"))
-                .map(|(n, _)| n)
-                .collect();
-            (nums.len() == 2).then(|| nums.join(" / "))
-        })
-        .unwrap_or_else(|| "–".into())
+    super::ms_figures(m, "postcopy push placed", 2)
 }
 
 struct Case {
