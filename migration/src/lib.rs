@@ -9,6 +9,7 @@ pub mod destination;
 pub mod error;
 pub mod fdpass;
 pub mod incoming;
+pub mod lifecycle;
 pub mod local;
 pub mod outgoing;
 pub mod pacing;

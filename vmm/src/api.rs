@@ -21,6 +21,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::migrate::flows;
 use crate::vm::VmInner;
+use migration::lifecycle::Command;
 
 pub mod request;
 pub use request::{LineReader, Request};
@@ -162,8 +163,12 @@ impl Handler {
                 "balloon": vm.balloon.as_ref().map(|b| crate::balloon::status(&devices::bus::lock(b))),
             })),
             Request::Balloon { bytes } => match &vm.balloon {
-                Some(b) => crate::balloon::set_target(b, bytes, vm.record.memory_size)
-                    .map_err(|e| e.to_string()),
+                Some(b) => flows::admit(vm, Command::Balloon)
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| {
+                        crate::balloon::set_target(b, bytes, vm.record.memory_size)
+                            .map_err(|e| e.to_string())
+                    }),
                 None => Err("this VM has no balloon (start it with --balloon)".into()),
             },
             Request::Pause => flows::set_paused(vm, true, false)
@@ -175,27 +180,44 @@ impl Handler {
             Request::MigrateCancel => flows::cancel_outgoing(vm)
                 .map(|_| json!({"cancelling": true}))
                 .map_err(|e| e.to_string()),
-            Request::MigrateRecover { uri } => uri
-                .parse::<migration::transport::Endpoint>()
+            Request::MigrateRecover { uri } => flows::admit(vm, Command::MigrateRecover)
                 .map_err(|e| e.to_string())
+                .and_then(|_| {
+                    uri.parse::<migration::transport::Endpoint>()
+                        .map_err(|e| e.to_string())
+                })
                 .and_then(|ep| {
                     migration::destination::recover::listen(vm.clone(), ep)
                         .map_err(|e| e.to_string())
                 })
                 .map(|_| json!({"listening": uri})),
             Request::MigrateStatus => {
-                serde_json::to_value(vm.migration.get()).map_err(|e| e.to_string())
+                let status = vm.migration.get();
+                let stage = migration::lifecycle::Stage::of(&status).as_str();
+                serde_json::to_value(status)
+                    .map(|mut v| {
+                        v["stage"] = json!(stage);
+                        v
+                    })
+                    .map_err(|e| e.to_string())
             }
-            Request::MigrateStartPostcopy => {
-                let active = vm.migration.is_active();
-                vm.migration.update(|s| s.postcopy_requested = active);
-                Ok(json!({"postcopy_requested": active}))
-            }
-            Request::Quit => {
-                vm.exit.request(VmExitReason::HostRequest(
-                    "quit requested through the API".into(),
-                ));
-                Ok(json!({"quitting": true}))
+            Request::MigrateStartPostcopy => flows::request_postcopy(vm)
+                .map(|_| json!({"postcopy_requested": true}))
+                .map_err(|e| e.to_string()),
+            Request::Quit { force } => {
+                let command = if force {
+                    Command::QuitForce
+                } else {
+                    Command::Quit
+                };
+                flows::admit(vm, command)
+                    .map(|_| {
+                        vm.exit.request(VmExitReason::HostRequest(
+                            "quit requested through the API".into(),
+                        ));
+                        json!({"quitting": true})
+                    })
+                    .map_err(|e| e.to_string())
             }
         };
         Some(result)

@@ -90,8 +90,8 @@ pub enum RemoteCommand {
     MigrateRecover { uri: String },
     /// The current or last migration's figures, as JSON.
     MigrateStatus,
-    /// Switch the running migration to postcopy (needs --postcopy on both sides; harmless when
-    /// no migration runs).
+    /// Switch the running migration to postcopy (needs --postcopy on both sides; refused when
+    /// no precopy runs on this side).
     MigrateStartPostcopy,
     /// Cancel the running outgoing migration before its switch: the guest keeps running here and
     /// the destination drops what it received. Refused once the switch has begun.
@@ -99,8 +99,12 @@ pub enum RemoteCommand {
     /// Set the balloon's target: how much memory the guest should give back (e.g. 64M; 0
     /// gives it all back to the guest). Needs --balloon.
     Balloon { size: String },
-    /// Stop the VM and tern.
-    Quit,
+    /// Stop the VM and tern. Refused where this side holds pages a guest running on the
+    /// destination still needs (a postcopy source), unless --force.
+    Quit {
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Args)]

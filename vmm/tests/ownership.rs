@@ -87,6 +87,26 @@ fn lost_resumed_reply_leaves_exactly_one_running_guest() {
     let o = remote(&a, &["resume"]);
     assert_ne!(o.code, Some(0), "{}", o.describe());
     assert!(o.stderr.contains("refused"), "{}", o.describe());
+    // A second migration of the parked copy would fork the guest (to a live third process) or,
+    // failing (nobody there), turn the state into one that `resume` accepts: both refused.
+    let third = dir.join("third.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&third).unwrap();
+    for target in [
+        format!("unix:{}", third.display()),
+        "unix:/nonexistent".into(),
+    ] {
+        let o = remote(&a, &["migrate", &target]);
+        assert_ne!(o.code, Some(0), "{}", o.describe());
+        assert!(
+            o.stderr.contains("refused in state postmigrate"),
+            "{}",
+            o.describe()
+        );
+        let st = remote_json(&a, &["migrate-status"]);
+        assert_eq!(st["state"], "postmigrate", "{st}");
+    }
+    let o = remote(&a, &["resume"]);
+    assert!(o.stderr.contains("refused"), "{}", o.describe());
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(last_round(&src), before, "the parked source ran its guest");
     assert_eq!(vm_state(&a), "paused");
@@ -163,6 +183,30 @@ fn broken_postcopy_pauses_both_sides_and_refuses_resume() {
         assert!(o.stderr.contains("refused"), "{}", o.describe());
         assert_eq!(vm_state(sock), "paused");
     }
+    // Neither side migrates its incomplete copy on (to a third process or to nowhere), and a
+    // failed attempt leaves both recoverable.
+    let third = dir.join("third.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&third).unwrap();
+    for sock in [&a, &b] {
+        for target in [
+            format!("unix:{}", third.display()),
+            "unix:/nonexistent".into(),
+        ] {
+            let o = remote(sock, &["migrate", &target]);
+            assert_ne!(o.code, Some(0), "{}", o.describe());
+            assert!(
+                o.stderr.contains("refused in state postcopy-paused"),
+                "{}",
+                o.describe()
+            );
+        }
+        let st = remote_json(sock, &["migrate-status"]);
+        assert_eq!(st["state"], "postcopy-paused", "{st}");
+    }
+    assert_eq!(remote_json(&b, &["migrate-status"])["role"], "destination");
+    // The source holds pages the destination's guest needs: a plain quit is refused.
+    let o = remote(&a, &["quit"]);
+    assert!(o.stderr.contains("quit --force"), "{}", o.describe());
 }
 
 #[test]

@@ -32,7 +32,11 @@ pub enum Request {
         /// The new target size in bytes.
         bytes: u64,
     },
-    Quit,
+    Quit {
+        /// Even where this side holds pages a guest running elsewhere still needs.
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 /// Every command's name, as on the wire.
@@ -162,7 +166,7 @@ mod tests {
                 Request::Balloon { bytes: 1 << 26 },
                 json!({"command": "balloon", "bytes": 67108864}),
             ),
-            (Request::Quit, json!({"command": "quit"})),
+            (Request::Quit { force: false }, json!({"command": "quit"})),
         ];
         assert_eq!(cases.len(), COMMANDS.len());
         for ((req, wire), name) in cases.iter().zip(COMMANDS) {

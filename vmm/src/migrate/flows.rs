@@ -5,8 +5,9 @@ use std::time::Instant;
 
 use devices::VmExitReason;
 use migration::destination::{self, DestinationError, DestinationVm};
+use migration::lifecycle::{self, Command, Refused};
 use migration::outgoing::{self, Params};
-use migration::progress::{summary, MigrationState, MigrationStatus, Role};
+use migration::progress::{summary, MigrationState, MigrationStatus};
 use migration::transport::Endpoint;
 use migration::MigratableVm;
 
@@ -17,32 +18,18 @@ use crate::vm::{Vm, VmInner};
 /// Why the control API's migration commands (migrate, migrate-cancel, pause/resume) refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("a migration is already in progress")]
-    AlreadyMigrating,
-    #[error("a migration is in progress")]
-    Migrating,
+    /// The command is not accepted in this side's stage (`migration::lifecycle`).
+    #[error(transparent)]
+    Refused(#[from] Refused),
     #[error("cannot start the migration thread: {0}")]
     Thread(std::io::Error),
-    #[error("no outgoing migration is running")]
-    NoOutgoing,
-    #[error(
-        "refused: the switch has begun, the guest is moving to (or already runs on) the \
-destination; cancelling now could lose it"
-    )]
-    SwitchBegun,
-    /// `resume` where the other side may run the guest; `on_source`: this side is the source.
-    #[error(
-        "refused: the migration ended in state {state} and the guest may be running on the {} \
-side; resuming here could run it twice{}",
-        if *on_source { "destination" } else { "source" },
-        if *on_source { " (use --force only if you know the destination never ran it)" } else { "" }
-    )]
-    MayRunElsewhere {
-        state: MigrationState,
-        on_source: bool,
-    },
     #[error(transparent)]
     Vm(#[from] migration::VmSideError),
+}
+
+/// Admits `command` against the current status, or says why not.
+pub fn admit(vm: &VmInner, command: Command) -> Result<(), ControlError> {
+    Ok(lifecycle::admit(&vm.migration.get(), command)?)
 }
 
 /// Called once the migration ended, before a completed source quits.
@@ -55,14 +42,17 @@ pub fn start_outgoing(
     params: Params,
     on_done: OnDone,
 ) -> Result<(), ControlError> {
-    if vm.migration.is_active() {
-        return Err(ControlError::AlreadyMigrating);
-    }
-    // Marked active here, not in the thread, so a second request right after is refused too.
+    // Admitted and marked active under one lock, not in the thread, so a second request right
+    // after is refused too, and a parked side never has its status overwritten.
+    let mut verdict = Ok(());
     vm.migration.update(|s| {
-        *s = Default::default();
-        s.state = MigrationState::Active;
+        verdict = lifecycle::admit(s, Command::Migrate);
+        if verdict.is_ok() {
+            *s = Default::default();
+            s.state = MigrationState::Active;
+        }
     });
+    verdict?;
     let vm = vm.clone();
     std::thread::Builder::new()
         .name("migration".into())
@@ -136,16 +126,24 @@ pub fn receive(
 pub fn cancel_outgoing(vm: &VmInner) -> Result<(), ControlError> {
     let mut verdict = Ok(());
     vm.migration.update(|s| {
-        verdict = if s.state != MigrationState::Active || s.role != Role::Source {
-            Err(ControlError::NoOutgoing)
-        } else if s.switching {
-            Err(ControlError::SwitchBegun)
-        } else {
+        verdict = lifecycle::admit(s, Command::MigrateCancel);
+        if verdict.is_ok() {
             s.cancel_requested = true;
-            Ok(())
-        };
+        }
     });
-    verdict
+    Ok(verdict?)
+}
+
+/// `migrate-start-postcopy`: asks a running precopy to switch to postcopy.
+pub fn request_postcopy(vm: &VmInner) -> Result<(), ControlError> {
+    let mut verdict = Ok(());
+    vm.migration.update(|s| {
+        verdict = lifecycle::admit(s, Command::MigrateStartPostcopy);
+        if verdict.is_ok() {
+            s.postcopy_requested = true;
+        }
+    });
+    Ok(verdict?)
 }
 
 /// Parameters for outgoing migrations, from the command line.
@@ -171,23 +169,14 @@ pub fn params(
     }
 }
 
-/// Pauses or resumes the guest from the control API: refused while migrating, and `resume` is
-/// refused where the guest may run elsewhere (only `force` overrides that, on a parked source).
+/// Pauses or resumes the guest from the control API, as the stage allows (`resume` is refused
+/// where the guest may run elsewhere; `force` overrides that on a parked source only).
 pub fn set_paused(vm: &VmInner, pause: bool, force: bool) -> Result<(), ControlError> {
-    let status = vm.migration.get();
-    if status.state == MigrationState::Active {
-        return Err(ControlError::Migrating);
-    }
-    if !pause && status.state.guest_may_run_elsewhere() {
-        let source = status.role == Role::Source;
-        // A parked source holds the whole guest: forcing is the way back when the destination
-        // never ran it (it died before RUN or END arrived).
-        if !(force && source) {
-            return Err(ControlError::MayRunElsewhere {
-                state: status.state,
-                on_source: source,
-            });
-        }
-    }
+    let command = match (pause, force) {
+        (true, _) => Command::Pause,
+        (false, false) => Command::Resume,
+        (false, true) => Command::ResumeForce,
+    };
+    admit(vm, command)?;
     Ok(if pause { vm.pause() } else { vm.resume() }?)
 }

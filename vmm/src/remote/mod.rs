@@ -28,7 +28,7 @@ pub fn run(socket: &Path, cmd: &RemoteCommand) -> Result<()> {
         RemoteCommand::MigrateStatus => Request::MigrateStatus,
         RemoteCommand::MigrateStartPostcopy => Request::MigrateStartPostcopy,
         RemoteCommand::MigrateCancel => Request::MigrateCancel,
-        RemoteCommand::Quit => Request::Quit,
+        RemoteCommand::Quit { force } => Request::Quit { force: *force },
         RemoteCommand::Balloon { size } => {
             let Some(bytes) = crate::config::parse_size(size) else {
                 bail!("balloon: `{size}` is not a size (e.g. 64M, 1G, 4096)");
