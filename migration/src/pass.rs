@@ -169,7 +169,7 @@ impl<W: Write> PageSender<W> {
                 }
                 match pages {
                     PassPages::First => {
-                        // Re-armed before mincore looks: a page the guest populates after the
+                        // Re-armed before the populated check looks: a page the guest populates after the
                         // look is logged and goes in the next pass.
                         if rearm == Rearm::Yes {
                             vm.rearm_dirty(ri, at, count, &ONES[..count.div_ceil(64)])?;

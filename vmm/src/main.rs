@@ -16,6 +16,7 @@ mod logger;
 mod machine;
 mod memory;
 mod migrate;
+mod pagemap;
 mod remote;
 mod seccomp;
 mod serial_socket;

@@ -90,6 +90,8 @@ pub struct VmInner {
     pub postcopy_paused: Mutex<Option<migration::postcopy::Listener>>,
     /// A lazy snapshot restore's fault thread (`--incoming file: --restore lazy`).
     pub restore_lazy: Mutex<Option<LazyMemory>>,
+    /// This process's page table, for which guest pages hold data (None: unreadable here).
+    pub pagemap: Option<crate::pagemap::Pagemap>,
 }
 
 pub struct Vm {

@@ -299,6 +299,9 @@ impl Parts {
                 devices: stateful,
                 postcopy_paused: Mutex::new(None),
                 restore_lazy: Mutex::new(None),
+                pagemap: crate::pagemap::Pagemap::open()
+                    .inspect_err(|e| log::warn!("/proc/self/pagemap: {e}; every page is sent"))
+                    .ok(),
             }),
             console_input: self.console_input,
             serial2,

@@ -96,6 +96,7 @@ pub fn start(
         fault_at: Instant::now(),
         page: vec![0u8; PAGE as usize],
         stopped_vm: false,
+        reported_done: false,
     };
     let thread = std::thread::Builder::new()
         .name("uffd-faults".into())
@@ -109,6 +110,13 @@ pub fn start(
         stop,
         thread: Some(thread),
     })
+}
+
+impl LazyMemory {
+    /// The background pass placed every page it was given (never, without one).
+    pub fn background_done(&self) -> bool {
+        self.stats.prefault_done_ns.load(Ordering::SeqCst) != 0
+    }
 }
 
 impl Drop for LazyMemory {
@@ -134,6 +142,8 @@ struct FilePages {
     page: Vec<u8>,
     /// `on_fatal` was called: the VM stops with that reason, nothing more to report.
     stopped_vm: bool,
+    /// The background pass's end was published.
+    reported_done: bool,
 }
 
 /// Pages the background prefault places between two looks at the fault queue.
@@ -203,18 +213,21 @@ impl uffd::PageFetcher for FilePages {
             self.place(lp, &page)?;
             self.stats.prefaulted.fetch_add(1, Ordering::Relaxed);
             placed += 1;
-            if self.next_prefault == self.prefault.len() {
-                let ns = self.started.elapsed().as_nanos() as u64;
-                self.stats.prefault_done_ns.store(ns, Ordering::Relaxed);
-                eprintln!(
-                    "tern: lazy memory: background pass placed {} pages in {:.1} ms ({} faults served first)",
-                    self.stats.prefaulted.load(Ordering::Relaxed),
-                    ns as f64 / 1e6,
-                    self.stats.faults.load(Ordering::Relaxed)
-                );
-            }
         }
-        Ok(self.next_prefault < self.prefault.len())
+        let more = self.next_prefault < self.prefault.len();
+        // Done once, however the last pages went (placed here or by faults first).
+        if !more && !self.prefault.is_empty() && !self.reported_done {
+            self.reported_done = true;
+            let ns = (self.started.elapsed().as_nanos() as u64).max(1);
+            self.stats.prefault_done_ns.store(ns, Ordering::SeqCst);
+            eprintln!(
+                "tern: lazy memory: background pass placed {} pages in {:.1} ms ({} faults served first)",
+                self.stats.prefaulted.load(Ordering::Relaxed),
+                ns as f64 / 1e6,
+                self.stats.faults.load(Ordering::Relaxed)
+            );
+        }
+        Ok(more)
     }
 
     fn failed(&mut self, why: &str) {

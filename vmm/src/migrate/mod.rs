@@ -49,6 +49,58 @@ impl VmInner {
 }
 
 impl VmInner {
+    /// Whether some guest pages are still being placed from elsewhere (lazy memory, a lazy
+    /// restore whose background pass has not finished): such a page is missing, not zero.
+    pub fn placing_lazily(&self) -> bool {
+        if self.lazy.is_some() {
+            return true;
+        }
+        devices::bus::lock(&self.restore_lazy)
+            .as_ref()
+            .is_some_and(|l| !l.background_done())
+    }
+
+    /// Pages `first..first + count` of `region` that may hold data; the rest are zero. While
+    /// pages are placed lazily, all of them: reading a missing one waits for the fault thread to
+    /// place it, so a pass or snapshot sees every page's real contents (and a page placed later
+    /// is one it read already).
+    fn pages_with_data(
+        &self,
+        region: &RamRegion,
+        first: usize,
+        count: usize,
+    ) -> VmResult<DirtyBitmap> {
+        let in_region = first
+            .checked_add(count)
+            .is_some_and(|end| end <= region.pages());
+        if !in_region {
+            return Err(VmSideError(format!(
+                "pages {first}+{count} are outside the region at {:#x}",
+                region.gpa
+            )));
+        }
+        if self.placing_lazily() {
+            return Ok(DirtyBitmap::full(count));
+        }
+        let r = self
+            .mem
+            .find_region(GuestAddress(region.gpa))
+            .ok_or_else(|| VmSideError(format!("no RAM region at {:#x}", region.gpa)))?;
+        if let Some(f) = r.file_offset() {
+            use std::os::fd::AsFd;
+            let first_in_file = (f.start() as usize) / PAGE_SIZE + first;
+            return crate::pagemap::memfd_with_data(f.file().as_fd(), first_in_file, count)
+                .map_err(side("reading guest RAM's data extents"));
+        }
+        match &self.pagemap {
+            Some(pm) => pm
+                .with_data(r.as_ptr() as usize + first * PAGE_SIZE, count)
+                .map_err(side("reading /proc/self/pagemap")),
+            // Without a page table to read, every page may hold data.
+            None => Ok(DirtyBitmap::full(count)),
+        }
+    }
+
     /// Each slot's dirty pages: KVM's log merged with tern's own writes.
     fn fetch_dirty_slots(&self) -> VmResult<Vec<DirtyBitmap>> {
         let mut out = Vec::new();
@@ -155,32 +207,7 @@ impl MigratableVm for VmInner {
     }
 
     fn populated_pages(&self, region: &RamRegion) -> VmResult<DirtyBitmap> {
-        // Lazy pages not fetched yet are not resident, yet not zero: read them all.
-        if self.lazy.is_some() {
-            return Ok(DirtyBitmap::full(region.pages()));
-        }
-        let r = self
-            .mem
-            .find_region(GuestAddress(region.gpa))
-            .ok_or_else(|| VmSideError(format!("no RAM region at {:#x}", region.gpa)))?;
-        let pages = region.pages();
-        let mut vec = vec![0u8; pages];
-        // SAFETY: the range is one live mapping owned by guest memory; mincore only reads page
-        // residency into `vec`, which has one byte per page.
-        let rc = unsafe { libc::mincore(r.as_ptr().cast(), pages * PAGE_SIZE, vec.as_mut_ptr()) };
-        if rc != 0 {
-            return Err(VmSideError(format!(
-                "mincore on guest RAM: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        let mut map = DirtyBitmap::new(pages);
-        for (p, v) in vec.iter().enumerate() {
-            if v & 1 != 0 {
-                map.set(p);
-            }
-        }
-        Ok(map)
+        self.pages_with_data(region, 0, region.pages())
     }
 
     fn populated_pages_in(
@@ -189,45 +216,7 @@ impl MigratableVm for VmInner {
         first: usize,
         count: usize,
     ) -> VmResult<DirtyBitmap> {
-        if self.lazy.is_some() {
-            return Ok(DirtyBitmap::full(count));
-        }
-        let r = self
-            .mem
-            .find_region(GuestAddress(region.gpa))
-            .ok_or_else(|| VmSideError(format!("no RAM region at {:#x}", region.gpa)))?;
-        let in_region = first
-            .checked_add(count)
-            .is_some_and(|end| end <= region.pages());
-        if !in_region {
-            return Err(VmSideError(format!(
-                "pages {first}+{count} are outside the region at {:#x}",
-                region.gpa
-            )));
-        }
-        let mut vec = vec![0u8; count];
-        // SAFETY: the range (checked above) lies inside one live mapping owned by guest memory;
-        // mincore only reads page residency into `vec`, which has one byte per page.
-        let rc = unsafe {
-            libc::mincore(
-                r.as_ptr().add(first * PAGE_SIZE).cast(),
-                count * PAGE_SIZE,
-                vec.as_mut_ptr(),
-            )
-        };
-        if rc != 0 {
-            return Err(VmSideError(format!(
-                "mincore on guest RAM: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        let mut map = DirtyBitmap::new(count);
-        for (p, v) in vec.iter().enumerate() {
-            if v & 1 != 0 {
-                map.set(p);
-            }
-        }
-        Ok(map)
+        self.pages_with_data(region, first, count)
     }
 
     fn rearm_dirty(&self, region: usize, first: usize, count: usize, bits: &[u64]) -> VmResult<()> {

@@ -147,7 +147,8 @@ impl ThreadKind {
                 v.extend(socket_io);
                 v.extend([
                     SYS_ioctl,
-                    SYS_mincore,
+                    // /proc/self/pagemap: which guest pages hold data.
+                    SYS_pread64,
                     SYS_socket,
                     SYS_connect,
                     SYS_fstat,
@@ -173,7 +174,7 @@ impl ThreadKind {
                     SYS_unlink,
                     SYS_unlinkat,
                     // What the outgoing migration (started from here) needs.
-                    SYS_mincore,
+                    SYS_pread64,
                     SYS_socket,
                     SYS_connect,
                     SYS_fstat,

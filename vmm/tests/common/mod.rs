@@ -108,9 +108,14 @@ impl Running {
     }
 
     pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Running {
-        let mut child = Command::new(tern_path())
-            .args(args)
-            .envs(env.iter().copied())
+        let mut cmd = Command::new(tern_path());
+        cmd.args(args).envs(env.iter().copied());
+        Self::spawn_command(cmd)
+    }
+
+    /// Runs `cmd` (which execs tern in the end) with its output collected.
+    pub fn spawn_command(mut cmd: Command) -> Running {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
