@@ -1,7 +1,7 @@
 //! The migration stream: a versioned header, then framed sections, each with a CRC32.
 //!
 //! ```text
-//! header  : "TERNMIG\0" | version u32 LE | flags u32 LE
+//! header  : "TERNMIG\0" | version u32 LE | flags u32 LE | migration id (16 bytes)
 //! section : kind u8 | length u32 LE | payload | crc32(kind | length | payload) u32 LE
 //! ```
 //! Records are serde JSON; RAM batches are binary: (gpa u64 LE | kind u8 | 4096 bytes if kind = 1)*.
@@ -12,12 +12,16 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::identity::{MigrationId, ID_LEN};
 use crate::PAGE_SIZE;
 
 pub const MAGIC: &[u8; 8] = b"TERNMIG\0";
-pub const VERSION: u32 = 1;
-/// Magic, version and flags.
-pub const HEADER_LEN: usize = 16;
+/// 3: the header carries the migration id (1 had none; 2 is the snapshot layout's number).
+pub const VERSION: u32 = 3;
+/// Magic, version and flags: the part every layout shares.
+const BASE_HEADER_LEN: usize = 16;
+/// Magic, version, flags and the migration id.
+pub const HEADER_LEN: usize = BASE_HEADER_LEN + ID_LEN;
 /// Snapshot files (`file:` endpoints) have their own layout; see `snapshot.rs`.
 pub const SNAPSHOT_VERSION: u32 = 2;
 /// Largest section payload tern writes or accepts (RAM batches, the discard list, vCPU state).
@@ -209,13 +213,20 @@ pub enum StreamError {
         got: &'static str,
         expected: &'static str,
     },
+    /// An extra connection (RAM channel, preempt channel, recovery) of another migration.
+    #[error("the connection belongs to migration {got}, not to migration {expected} in progress here: refused")]
+    ForeignMigration {
+        expected: MigrationId,
+        got: MigrationId,
+    },
 }
 
-/// The stream header.
-pub fn header_bytes() -> [u8; HEADER_LEN] {
+/// The stream header of migration `id`.
+pub fn header_bytes(id: MigrationId) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[..8].copy_from_slice(MAGIC);
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[BASE_HEADER_LEN..].copy_from_slice(&id.0);
     h
 }
 
@@ -235,8 +246,9 @@ impl<W: Write> StreamWriter<W> {
         StreamWriter { w, bytes: 0 }
     }
 
-    pub fn header(&mut self) -> Result<(), StreamError> {
-        self.header_version(VERSION)
+    /// The header of a connection of migration `id`.
+    pub fn header(&mut self, id: MigrationId) -> Result<(), StreamError> {
+        self.raw(&header_bytes(id))
     }
 
     /// Counts bytes that went out around this writer (a header sent with descriptors).
@@ -244,8 +256,9 @@ impl<W: Write> StreamWriter<W> {
         self.bytes += n as u64;
     }
 
+    /// Magic, `version` and flags only (the snapshot layout).
     pub fn header_version(&mut self, version: u32) -> Result<(), StreamError> {
-        let mut h = Vec::with_capacity(16);
+        let mut h = Vec::with_capacity(BASE_HEADER_LEN);
         h.extend_from_slice(MAGIC);
         h.extend_from_slice(&version.to_le_bytes());
         h.extend_from_slice(&0u32.to_le_bytes());
@@ -345,9 +358,15 @@ impl<R: Read> StreamReader<R> {
         }
     }
 
-    pub fn header(&mut self) -> Result<(), StreamError> {
+    /// Reads a migration stream's header; returns the migration's id.
+    pub fn header(&mut self) -> Result<MigrationId, StreamError> {
         match self.header_version()? {
-            VERSION => Ok(()),
+            VERSION => {
+                let mut id = [0u8; ID_LEN];
+                read_exact_in(&mut self.r, &mut id, "stream header")?;
+                self.bytes += ID_LEN as u64;
+                Ok(MigrationId(id))
+            }
             SNAPSHOT_VERSION => Err(StreamError::Decode {
                 section: "stream header",
                 msg: "this is a snapshot file, not a migration stream (restore it with --incoming file:PATH)".into(),
@@ -356,11 +375,11 @@ impl<R: Read> StreamReader<R> {
         }
     }
 
-    /// Reads the header and returns its version, whatever it is.
+    /// Reads magic, version and flags and returns the version, whatever it is.
     pub fn header_version(&mut self) -> Result<u32, StreamError> {
-        let mut h = [0u8; 16];
+        let mut h = [0u8; BASE_HEADER_LEN];
         read_exact_in(&mut self.r, &mut h, "stream header")?;
-        self.bytes += 16;
+        self.bytes += BASE_HEADER_LEN as u64;
         if &h[..8] != MAGIC {
             return Err(StreamError::BadMagic);
         }
@@ -570,7 +589,7 @@ mod tests {
 
     fn sample() -> Vec<u8> {
         let mut w = StreamWriter::new(Vec::new());
-        w.header().unwrap();
+        w.header(MigrationId([9; ID_LEN])).unwrap();
         w.record(Section::Config, &vec![1u32, 2, 3]).unwrap();
         let mut batch = RamBatch::default();
         batch.push_zero(0x1000);
@@ -602,7 +621,7 @@ mod tests {
     fn round_trip() {
         let bytes = sample();
         let mut r = StreamReader::new(&bytes[..]);
-        r.header().unwrap();
+        assert_eq!(r.header().unwrap(), MigrationId([9; ID_LEN]));
         let cfg: Vec<u32> = r
             .read_section()
             .unwrap()
@@ -643,6 +662,12 @@ mod tests {
         assert!(matches!(r.header(), Err(StreamError::Truncated(_))));
         let mut r = StreamReader::new(&b"NOTTERN!\x01\0\0\0\0\0\0\0"[..]);
         assert!(matches!(r.header(), Err(StreamError::BadMagic)));
+        // A version-1 stream (no id) is refused by its version.
+        let mut r = StreamReader::new(&b"TERNMIG\0\x01\0\0\0\0\0\0\0"[..]);
+        assert!(matches!(r.header(), Err(StreamError::Version(1))));
+        // A header cut inside the id.
+        let mut r = StreamReader::new(&bytes[..HEADER_LEN - 1]);
+        assert!(matches!(r.header(), Err(StreamError::Truncated(_))));
     }
 
     #[test]

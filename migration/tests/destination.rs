@@ -115,7 +115,7 @@ fn scripted_source(
 ) -> (StreamReader<Box<dyn Read + Send>>, Writer) {
     let mut ch = transport::connect(ep).unwrap();
     let mut w = StreamWriter::new(ch.writer.take().unwrap());
-    w.header().unwrap();
+    w.header(Default::default()).unwrap();
     w.record(Section::Config, record).unwrap();
     w.flush().unwrap();
     (StreamReader::new(ch.reader.take().unwrap()), w)
@@ -155,7 +155,7 @@ fn local_memory_without_a_shared_configuration_is_refused_before_building() {
     let record = FakeVm::new(&LAYOUT).config();
     let mut ch = transport::connect(&ep).unwrap();
     let mut w = StreamWriter::new(ch.writer.take().unwrap());
-    w.header().unwrap();
+    w.header(Default::default()).unwrap();
     w.record(
         Section::LocalRam,
         &LocalRamRecord {
@@ -361,7 +361,7 @@ fn broken_postcopy_parks_the_listener_and_recovers() {
     let mut ch = connect_when_listening(&ep2);
     let mut w: Writer = StreamWriter::new(ch.writer.take().unwrap());
     let mut r = StreamReader::new(ch.reader.take().unwrap());
-    w.header().unwrap();
+    w.header(Default::default()).unwrap();
     w.record(Section::Recover, &src.config()).unwrap();
     w.flush().unwrap();
     let mut missing = Vec::new();
