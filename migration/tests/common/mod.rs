@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod fake_vm;
+pub mod scripted;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
