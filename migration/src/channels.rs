@@ -382,7 +382,7 @@ impl Receivers {
                 (seen, since) = (s.bytes, std::time::Instant::now());
             } else if since.elapsed() >= stall {
                 let channels = (0..s.done.len())
-                    .filter(|&i| !s.done[i].is_some_and(|d| d >= pass))
+                    .filter(|&i| s.done[i].is_none_or(|d| d < pass))
                     .collect();
                 return Err(MigrationError::ChannelStalled {
                     channels,

@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::fake_vm::marker_state;
@@ -18,9 +16,9 @@ use migration::postcopy::preempt::AdviseRecord;
 use migration::postcopy::{probe_userfaultfd, ranges, CompleteRecord, DiscardRecord};
 use migration::progress::{MigrationState, Phase, Role};
 use migration::state::{EndRecord, LocalRamRecord};
-use migration::stream::{RamBatch, Section, StreamReader, StreamWriter};
+use migration::stream::{Section, StreamReader, StreamWriter};
 use migration::transport::{self, Endpoint};
-use migration::{MigratableVm, PAGE_SIZE};
+use migration::MigratableVm;
 
 use common::scripted::{
     build_fake, connect_when_listening, endpoint, filled_source, next_answer, scripted_source,
