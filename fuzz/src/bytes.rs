@@ -103,7 +103,7 @@ pub fn frame(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
 
 /// A stream: the header, then the sections framed.
 pub fn stream(sections: &[(u8, Vec<u8>)]) -> Vec<u8> {
-    let mut out = header_bytes().to_vec();
+    let mut out = header_bytes(Default::default()).to_vec();
     for (kind, payload) in sections {
         frame(&mut out, *kind, payload);
     }

@@ -23,6 +23,7 @@ pub fn run(data: &[u8]) {
         local: flags & 2 != 0,
         shared_ram: flags & 4 != 0,
         preempt: Mutex::new(None),
+        id: Default::default(),
     };
     let _ = receive(stream(&sections(b.rest())), &options);
 }

@@ -106,6 +106,7 @@ pub fn receive(data: &[u8]) -> Result<&'static str, String> {
         local: false,
         shared_ram: false,
         preempt: Mutex::new(None),
+        id: Default::default(),
     };
     crate::incoming::receive(stream(&s), &options)
 }

@@ -70,6 +70,7 @@ fn the_migration_seeds_are_received_whole() {
         local: false,
         shared_ram: false,
         preempt: Mutex::new(None),
+        id: Default::default(),
     };
     let frames = |s: &[u8]| tern_fuzz::bytes::stream(&tern_fuzz::bytes::sections(&s[1..]));
     let pre = seed("incoming", "precopy");

@@ -50,6 +50,23 @@ impl DirtyBitmap {
         }
     }
 
+    /// Sets pages `first..first + count` (clipped to the bitmap), a word at a time.
+    pub fn set_range(&mut self, first: usize, count: usize) {
+        let end = first.saturating_add(count).min(self.pages);
+        let mut p = first;
+        while p < end {
+            let bit = p % 64;
+            let n = (64 - bit).min(end - p);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            self.words[p / 64] |= mask;
+            p += n;
+        }
+    }
+
     pub fn unset(&mut self, page: usize) {
         if page < self.pages {
             self.words[page / 64] &= !(1 << (page % 64));
@@ -126,6 +143,27 @@ impl DirtyBitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_range_matches_page_by_page() {
+        for (first, count) in [
+            (0, 0),
+            (0, 1),
+            (3, 64),
+            (63, 2),
+            (0, 200),
+            (130, 70),
+            (190, 50),
+        ] {
+            let mut a = DirtyBitmap::new(200);
+            let mut b = DirtyBitmap::new(200);
+            a.set_range(first, count);
+            for p in first..first + count {
+                b.set(p);
+            }
+            assert_eq!(a, b, "{first}+{count}");
+        }
+    }
 
     #[test]
     fn set_iterate_merge_intersect() {

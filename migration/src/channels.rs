@@ -26,7 +26,10 @@ use crate::peer::peer_timeout;
 use crate::stream::StreamWriter;
 use crate::stream::{RamBatch, Section, StreamError, StreamReader};
 use crate::transport::{self, Endpoint, Listening};
-use crate::{MigratableVm, PAGE_SIZE};
+use crate::{MigratableVm, MigrationId, PAGE_SIZE};
+
+/// A pass still owed that delivers nothing for this many peer timeouts fails the migration.
+pub const STALL_PEER_TIMEOUTS: u32 = 2;
 
 /// Most channels a migration may open (and a destination accepts).
 pub const MAX_CHANNELS: usize = 16;
@@ -57,6 +60,7 @@ pub(crate) fn open<W: Write>(
     main: &mut StreamWriter<W>,
     endpoint: &Endpoint,
     count: usize,
+    id: MigrationId,
 ) -> Result<Vec<ChannelSender>, MigrationError> {
     main.record(
         Section::Channels,
@@ -76,7 +80,7 @@ pub(crate) fn open<W: Write>(
                 .take()
                 .ok_or_else(|| MigrationError::NoAnswer("channel cannot be written".into()))?;
             let mut w = StreamWriter::new(w);
-            w.header()?;
+            w.header(id)?;
             w.record(
                 Section::Channel,
                 &ChannelHello {
@@ -136,14 +140,16 @@ pub(crate) struct Receivers {
     shared: Arc<Shared>,
 }
 
-/// Destination: accepts the `count` channels the source announced on `listening` and starts a
-/// receiver thread for each in `scope` (they end when the source closes their connection, or
-/// soon after [`Receivers::stop`]).
+/// Destination: accepts the `count` channels of migration `id` the source announced on
+/// `listening` and starts a receiver thread for each in `scope` (they end when the source closes
+/// their connection, or soon after [`Receivers::stop`]). A connection of another migration is
+/// refused (told why, logged) and the wait goes on.
 pub(crate) fn accept<'scope>(
     scope: &'scope Scope<'scope, '_>,
     listening: &Listening,
     count: usize,
     vm: &'scope dyn MigratableVm,
+    id: MigrationId,
 ) -> Result<Receivers, MigrationError> {
     if count == 0 || count > MAX_CHANNELS {
         return Err(StreamError::Refused {
@@ -154,25 +160,27 @@ pub(crate) fn accept<'scope>(
     }
     let mut readers: Vec<Option<StreamReader<Box<dyn Read + Send>>>> =
         (0..count).map(|_| None).collect();
-    for _ in 0..count {
-        let mut c = listening
-            .accept_within(peer_timeout())
+    let mut accepted = 0;
+    // One bound for all of them: connections of other migrations cannot stretch the wait.
+    let deadline = std::time::Instant::now() + peer_timeout();
+    while accepted < count {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let c = listening
+            .accept_within(left)
             .map_err(|e| MigrationError::NoAnswer(format!("accepting a RAM channel: {e}")))?;
-        let r = c
-            .reader
-            .take()
-            .ok_or_else(|| MigrationError::NoAnswer("a RAM channel cannot be read".into()))?;
-        let mut r = StreamReader::new(r);
-        r.header()?;
-        let hello: ChannelHello = r.read_section()?.expect(Section::Channel)?.decode()?;
+        let Some(r) = open_channel(c, id)? else {
+            continue;
+        };
+        let (index, r) = r;
         let slot = readers
-            .get_mut(hello.index as usize)
+            .get_mut(index)
             .filter(|s| s.is_none())
             .ok_or(StreamError::Refused {
                 section: Section::Channel.name(),
                 why: "channel index out of range or repeated",
             })?;
         *slot = Some(r);
+        accepted += 1;
     }
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
@@ -205,6 +213,26 @@ pub(crate) fn accept<'scope>(
             .map_err(|e| MigrationError::NoAnswer(format!("starting a channel reader: {e}")))?;
     }
     Ok(Receivers { shared })
+}
+
+/// Reads a channel connection's header and hello: its index and reader, or None when it
+/// belongs to another migration (refused: told why on it, and logged).
+fn open_channel(
+    mut c: crate::transport::Channel,
+    id: MigrationId,
+) -> Result<Option<(usize, ChannelReader)>, MigrationError> {
+    let r = c
+        .reader
+        .take()
+        .ok_or_else(|| MigrationError::NoAnswer("a RAM channel cannot be read".into()))?;
+    let mut r = StreamReader::new(r);
+    let got = r.header()?;
+    if got != id {
+        crate::identity::refuse_foreign(c.writer.take(), "RAM channel", id, got);
+        return Ok(None);
+    }
+    let hello: ChannelHello = r.read_section()?.expect(Section::Channel)?.decode()?;
+    Ok(Some((hello.index as usize, r)))
 }
 
 /// One channel's receiver: places RAM batches and records pass markers until the source closes
@@ -340,11 +368,27 @@ impl Receivers {
     }
 
     /// Waits until every channel delivered pass `pass`; fails when one ended before it.
+    /// A channel that sends heartbeats but no pages is alive to its socket's read timeout:
+    /// the pass fails once no channel delivered a byte for [`STALL_PEER_TIMEOUTS`] peer timeouts.
     pub(crate) fn wait_pass(&self, pass: u32) -> Result<(), MigrationError> {
+        let stall = peer_timeout() * STALL_PEER_TIMEOUTS;
         let mut s = self.shared.lock();
+        let (mut seen, mut since) = (s.bytes, std::time::Instant::now());
         loop {
             if s.done.iter().all(|d| d.is_some_and(|d| d >= pass)) {
                 return Ok(());
+            }
+            if s.bytes != seen {
+                (seen, since) = (s.bytes, std::time::Instant::now());
+            } else if since.elapsed() >= stall {
+                let channels = (0..s.done.len())
+                    .filter(|&i| s.done[i].is_none_or(|d| d < pass))
+                    .collect();
+                return Err(MigrationError::ChannelStalled {
+                    channels,
+                    pass,
+                    secs: since.elapsed().as_secs_f64(),
+                });
             }
             let lost = s
                 .done

@@ -30,6 +30,15 @@ pub enum MigrationError {
     Cancelled,
     #[error("local migration refused: {0}")]
     LocalRefused(String),
+    /// Destination: channels still owe a pass but deliver nothing (heartbeats keep them alive).
+    #[error("RAM channel(s) {channels:?} delivered nothing of pass {pass} for {secs:.1} s")]
+    ChannelStalled {
+        channels: Vec<usize>,
+        pass: u32,
+        secs: f64,
+    },
+    #[error("cannot pick a migration id: {0}")]
+    Identity(std::io::Error),
     #[error("RAM channel {index}: {source}")]
     Channel {
         index: usize,

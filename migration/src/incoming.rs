@@ -16,7 +16,7 @@ use crate::state::{
 use crate::stream::{
     parse_ram, Frame, PageRecord, Section, StreamError, StreamReader, StreamWriter,
 };
-use crate::{MigratableVm, VmConfigRecord, VmState, PAGE_SIZE};
+use crate::{MigratableVm, MigrationId, VmConfigRecord, VmState, PAGE_SIZE};
 
 /// Writes a RAM section's pages into guest RAM (populating dense batches first); returns how
 /// many full and zero pages it held. `zero` is a page of zeros.
@@ -62,19 +62,32 @@ pub(crate) fn prepare_dense_range(vm: &dyn MigratableVm, payload: &[u8]) {
     }
 }
 
-/// Reads the header and the configuration section, and the local-memory section before it when
-/// the source hands RAM over (a local migration).
-pub fn read_start<R: Read>(
-    r: &mut StreamReader<R>,
-) -> Result<(VmConfigRecord, Option<LocalRamRecord>), StreamError> {
-    r.header()?;
+/// How a migration stream starts: its id, the configuration, and the local-memory section
+/// before it when the source hands RAM over (a local migration).
+pub struct Start {
+    pub id: MigrationId,
+    pub config: VmConfigRecord,
+    pub local: Option<LocalRamRecord>,
+}
+
+/// Reads the header and the configuration section (and a local-memory section before it).
+pub fn read_start<R: Read>(r: &mut StreamReader<R>) -> Result<Start, StreamError> {
+    let id = r.header()?;
     let first = r.read_section()?;
     if first.kind == Section::LocalRam {
         let local = first.decode()?;
         let config = r.read_section()?.expect(Section::Config)?.decode()?;
-        return Ok((config, Some(local)));
+        return Ok(Start {
+            id,
+            config,
+            local: Some(local),
+        });
     }
-    Ok((first.expect(Section::Config)?.decode()?, None))
+    Ok(Start {
+        id,
+        config: first.expect(Section::Config)?.decode()?,
+        local: None,
+    })
 }
 
 fn refused(section: Section, why: &'static str) -> MigrationError {
@@ -221,6 +234,9 @@ pub struct Options {
     pub shared_ram: bool,
     /// The endpoint, still listening: the postcopy preempt channel is accepted on it.
     pub preempt: std::sync::Mutex<Option<crate::transport::Listening>>,
+    /// The migration's id (the main stream's header): RAM channels and the preempt channel of
+    /// another one are refused.
+    pub id: MigrationId,
 }
 
 /// Receives RAM and device state into `vm` until the end section (precopy) or RUN (postcopy).
@@ -302,17 +318,33 @@ fn spawn_reader(
     Ok((frames_rx, spare_tx))
 }
 
+/// Why a recovery connection was not taken.
+pub enum RecoverRefusal {
+    /// The peer is not this migration's source (another id, or another VM): it was told why,
+    /// and the listener is untouched; another connection may be awaited.
+    Foreign(MigrationError, Listener),
+    /// The recovery itself failed.
+    Failed(MigrationError, Listener),
+}
+
 /// Postcopy recovery, destination side: `r`/`w` are a new connection from the source. Checks it
-/// recovers this VM, sends the runs of pages still missing here, re-sends the outstanding
-/// requests, and returns the tail that places what comes (the VM may run again).
+/// recovers this VM (migration `id`), sends the runs of pages still missing here, re-sends the
+/// outstanding requests, and returns the tail that places what comes (the VM may run again).
 pub fn recover(
     mut r: StreamReader<Box<dyn Read + Send>>,
-    w: Box<dyn Write + Send>,
+    mut w: Box<dyn Write + Send>,
     listener: Listener,
     this_vm: &VmConfigRecord,
-) -> Result<(PostcopyTail, usize), Box<(MigrationError, Listener)>> {
+    id: MigrationId,
+) -> Result<(PostcopyTail, usize), Box<RecoverRefusal>> {
     let hello = (|| {
-        r.header()?;
+        let got = r.header()?;
+        if got != id {
+            return Err(MigrationError::Stream(StreamError::ForeignMigration {
+                expected: id,
+                got,
+            }));
+        }
         let rec: VmConfigRecord = r.read_section()?.expect(Section::Recover)?.decode()?;
         if rec.ram != this_vm.ram || rec.vcpus != this_vm.vcpus {
             return Err(MigrationError::Rejected(
@@ -322,11 +354,20 @@ pub fn recover(
         Ok(())
     })();
     if let Err(e) = hello {
-        return Err(Box::new((e, listener)));
+        // That peer hears why; this side's postcopy is not touched.
+        log::warn!("postcopy recovery: connection refused: {e}");
+        let mut sw = StreamWriter::new(&mut w);
+        if let Err(te) = sw
+            .record(Section::Abort, &e.to_string())
+            .and_then(|_| sw.flush())
+        {
+            log::debug!("cannot tell the refused peer why: {te}");
+        }
+        return Err(Box::new(RecoverRefusal::Foreign(e, listener)));
     }
     let resent = match listener.reconnect(w) {
         Ok(n) => n,
-        Err(e) => return Err(Box::new((e.into(), listener))),
+        Err(e) => return Err(Box::new(RecoverRefusal::Failed(e.into(), listener))),
     };
     let missing = listener.not_received();
     let told = (|| {
@@ -345,11 +386,11 @@ pub fn recover(
         g.flush()
     })();
     if let Err(e) = told {
-        return Err(Box::new((e.into(), listener)));
+        return Err(Box::new(RecoverRefusal::Failed(e.into(), listener)));
     }
     let (frames, spare) = match spawn_reader(r) {
         Ok(v) => v,
-        Err(e) => return Err(Box::new((e, listener))),
+        Err(e) => return Err(Box::new(RecoverRefusal::Failed(e, listener))),
     };
     Ok((
         PostcopyTail {
@@ -440,6 +481,7 @@ fn apply<'scope>(
                     l,
                     rec.count as usize,
                     vm,
+                    options.id,
                 )?);
                 status.update(|s| s.channels = rec.count);
                 // Without postcopy nothing else connects: a Unix path goes now.
@@ -534,7 +576,7 @@ fn apply<'scope>(
                         .unwrap_or_else(|e| e.into_inner())
                         .take();
                     if let Some(listening) = taken {
-                        crate::postcopy::preempt::serve(listening, l.placer());
+                        crate::postcopy::preempt::serve(listening, l.placer(), options.id);
                     }
                 }
                 listener = Some(l);

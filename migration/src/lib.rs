@@ -8,6 +8,7 @@ pub mod channels;
 pub mod destination;
 pub mod error;
 pub mod fdpass;
+pub mod identity;
 pub mod incoming;
 pub mod lifecycle;
 pub mod local;
@@ -23,6 +24,7 @@ pub mod stream;
 pub mod transport;
 
 pub use bitmap::DirtyBitmap;
+pub use identity::MigrationId;
 pub use state::{VmConfigRecord, VmState};
 
 static THREAD_START: std::sync::OnceLock<fn(&'static str)> = std::sync::OnceLock::new();

@@ -27,6 +27,7 @@ pub(crate) fn run(
     status: &StatusCell,
     start: Instant,
     paused: &mut bool,
+    id: crate::MigrationId,
 ) -> Result<(), MigrationError> {
     if params.postcopy {
         return Err(refused(
@@ -54,7 +55,7 @@ switch: the memory itself is handed over); start the source without --postcopy",
         source,
     };
     let socket = transport::connect_unix(path).map_err(connect_err)?;
-    crate::fdpass::send_with_fds(&socket, &header_bytes(), &fds)
+    crate::fdpass::send_with_fds(&socket, &header_bytes(id), &fds)
         .map_err(|e| MigrationError::Stream(crate::stream::StreamError::Write(e)))?;
     drop(fds);
     let mut channel = transport::unix_channel(socket).map_err(connect_err)?;

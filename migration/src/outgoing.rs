@@ -204,14 +204,16 @@ pub fn migrate(
     status: &StatusCell,
 ) -> Result<(), MigrationError> {
     let start = Instant::now();
+    let id = crate::MigrationId::random().map_err(MigrationError::Identity)?;
     status.update(|s| {
         *s = Default::default();
         s.state = MigrationState::Active;
         s.role = crate::progress::Role::Source;
         s.endpoint = endpoint.to_string();
+        s.migration_id = Some(id);
     });
     let mut paused = false;
-    let result = run(vm, endpoint, params, status, start, &mut paused);
+    let result = run(vm, endpoint, params, status, start, &mut paused, id);
     if let Err(e) = &result {
         let _ = vm.stop_dirty_log();
         let end = e.end_state();
@@ -265,6 +267,7 @@ fn begin_switch<W: Write>(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     vm: &dyn MigratableVm,
     endpoint: &Endpoint,
@@ -272,9 +275,10 @@ fn run(
     status: &StatusCell,
     start: Instant,
     paused: &mut bool,
+    id: crate::MigrationId,
 ) -> Result<(), MigrationError> {
     if let Endpoint::Unix { path, local: true } = endpoint {
-        return crate::local::run(vm, path, params, status, start, paused);
+        return crate::local::run(vm, path, params, status, start, paused, id);
     }
     // A snapshot: the guest pauses once and is written whole, in the snapshot layout.
     if let Endpoint::File(path) = endpoint {
@@ -307,7 +311,7 @@ fn run(
         cancel: Some(status.clone()),
         run: None,
     };
-    tx.w.header()?;
+    tx.w.header(id)?;
     tx.w.record(Section::Config, &vm.config())?;
     let mut reader = match channel.reader.take() {
         Some(r) => Some(
@@ -323,7 +327,7 @@ fn run(
     // Before ADVISE: the destination accepts exactly these connections at the Channels section,
     // and the preempt channel only after it answered ADVISE.
     let mut channels = if channel_count > 0 {
-        crate::channels::open(&mut tx.w, endpoint, channel_count)?
+        crate::channels::open(&mut tx.w, endpoint, channel_count, id)?
     } else {
         Vec::new()
     };
@@ -331,7 +335,7 @@ fn run(
     let mut preempt = None;
     if params.postcopy {
         if advise(&mut tx.w, reader.as_ref(), params.postcopy_preempt)? {
-            preempt = crate::postcopy::preempt::open(endpoint);
+            preempt = crate::postcopy::preempt::open(endpoint, id);
         }
         status.update(|s| s.phase = Phase::Precopy);
     }

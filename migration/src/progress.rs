@@ -110,6 +110,8 @@ pub struct MigrationStatus {
     pub state: MigrationState,
     pub role: Role,
     pub endpoint: String,
+    /// The migration's id (hex): picked by the source, read from the stream by the destination.
+    pub migration_id: Option<crate::MigrationId>,
     pub iteration: u32,
     pub bytes: u64,
     pub pages_full: u64,

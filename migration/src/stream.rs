@@ -1,7 +1,7 @@
 //! The migration stream: a versioned header, then framed sections, each with a CRC32.
 //!
 //! ```text
-//! header  : "TERNMIG\0" | version u32 LE | flags u32 LE
+//! header  : "TERNMIG\0" | version u32 LE | flags u32 LE | migration id (16 bytes)
 //! section : kind u8 | length u32 LE | payload | crc32(kind | length | payload) u32 LE
 //! ```
 //! Records are serde JSON; RAM batches are binary: (gpa u64 LE | kind u8 | 4096 bytes if kind = 1)*.
@@ -12,12 +12,15 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::PAGE_SIZE;
+use crate::identity::{MigrationId, ID_LEN};
 
 pub const MAGIC: &[u8; 8] = b"TERNMIG\0";
-pub const VERSION: u32 = 1;
-/// Magic, version and flags.
-pub const HEADER_LEN: usize = 16;
+/// 3: the header carries the migration id (1 had none; 2 is the snapshot layout's number).
+pub const VERSION: u32 = 3;
+/// Magic, version and flags: the part every layout shares.
+const BASE_HEADER_LEN: usize = 16;
+/// Magic, version, flags and the migration id.
+pub const HEADER_LEN: usize = BASE_HEADER_LEN + ID_LEN;
 /// Snapshot files (`file:` endpoints) have their own layout; see `snapshot.rs`.
 pub const SNAPSHOT_VERSION: u32 = 2;
 /// Largest section payload tern writes or accepts (RAM batches, the discard list, vCPU state).
@@ -209,13 +212,20 @@ pub enum StreamError {
         got: &'static str,
         expected: &'static str,
     },
+    /// An extra connection (RAM channel, preempt channel, recovery) of another migration.
+    #[error("the connection belongs to migration {got}, not to migration {expected} in progress here: refused")]
+    ForeignMigration {
+        expected: MigrationId,
+        got: MigrationId,
+    },
 }
 
-/// The stream header.
-pub fn header_bytes() -> [u8; HEADER_LEN] {
+/// The stream header of migration `id`.
+pub fn header_bytes(id: MigrationId) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[..8].copy_from_slice(MAGIC);
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[BASE_HEADER_LEN..].copy_from_slice(&id.0);
     h
 }
 
@@ -235,8 +245,9 @@ impl<W: Write> StreamWriter<W> {
         StreamWriter { w, bytes: 0 }
     }
 
-    pub fn header(&mut self) -> Result<(), StreamError> {
-        self.header_version(VERSION)
+    /// The header of a connection of migration `id`.
+    pub fn header(&mut self, id: MigrationId) -> Result<(), StreamError> {
+        self.raw(&header_bytes(id))
     }
 
     /// Counts bytes that went out around this writer (a header sent with descriptors).
@@ -244,8 +255,9 @@ impl<W: Write> StreamWriter<W> {
         self.bytes += n as u64;
     }
 
+    /// Magic, `version` and flags only (the snapshot layout).
     pub fn header_version(&mut self, version: u32) -> Result<(), StreamError> {
-        let mut h = Vec::with_capacity(16);
+        let mut h = Vec::with_capacity(BASE_HEADER_LEN);
         h.extend_from_slice(MAGIC);
         h.extend_from_slice(&version.to_le_bytes());
         h.extend_from_slice(&0u32.to_le_bytes());
@@ -345,9 +357,15 @@ impl<R: Read> StreamReader<R> {
         }
     }
 
-    pub fn header(&mut self) -> Result<(), StreamError> {
+    /// Reads a migration stream's header; returns the migration's id.
+    pub fn header(&mut self) -> Result<MigrationId, StreamError> {
         match self.header_version()? {
-            VERSION => Ok(()),
+            VERSION => {
+                let mut id = [0u8; ID_LEN];
+                read_exact_in(&mut self.r, &mut id, "stream header")?;
+                self.bytes += ID_LEN as u64;
+                Ok(MigrationId(id))
+            }
             SNAPSHOT_VERSION => Err(StreamError::Decode {
                 section: "stream header",
                 msg: "this is a snapshot file, not a migration stream (restore it with --incoming file:PATH)".into(),
@@ -356,11 +374,11 @@ impl<R: Read> StreamReader<R> {
         }
     }
 
-    /// Reads the header and returns its version, whatever it is.
+    /// Reads magic, version and flags and returns the version, whatever it is.
     pub fn header_version(&mut self) -> Result<u32, StreamError> {
-        let mut h = [0u8; 16];
+        let mut h = [0u8; BASE_HEADER_LEN];
         read_exact_in(&mut self.r, &mut h, "stream header")?;
-        self.bytes += 16;
+        self.bytes += BASE_HEADER_LEN as u64;
         if &h[..8] != MAGIC {
             return Err(StreamError::BadMagic);
         }
@@ -452,230 +470,8 @@ impl<R: Read> StreamReader<R> {
     }
 }
 
-/// One page in a RAM batch.
-#[derive(Debug, PartialEq, Eq)]
-pub enum PageRecord<'a> {
-    Zero(u64),
-    Full(u64, &'a [u8]),
-}
-
-const PAGE_ZERO: u8 = 0;
-const PAGE_FULL: u8 = 1;
-
-/// Builds RAM batch payloads.
-#[derive(Default)]
-pub struct RamBatch {
-    buf: Vec<u8>,
-    pending: usize,
-    pub full: u64,
-    pub zero: u64,
-}
-
-impl RamBatch {
-    /// Pages per batch: about 1 MiB of payload.
-    pub const PAGES: usize = 256;
-
-    pub fn push_zero(&mut self, gpa: u64) {
-        self.buf.extend_from_slice(&gpa.to_le_bytes());
-        self.buf.push(PAGE_ZERO);
-        self.zero += 1;
-        self.pending += 1;
-    }
-
-    pub fn push_full(&mut self, gpa: u64, page: &[u8]) {
-        self.buf.extend_from_slice(&gpa.to_le_bytes());
-        self.buf.push(PAGE_FULL);
-        self.buf.extend_from_slice(page);
-        self.full += 1;
-        self.pending += 1;
-    }
-
-    /// Pages in the current (not yet taken) payload.
-    pub fn len(&self) -> usize {
-        self.pending
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
-    }
-
-    /// The payload so far.
-    pub fn payload(&self) -> &[u8] {
-        &self.buf
-    }
-
-    /// Empties the payload, keeping its allocation (fresh buffers cost a page fault per page on
-    /// this machine) and the counters.
-    pub fn clear(&mut self) {
-        self.pending = 0;
-        self.buf.clear();
-    }
-
-    /// The payload so far; the batch is emptied (counters keep counting).
-    pub fn take(&mut self) -> Vec<u8> {
-        self.pending = 0;
-        std::mem::take(&mut self.buf)
-    }
-}
-
-/// Iterates the pages of a RAM batch payload.
-pub fn parse_ram(payload: &[u8]) -> impl Iterator<Item = Result<PageRecord<'_>, StreamError>> {
-    let mut pos = 0;
-    std::iter::from_fn(move || {
-        if pos >= payload.len() {
-            return None;
-        }
-        let bad = |msg: &str| {
-            Some(Err(StreamError::Decode {
-                section: Section::Ram.name(),
-                msg: msg.to_string(),
-            }))
-        };
-        let Some(head) = payload.get(pos..pos + 9) else {
-            pos = payload.len();
-            return bad("page record cut short");
-        };
-        let gpa = u64::from_le_bytes(head[..8].try_into().unwrap_or([0; 8]));
-        pos += 9;
-        if !gpa.is_multiple_of(PAGE_SIZE as u64) {
-            pos = payload.len();
-            return Some(Err(StreamError::Decode {
-                section: Section::Ram.name(),
-                msg: format!("page address {gpa:#x} is not page-aligned"),
-            }));
-        }
-        match head[8] {
-            PAGE_ZERO => Some(Ok(PageRecord::Zero(gpa))),
-            PAGE_FULL => match payload.get(pos..pos + PAGE_SIZE) {
-                Some(page) => {
-                    pos += PAGE_SIZE;
-                    Some(Ok(PageRecord::Full(gpa, page)))
-                }
-                None => {
-                    pos = payload.len();
-                    bad("page data cut short")
-                }
-            },
-            _ => {
-                pos = payload.len();
-                bad("unknown page kind")
-            }
-        }
-    })
-}
+mod ram;
+pub use ram::{parse_ram, PageRecord, RamBatch};
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sample() -> Vec<u8> {
-        let mut w = StreamWriter::new(Vec::new());
-        w.header().unwrap();
-        w.record(Section::Config, &vec![1u32, 2, 3]).unwrap();
-        let mut batch = RamBatch::default();
-        batch.push_zero(0x1000);
-        batch.push_full(0x2000, &[7u8; PAGE_SIZE]);
-        w.section(Section::Ram, &batch.take()).unwrap();
-        w.section(Section::End, &[]).unwrap();
-        w.get_mut().clone()
-    }
-
-    #[test]
-    fn every_section_kind_decodes() {
-        for v in 0..=255u8 {
-            if let Some(s) = Section::from_u8(v) {
-                assert_eq!(s as u8, v);
-            }
-        }
-        for s in [
-            Section::Advise,
-            Section::Discard,
-            Section::Run,
-            Section::PageRequest,
-            Section::Complete,
-        ] {
-            assert_eq!(Section::from_u8(s as u8), Some(s));
-        }
-    }
-
-    #[test]
-    fn round_trip() {
-        let bytes = sample();
-        let mut r = StreamReader::new(&bytes[..]);
-        r.header().unwrap();
-        let cfg: Vec<u32> = r
-            .read_section()
-            .unwrap()
-            .expect(Section::Config)
-            .unwrap()
-            .decode()
-            .unwrap();
-        assert_eq!(cfg, vec![1, 2, 3]);
-        let ram = r.read_section().unwrap().expect(Section::Ram).unwrap();
-        let pages: Vec<_> = parse_ram(&ram.payload).collect::<Result<_, _>>().unwrap();
-        assert_eq!(pages[0], PageRecord::Zero(0x1000));
-        assert!(matches!(pages[1], PageRecord::Full(0x2000, p) if p[0] == 7));
-        assert_eq!(r.read_section().unwrap().kind, Section::End);
-    }
-
-    #[test]
-    fn flipped_byte_is_a_checksum_error_naming_the_section() {
-        let mut bytes = sample();
-        let n = bytes.len();
-        bytes[n / 2] ^= 0x40; // inside the RAM page data
-        let mut r = StreamReader::new(&bytes[..]);
-        r.header().unwrap();
-        r.read_section().unwrap();
-        let err = r.read_section().err().unwrap();
-        assert!(matches!(err, StreamError::Checksum("RAM")), "{err}");
-    }
-
-    #[test]
-    fn truncation_names_the_section() {
-        let bytes = sample();
-        let cut = &bytes[..bytes.len() - 20];
-        let mut r = StreamReader::new(cut);
-        r.header().unwrap();
-        r.read_section().unwrap();
-        let err = r.read_section().err().unwrap();
-        assert_eq!(err.to_string(), "stream truncated in RAM section");
-        let mut r = StreamReader::new(&bytes[..5]);
-        assert!(matches!(r.header(), Err(StreamError::Truncated(_))));
-        let mut r = StreamReader::new(&b"NOTTERN!\x01\0\0\0\0\0\0\0"[..]);
-        assert!(matches!(r.header(), Err(StreamError::BadMagic)));
-    }
-
-    #[test]
-    fn each_kind_has_its_own_size_limit() {
-        // A 2 MiB device-state header is refused from the header alone (no payload follows).
-        let mut bytes = vec![Section::Devices as u8];
-        bytes.extend_from_slice(&(2u32 << 20).to_le_bytes());
-        let err = StreamReader::new(&bytes[..]).read_section().err().unwrap();
-        assert!(
-            matches!(err, StreamError::TooLarge { section: "device state", limit, .. } if limit == MAX_STATE_RECORD),
-            "{err}"
-        );
-        let mut bytes = vec![Section::Clock as u8];
-        bytes.extend_from_slice(&(MAX_SMALL_RECORD as u32 + 1).to_le_bytes());
-        let err = StreamReader::new(&bytes[..]).read_section().err().unwrap();
-        assert!(matches!(err, StreamError::TooLarge { .. }), "{err}");
-        // The writer keeps to the same limits.
-        let mut w = StreamWriter::new(Vec::new());
-        assert!(w
-            .section(Section::Config, &vec![b' '; MAX_STATE_RECORD + 1])
-            .is_err());
-    }
-
-    #[test]
-    fn unaligned_page_addresses_are_refused() {
-        let mut batch = RamBatch::default();
-        batch.push_zero(0x1000);
-        batch.push_full(0x2001, &[0u8; PAGE_SIZE]);
-        let payload = batch.take();
-        let pages: Vec<_> = parse_ram(&payload).collect();
-        assert_eq!(pages.len(), 2);
-        assert!(pages[0].is_ok());
-        let err = pages[1].as_ref().err().unwrap().to_string();
-        assert!(err.contains("0x2001 is not page-aligned"), "{err}");
-    }
-}
+mod tests;

@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::fake_vm::marker_state;
@@ -18,60 +16,14 @@ use migration::postcopy::preempt::AdviseRecord;
 use migration::postcopy::{probe_userfaultfd, ranges, CompleteRecord, DiscardRecord};
 use migration::progress::{MigrationState, Phase, Role};
 use migration::state::{EndRecord, LocalRamRecord};
-use migration::stream::{RamBatch, Section, StreamReader, StreamWriter};
+use migration::stream::{Section, StreamReader, StreamWriter};
 use migration::transport::{self, Endpoint};
-use migration::{MigratableVm, PAGE_SIZE};
+use migration::MigratableVm;
 
-const WAIT: Duration = Duration::from_secs(30);
-
-fn filled_source() -> Arc<FakeVm> {
-    let vm = FakeVm::new(&LAYOUT);
-    for p in 0..vm.total_pages() {
-        vm.guest_write(p, p % 5 == 1);
-    }
-    Arc::new(vm)
-}
-
-fn endpoint(dir: &TempDir) -> Endpoint {
-    Endpoint::Unix {
-        path: dir.0.join("mig.sock"),
-        local: false,
-    }
-}
-
-/// The entry on its own thread with `build`; returns once its socket exists (the entry binds it
-/// itself, and a source connecting before that would find nobody).
-fn spawn_entry<B>(
-    ep: &Endpoint,
-    options: Options,
-    build: B,
-) -> JoinHandle<Result<Arc<FakeVm>, DestinationError>>
-where
-    B: FnOnce(&migration::VmConfigRecord) -> Result<Arc<FakeVm>, std::io::Error> + Send + 'static,
-{
-    let Endpoint::Unix { path, .. } = ep.clone() else {
-        unreachable!("the tests listen on Unix sockets")
-    };
-    let ep = ep.clone();
-    let entry = std::thread::spawn(move || {
-        destination::receive(&ep, &options, |record, handed_over| {
-            assert!(handed_over.is_none(), "nothing was handed over");
-            let vm = build(record)?;
-            let driven: Arc<dyn DestinationVm> = vm.clone();
-            Ok::<_, std::io::Error>((vm, driven))
-        })
-    });
-    let deadline = Instant::now() + WAIT;
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "the entry never listened");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    entry
-}
-
-fn build_fake(record: &migration::VmConfigRecord) -> Result<Arc<FakeVm>, std::io::Error> {
-    Ok(Arc::new(FakeVm::from_record(record)))
-}
+use common::scripted::{
+    build_fake, connect_when_listening, endpoint, filled_source, next_answer, scripted_source,
+    send_all_pages, spawn_entry, Writer, WAIT,
+};
 
 #[test]
 fn entry_receives_a_precopy_and_the_source_hears_it_resumed() {
@@ -103,22 +55,6 @@ fn entry_receives_a_precopy_and_the_source_hears_it_resumed() {
     let json = serde_json::to_value(&dst).unwrap();
     assert_eq!(json["role"], "destination");
     assert_eq!(serde_json::to_value(&status).unwrap()["role"], "source");
-}
-
-type Writer = StreamWriter<Box<dyn Write + Send>>;
-
-/// A source by hand: the header and the configuration; the caller reads the return path (and
-/// keeps the writer, so the destination's answer does not meet a closed connection).
-fn scripted_source(
-    ep: &Endpoint,
-    record: &migration::VmConfigRecord,
-) -> (StreamReader<Box<dyn Read + Send>>, Writer) {
-    let mut ch = transport::connect(ep).unwrap();
-    let mut w = StreamWriter::new(ch.writer.take().unwrap());
-    w.header().unwrap();
-    w.record(Section::Config, record).unwrap();
-    w.flush().unwrap();
-    (StreamReader::new(ch.reader.take().unwrap()), w)
 }
 
 #[test]
@@ -155,7 +91,7 @@ fn local_memory_without_a_shared_configuration_is_refused_before_building() {
     let record = FakeVm::new(&LAYOUT).config();
     let mut ch = transport::connect(&ep).unwrap();
     let mut w = StreamWriter::new(ch.writer.take().unwrap());
-    w.header().unwrap();
+    w.header(Default::default()).unwrap();
     w.record(
         Section::LocalRam,
         &LocalRamRecord {
@@ -255,50 +191,6 @@ fn entry_finishes_a_postcopy_in_the_background() {
     assert_eq!(vm.restored(), Some(marker_state()));
 }
 
-/// The next section on a return path that is not a heartbeat.
-fn next_answer(r: &mut StreamReader<Box<dyn Read + Send>>) -> migration::stream::Frame {
-    loop {
-        let f = r.read_section().unwrap();
-        if f.kind != Section::Heartbeat {
-            return f;
-        }
-    }
-}
-
-/// Connects to `ep` once something listens there (the entry and `recover::listen` bind it
-/// themselves, from another thread).
-fn connect_when_listening(ep: &Endpoint) -> transport::Channel {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match transport::connect(ep) {
-            Ok(c) => return c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "nobody listens on {ep}: {e}");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-    }
-}
-
-/// Every page of `vm` (its own contents) in RAM sections, then END.
-fn send_all_pages(w: &mut Writer, vm: &FakeVm) {
-    let mut batch = RamBatch::default();
-    let mut page = vec![0u8; PAGE_SIZE];
-    for p in 0..vm.total_pages() {
-        let gpa = vm.gpa_of(p);
-        vm.read_ram(gpa, &mut page).unwrap();
-        batch.push_full(gpa, &page);
-        if batch.len() == RamBatch::PAGES {
-            w.section(Section::Ram, &batch.take()).unwrap();
-        }
-    }
-    if !batch.is_empty() {
-        w.section(Section::Ram, &batch.take()).unwrap();
-    }
-    w.record(Section::End, &EndRecord::default()).unwrap();
-    w.flush().unwrap();
-}
-
 /// A source by hand that switches to postcopy with every page missing and then vanishes: the
 /// guest pauses on the destination with its listener parked. `migrate-recover` (recover::listen)
 /// then takes a second source's reconnection, says what is missing, places what comes and
@@ -361,7 +253,7 @@ fn broken_postcopy_parks_the_listener_and_recovers() {
     let mut ch = connect_when_listening(&ep2);
     let mut w: Writer = StreamWriter::new(ch.writer.take().unwrap());
     let mut r = StreamReader::new(ch.reader.take().unwrap());
-    w.header().unwrap();
+    w.header(Default::default()).unwrap();
     w.record(Section::Recover, &src.config()).unwrap();
     w.flush().unwrap();
     let mut missing = Vec::new();

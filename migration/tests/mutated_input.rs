@@ -63,7 +63,7 @@ fn mutate(good: &[u8], rng: &mut Rng) -> Vec<u8> {
 /// A valid stream: header, configuration, RAM batches (full and zero pages), end.
 fn valid_stream(vm: &FakeVm) -> Vec<u8> {
     let mut w = StreamWriter::new(Vec::new());
-    w.header().unwrap();
+    w.header(Default::default()).unwrap();
     w.record(Section::Config, &vm.config()).unwrap();
     let mut batch = RamBatch::default();
     let mut page = vec![0u8; 4096];

@@ -256,7 +256,13 @@ impl Handler {
         let started = if resume && ep.is_local() {
             Err("local=on cannot resume a postcopy (a local migration never uses postcopy)".into())
         } else if resume {
-            crate::migrate::recovery::reconnect(&self.vm, ep, on_done).map_err(|e| e.to_string())
+            crate::migrate::recovery::reconnect(
+                &self.vm,
+                ep,
+                self.params.postcopy_bandwidth,
+                on_done,
+            )
+            .map_err(|e| e.to_string())
         } else {
             let mut params = self.params.clone();
             params.channels = channels.or(params.channels);

@@ -66,7 +66,7 @@ fn destination(name: &str, extra: &[&str], cfg: &VmConfigRecord) -> (Running, So
         tx: StreamWriter::new(sock.try_clone().unwrap()),
         rx: StreamReader::new(sock),
     };
-    src.tx.header().unwrap();
+    src.tx.header(Default::default()).unwrap();
     src.record(Section::Config, cfg);
     (dst, src)
 }
@@ -295,7 +295,12 @@ fn local_destination(
     let dst = Running::spawn(&["--incoming", &format!("unix:{}", path.display())]);
     let sock = connect(&path, &dst);
     let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-    migration::fdpass::send_with_fds(&sock, &migration::stream::header_bytes(), &borrowed).unwrap();
+    migration::fdpass::send_with_fds(
+        &sock,
+        &migration::stream::header_bytes(Default::default()),
+        &borrowed,
+    )
+    .unwrap();
     let mut tx = StreamWriter::new(sock);
     if announce {
         let regions = migration::state::LocalRamRecord {

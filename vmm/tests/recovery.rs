@@ -226,3 +226,120 @@ fn hybrid_postcopy_cut_early_in_the_push_recovers() {
     assert_eq!(v["state"], "completed", "{v}");
     common::assert_same_final_checksum(&mut reference, &mut dst, ROUNDS, WAIT);
 }
+
+/// A source and its destination, paused in postcopy: the stream was cut in the push.
+fn paused_pair(
+    dir: &std::path::Path,
+    name: &str,
+    rounds: u64,
+) -> (String, Running, String, Running) {
+    let sock = |n: &str| {
+        dir.join(format!("{name}-{n}"))
+            .to_string_lossy()
+            .into_owned()
+    };
+    let (a, b) = (sock("src.sock"), sock("dst.sock"));
+    let guest = format!("suite=dirty mib=32 static=8 rounds={rounds}");
+    let src = Running::spawn(&[
+        "--memory",
+        "size=256M",
+        "--cmdline",
+        &guest,
+        "--api-socket",
+        &a,
+        "--postcopy",
+        "--postcopy-after-iterations",
+        "0",
+    ]);
+    assert!(
+        src.wait_stdout(WAIT, |l| dirty_round(l).is_some_and(|r| r >= 3))
+            .is_some(),
+        "{}",
+        src.describe()
+    );
+    let real = dir.join(format!("{name}-mig.sock"));
+    let dst = Running::spawn(&[
+        "--incoming",
+        &format!("unix:{}", real.display()),
+        "--postcopy",
+        "--api-socket",
+        &b,
+    ]);
+    assert!(dst.wait_stderr(WAIT, "waiting for an incoming migration"));
+    let cut = Proxy::start(
+        &dir.join(format!("{name}-relay.sock")),
+        &real,
+        Plan::CutForwardAfter(8 << 20),
+    )
+    .expect("relay");
+    let o = remote(
+        &a,
+        &[
+            "migrate",
+            &format!("unix:{},channels=0", cut.path.display()),
+        ],
+    );
+    assert_ne!(o.code, Some(0), "{}", o.describe());
+    wait_migration_state(&a, "postcopy-paused", &src, WAIT);
+    wait_migration_state(&b, "postcopy-paused", &dst, WAIT);
+    (a, src, b, dst)
+}
+
+/// Two paused pairs A -> A' and B -> B' (same RAM layout, same vCPUs): A' listens for its
+/// recovery, B's source reconnects there and is refused (another migration id); A' still waits,
+/// A's source recovers it, and A's guest finishes there intact.
+#[test]
+fn recovery_from_another_migration_is_refused_and_the_right_source_recovers() {
+    let dir = scratch("recovery-identity");
+    let rounds = 300;
+    let (a, _a_src, a_dst_sock, mut a_dst) = paused_pair(&dir, "a", rounds);
+    let (b, b_src, _b_dst_sock, _b_dst) = paused_pair(&dir, "b", rounds);
+    let id = |s: &str| remote_json(s, &["migrate-status"])["migration_id"].clone();
+    assert!(id(&a).is_string(), "{}", id(&a));
+    assert_eq!(id(&a), id(&a_dst_sock), "both sides show the same id");
+    assert_ne!(id(&a), id(&b));
+
+    let rec = dir.join("a-rec.sock");
+    remote_json(
+        &a_dst_sock,
+        &["migrate-recover", &format!("unix:{}", rec.display())],
+    );
+    let o = remote(
+        &b,
+        &["migrate", "--resume", &format!("unix:{}", rec.display())],
+    );
+    assert_ne!(o.code, Some(0), "{}", o.describe());
+    assert!(o.stderr.contains("refused"), "{}", o.describe());
+    let st = wait_migration_state(&b, "postcopy-paused", &b_src, WAIT);
+    assert!(
+        st["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("belongs to migration"),
+        "{st}"
+    );
+    assert_eq!(
+        remote_json(&a_dst_sock, &["migrate-status"])["state"],
+        "postcopy-recover",
+        "the destination still waits for its own source"
+    );
+
+    let v = remote_json(
+        &a,
+        &["migrate", "--resume", &format!("unix:{}", rec.display())],
+    );
+    assert_eq!(v["state"], "completed", "{v}");
+    // A's guest verifies every round it runs: a page of B's would be a FAIL line.
+    assert_eq!(a_dst.wait_exit(WAIT), Some(0), "{}", a_dst.describe());
+    let lines = a_dst.stdout_lines();
+    assert!(
+        lines.iter().any(|l| dirty_round(l) == Some(rounds)),
+        "{}",
+        a_dst.describe()
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("FAIL")),
+        "{}",
+        a_dst.describe()
+    );
+}

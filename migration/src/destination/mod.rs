@@ -103,7 +103,11 @@ where
     };
     let fds = std::mem::take(&mut channel.fds);
     let result = (|| {
-        let (record, local) = incoming::read_start(&mut rx)?;
+        let incoming::Start {
+            id,
+            config: record,
+            local,
+        } = incoming::read_start(&mut rx)?;
         let local_ram = local.is_some();
         let (kept, vm) = match local {
             Some(l) => {
@@ -141,6 +145,7 @@ where
             s.state = MigrationState::Active;
             s.role = Role::Destination;
             s.endpoint = endpoint.to_string();
+            s.migration_id = Some(id);
         });
         let stream_options = incoming::Options {
             postcopy: options.postcopy,
@@ -148,6 +153,7 @@ where
             local: local_ram,
             shared_ram: record.shared,
             preempt: Mutex::new(listening),
+            id,
         };
         let received =
             incoming::receive(rx, &*vm, &status, t0, return_path.clone(), &stream_options)?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{spawn_postcopy_tail, DestinationVm};
-use crate::incoming;
+use crate::incoming::{self, RecoverRefusal};
 use crate::peer::Heartbeat;
 use crate::postcopy::Listener;
 use crate::progress::{MigrationState, Phase, Role, StatusCell};
@@ -95,27 +95,42 @@ fn serve(vm: Arc<dyn DestinationVm>, status: StatusCell, endpoint: Endpoint, lis
             s.error = Some(format!("postcopy recovery failed: {why}"));
         });
     };
-    // Bounded: a source that never comes leaves this side recoverable again.
-    let channel = transport::listen(&endpoint).and_then(|l| l.accept_within(RECOVER_WAIT));
-    let mut channel = match channel {
-        Ok(c) => c,
-        Err(e) => return failed(format!("waiting on {endpoint}: {e}"), listener),
+    let Some(id) = status.get().migration_id else {
+        return failed("this side never learnt its migration's id".into(), listener);
     };
-    let (Some(r), Some(w)) = (channel.reader.take(), channel.writer.take()) else {
-        return failed(
-            "recovery needs a connection with a return path".into(),
-            listener,
-        );
+    // Bounded: a source that never comes leaves this side recoverable again. Peers of other
+    // migrations are refused on the way (told why) and the wait goes on.
+    let deadline = Instant::now() + RECOVER_WAIT;
+    let listening = match transport::listen(&endpoint) {
+        Ok(l) => l,
+        Err(e) => return failed(format!("listening on {endpoint}: {e}"), listener),
     };
-    let reconnected = Instant::now();
-    let outcome = incoming::recover(StreamReader::new(r), w, listener, &vm.config());
-    let (tail, resent) = match outcome {
-        Ok(v) => v,
-        Err(b) => {
-            let (e, listener) = *b;
-            return failed(e.to_string(), listener);
+    let mut listener = listener;
+    let (tail, resent, reconnected) = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut channel = match listening.accept_within(left) {
+            Ok(c) => c,
+            Err(e) => return failed(format!("waiting on {endpoint}: {e}"), listener),
+        };
+        let (Some(r), Some(w)) = (channel.reader.take(), channel.writer.take()) else {
+            return failed(
+                "recovery needs a connection with a return path".into(),
+                listener,
+            );
+        };
+        let reconnected = Instant::now();
+        match incoming::recover(StreamReader::new(r), w, listener, &vm.config(), id) {
+            Ok((tail, resent)) => break (tail, resent, reconnected),
+            Err(b) => match *b {
+                RecoverRefusal::Foreign(e, l) => {
+                    eprintln!("tern: postcopy recovery: a connection was refused: {e}");
+                    listener = l;
+                }
+                RecoverRefusal::Failed(e, l) => return failed(e.to_string(), l),
+            },
         }
     };
+    drop(listening);
     let left = tail.listener.pages_left();
     let rp = tail.listener.return_path();
     let heartbeat = match Heartbeat::start(rp.clone()) {

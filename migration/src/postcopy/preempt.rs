@@ -6,16 +6,18 @@
 //! to the same endpoint again and opens the channel with a header and a Preempt section. If the
 //! channel cannot be made (or breaks), requested pages go on the main stream as before.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
 use super::placer::Placer;
+use crate::identity::refuse_foreign;
 use crate::outgoing::PageSender;
 use crate::peer::peer_timeout;
 use crate::stream::{parse_ram, PageRecord, RamBatch, Section, StreamReader, StreamWriter};
 use crate::transport::{self, Endpoint, Listening};
-use crate::PAGE_SIZE;
+use crate::{MigrationId, PAGE_SIZE};
 
 /// The ADVISE section's payload (an empty payload, from an older peer, means no preempt).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,27 +35,23 @@ impl AdviseRecord {
     }
 }
 
-/// Destination: accepts the source's preempt connection on `listening` and places the pages it
-/// brings, in a thread of its own, until the source closes it.
-pub fn serve(listening: Listening, placer: Placer) {
+/// Destination: accepts migration `id`'s preempt connection on `listening` and places the pages
+/// it brings, in a thread of its own, until the source closes it. A connection of another
+/// migration is refused (told why, logged) and the wait goes on.
+pub fn serve(listening: Listening, placer: Placer, id: MigrationId) {
     let spawned = std::thread::Builder::new()
         .name("postcopy-preempt".into())
         .spawn(move || {
-            let channel = listening.accept_within(peer_timeout());
+            let r = accept_own(&listening, id);
             // The endpoint is not needed any more (a Unix socket's path goes now).
             drop(listening);
-            let Some(reader) = channel.ok().and_then(|mut c| c.reader.take()) else {
+            let Some(mut r) = r else {
                 log::warn!(
                     "postcopy: no preempt channel came; requested pages use the main stream"
                 );
                 return;
             };
-            let mut r = StreamReader::new(reader);
-            let opened = r
-                .header()
-                .and_then(|_| r.read_section())
-                .and_then(|f| f.expect(Section::Preempt));
-            if let Err(e) = opened {
+            if let Err(e) = r.read_section().and_then(|f| f.expect(Section::Preempt)) {
                 log::warn!("postcopy: bad preempt channel: {e}");
                 return;
             }
@@ -96,13 +94,36 @@ pub fn serve(listening: Listening, placer: Placer) {
     }
 }
 
-/// Source: opens the preempt channel to `endpoint`; None (and a warning) if it cannot.
-pub(crate) fn open(endpoint: &Endpoint) -> Option<PageSender<Box<dyn Write + Send>>> {
+/// The first connection of migration `id` within the peer timeout, its header read; others are
+/// refused on the way.
+fn accept_own(
+    listening: &Listening,
+    id: MigrationId,
+) -> Option<StreamReader<Box<dyn Read + Send>>> {
+    let deadline = Instant::now() + peer_timeout();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut c = listening.accept_within(left).ok()?;
+        let mut r = StreamReader::new(c.reader.take()?);
+        match r.header() {
+            Ok(got) if got == id => return Some(r),
+            Ok(got) => refuse_foreign(c.writer.take(), "postcopy preempt channel", id, got),
+            Err(e) => log::warn!("postcopy: bad preempt channel: {e}"),
+        }
+    }
+}
+
+/// Source: opens migration `id`'s preempt channel to `endpoint`; None (and a warning) if it
+/// cannot.
+pub(crate) fn open(
+    endpoint: &Endpoint,
+    id: MigrationId,
+) -> Option<PageSender<Box<dyn Write + Send>>> {
     let opened = (|| {
         let mut channel = transport::connect(endpoint).map_err(|e| e.to_string())?;
         let w = channel.writer.take().ok_or("no writer")?;
         let mut w = StreamWriter::new(w);
-        w.header()
+        w.header(id)
             .and_then(|_| w.section(Section::Preempt, &[]))
             .and_then(|_| w.flush())
             .map_err(|e| e.to_string())?;

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod fake_vm;
+pub mod scripted;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -128,7 +129,8 @@ fn destination(listening: Listening, opts: DestOptions) -> DestOutcome {
     // As tern's destination does: the source hears from this side every second.
     let heartbeat = Heartbeat::start(rp.clone()).unwrap();
     let mut rx = StreamReader::new(ch.reader.take().unwrap());
-    let (record, _local) = incoming::read_start(&mut rx).unwrap();
+    let start = incoming::read_start(&mut rx).unwrap();
+    let record = start.config;
     let mut vm = FakeVm::from_record(&record);
     vm.refuse_restore = opts.refuse_restore.clone();
     let vm = Arc::new(vm);
@@ -139,6 +141,7 @@ fn destination(listening: Listening, opts: DestOptions) -> DestOutcome {
         local: false,
         shared_ram: false,
         preempt: Mutex::new(Some(listening)),
+        id: start.id,
     };
     let received = incoming::receive(
         rx,

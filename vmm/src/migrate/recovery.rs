@@ -14,10 +14,12 @@ use migration::transport::Endpoint;
 use super::flows::OnDone;
 use crate::vm::VmInner;
 
-/// Source: reconnects a paused postcopy to `endpoint` and finishes it, in the background.
+/// Source: reconnects a paused postcopy to `endpoint` and finishes it, in the background; its
+/// push keeps to `bandwidth` (`--postcopy-bandwidth`) as the first one did.
 pub fn reconnect(
     vm: &Arc<VmInner>,
     endpoint: Endpoint,
+    bandwidth: Option<u64>,
     on_done: OnDone,
 ) -> Result<(), RecoveryError> {
     claim_paused(
@@ -30,7 +32,7 @@ pub fn reconnect(
         .name("migration".into())
         .spawn(move || {
             crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Migration);
-            let result = migration::postcopy::recover::recover(&*vm, &endpoint, &vm.migration);
+            let result = migration::postcopy::recover::recover(&*vm, &endpoint, &vm.migration, bandwidth);
             let status = vm.migration.get();
             match result {
                 Ok(()) => {
