@@ -288,7 +288,7 @@ while IFS='|' read -r name file smp targs qparams arch accel tmo groups check; d
 	limit=$((tmo * SCALE))
 	log=$LOGS/$name.log
 	start=$EPOCHREALTIME
-	"${WRAP[@]}" timeout --kill-after=5 "$limit" "$TERN" --kernel "$SRC/x86/$file" \
+	"${WRAP[@]}" timeout --kill-after=5 "$limit" "$TERN" --testdev on --kernel "$SRC/x86/$file" \
 		--initramfs "$env_file" --cmdline "$args" --cpus "boot=$SMP" --memory "size=${MEM}M" \
 		--async-pf "$APF_MODE" --serial tty >"$log" 2>&1 </dev/null
 	rc=$?

@@ -28,6 +28,9 @@ pub struct VmConfigRecord {
     /// destination must give it a backend of its own.
     #[serde(default)]
     pub serial2: bool,
+    /// QEMU's pc-testdev (`--testdev on`, for kvm-unit-tests); the destination wires it too.
+    #[serde(default)]
+    pub testdev: bool,
 }
 
 /// The first section of a local migration: guest RAM is the descriptors sent with the header,

@@ -156,6 +156,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "size=SIZE[,deflate-on-oom=on|off]")]
     pub balloon: Option<String>,
 
+    /// QEMU's pc-testdev (kvm-unit-tests' runner passes on): a scratch register at 0xe0, a
+    /// flush-page port at 0xe4, IRQ-line ports at 0x2000 and 64 KiB of MMIO at 0xff000000. Off by
+    /// default, as QEMU has it only with `-device pc-testdev`.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "on|off",
+        default_value = "off",
+        conflicts_with = "incoming"
+    )]
+    pub testdev: Switch,
+
     /// Paravirtual async page faults: kvm (KVM owns the protocol), tern (tern owns the MSRs and
     /// the PAGE_NOT_PRESENT / PAGE_READY injection), off (not offered to the guest).
     #[arg(long, value_enum, value_name = "kvm|tern|off", default_value = "kvm")]
@@ -312,6 +324,7 @@ impl RunArgs {
                     deflate_on_oom: b.deflate_on_oom,
                 }),
                 serial2: host.serial2 != Serial2Config::Off,
+                testdev: self.testdev == Switch::On,
             },
             boot: BootConfig {
                 kernel,

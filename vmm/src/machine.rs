@@ -21,6 +21,8 @@ pub struct MachineConfig {
     pub balloon: Option<BalloonSpec>,
     /// A second 16550 (COM2, the host control channel); its backend is the host's choice.
     pub serial2: bool,
+    /// QEMU's pc-testdev (`--testdev on`): kvm-unit-tests' scratch, IRQ-line and flush-page ports.
+    pub testdev: bool,
 }
 
 /// A virtio-balloon device as the machine has it (its target travels with the device state).
@@ -108,6 +110,7 @@ impl MachineConfig {
                 deflate_on_oom: b.deflate_on_oom,
             }),
             serial2: record.serial2,
+            testdev: record.testdev,
         })
     }
 
@@ -120,6 +123,7 @@ impl MachineConfig {
             shared: self.memory.shared,
             thp: self.memory.thp,
             serial2: self.serial2,
+            testdev: self.testdev,
             vcpus: self.vcpus,
             pv_features,
             cpuid,
@@ -154,6 +158,7 @@ mod tests {
                 deflate_on_oom: true,
             }),
             serial2: true,
+            testdev: true,
         }
     }
 

@@ -1,5 +1,5 @@
 //! The VMM's side of the pc-testdev (`devices::legacy::TestDevHost`): IRQ lines through
-//! KVM_IRQ_LINE, page flushes through mprotect, as QEMU does them.
+//! KVM_IRQ_LINE, page flushes through mprotect (one that never takes access away).
 
 use std::sync::Arc;
 
@@ -35,17 +35,23 @@ impl TestDevHost for KvmTestDev {
             log::debug!("testdev: flush of {gpa:#x}, outside guest RAM");
             return;
         };
-        // Taking the page's access away and giving it back makes the kernel's MMU notifiers drop
-        // KVM's mapping of it; the guest's next access faults into KVM and maps it again.
-        for prot in [libc::PROT_NONE, libc::PROT_READ | libc::PROT_WRITE] {
+        // Changing the page's protection runs the kernel's MMU notifiers, which drop KVM's
+        // mapping of it; the guest's next access faults into KVM and maps it again. QEMU takes
+        // all access away (PROT_NONE) for the moment, which makes any other thread that copies
+        // the page meanwhile (a migration's sender, a device) die of SIGSEGV: here the page
+        // only gains PROT_EXEC and loses it again, so no access anyone makes ever faults.
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        for prot in [rw | libc::PROT_EXEC, rw] {
             // SAFETY: `host` is the page-aligned start of a page inside tern's guest RAM mapping,
-            // which lives as long as `self.mem`; only its protection changes, never its contents.
+            // which lives as long as `self.mem`; only its protection changes, never its contents,
+            // and it always stays readable and writable.
             let rc = unsafe { libc::mprotect(host.cast(), PAGE as usize, prot) };
             if rc != 0 {
                 log::warn!(
                     "testdev: mprotect of {gpa:#x}: {}",
                     std::io::Error::last_os_error()
                 );
+                return;
             }
         }
     }

@@ -55,7 +55,9 @@ pub(super) fn wire(
     let fw_cfg = FwCfg::new(machine.vcpus.into(), machine.memory.size);
     pio.insert(ports::FW_CFG, 2, Arc::new(Mutex::new(fw_cfg)))?;
     let mut mmio = MmioBus::new();
-    add_testdev(&mut pio, &mut mmio, vm_fd, mem)?;
+    if machine.testdev {
+        add_testdev(&mut pio, &mut mmio, vm_fd, mem)?;
+    }
     let balloon = machine
         .balloon
         .as_ref()

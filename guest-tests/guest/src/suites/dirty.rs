@@ -3,6 +3,8 @@
 //! region written once at the start. A page that a migration lost or sent stale fails the check.
 //! `verify=0` skips the checks: a guest that only writes (benchmarks of its write rate; with the
 //! read-back, precopy can find nothing dirty while the guest reads and converge early).
+//! `flush=N` flushes N working-set pages a round through pc-testdev (a guest poking the test
+//! device while a migration copies those pages).
 //! Prints `dirty round=R checksum=C` about four times a second; with `rounds=N` it ends with PASS
 //! after N rounds, otherwise it runs until the VM is stopped.
 
@@ -45,11 +47,23 @@ fn verify(base: u64, qwords: usize, round: u64, checksum: &mut u64) -> Result<()
     Ok(())
 }
 
+/// pc-testdev's flush-page port (`--testdev on`): the VMM makes KVM drop its mapping of a page.
+const TESTDEV_FLUSH: u16 = 0xe4;
+
+/// Flushes `count` pages of the `pages`-page range at `base`, a different run each round.
+fn flush_pages(base: u64, pages: u64, round: u64, count: u64) {
+    for i in 0..count {
+        let page = round.wrapping_mul(count).wrapping_add(i) % pages;
+        cpu::outl(TESTDEV_FLUSH, (base + page * 4096) as u32);
+    }
+}
+
 fn run(env: &Env) -> Result<(), Fail> {
     let mib = env.arg_u64("mib", 16)?;
     let static_mib = env.arg_u64("static", 16)?;
     let rounds = env.arg_u64("rounds", 0)?;
     let check = env.arg_u64("verify", 1)? != 0;
+    let flush = env.arg_u64("flush", 0)?;
     if mib == 0 {
         return Err(crate::fail!("mib must be > 0"));
     }
@@ -66,6 +80,7 @@ fn run(env: &Env) -> Result<(), Fail> {
     let mut round = 1u64;
     loop {
         fill(work, work_q, round);
+        flush_pages(work, mib * MIB / 4096, round, flush);
         let mut checksum = 0u64;
         if check {
             verify(work, work_q, round, &mut checksum)?;
