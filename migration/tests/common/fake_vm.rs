@@ -284,6 +284,7 @@ impl MigratableVm for FakeVm {
             shared: false,
             thp: false,
             serial2: false,
+            testdev: false,
         }
     }
 
