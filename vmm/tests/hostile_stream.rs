@@ -30,6 +30,7 @@ fn config() -> VmConfigRecord {
         shared: false,
         thp: false,
         serial2: false,
+        testdev: false,
     }
 }
 
