@@ -40,6 +40,7 @@ impl Heartbeat {
         let thread = std::thread::Builder::new()
             .name("heartbeat".into())
             .spawn(move || {
+                crate::thread_started("heartbeat");
                 let mut next = Instant::now();
                 while !flag.load(Ordering::SeqCst) {
                     if Instant::now() >= next {

@@ -39,6 +39,7 @@ pub fn serve(listening: Listening, placer: Placer) {
     let spawned = std::thread::Builder::new()
         .name("postcopy-preempt".into())
         .spawn(move || {
+            crate::thread_started("postcopy-preempt");
             let channel = listening.accept_within(peer_timeout());
             // The endpoint is not needed any more (a Unix socket's path goes now).
             drop(listening);
