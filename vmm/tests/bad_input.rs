@@ -182,3 +182,39 @@ fn snapshot_trailer_claiming_terabytes_of_pages() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A listener that never accepts, its backlog full, still owns its path: tern refuses it at
+/// once instead of waiting forever in the liveness check.
+#[test]
+fn socket_path_whose_listener_never_accepts() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let dir = common::scratch("bad-full-backlog");
+    let path = dir.join("full.sock");
+    let l = UnixListener::bind(&path).unwrap();
+    // SAFETY: shrinks the backlog of a listening socket this test owns.
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    // One connection, never accepted, fills a backlog of 0.
+    let _queued = UnixStream::connect(&path).unwrap();
+    let p = path.to_str().unwrap();
+    let t = std::time::Instant::now();
+    assert_clean_error(
+        &["--api-socket", p],
+        "another process is listening on this socket",
+    );
+    // The destination says where it waits first, then why it cannot.
+    let o = run_tern(
+        &["--incoming", &format!("unix:{p}")],
+        Duration::from_secs(30),
+    );
+    assert_eq!(o.code, Some(1), "{}", o.describe());
+    assert!(
+        o.stderr
+            .contains("another process is listening on this socket"),
+        "{}",
+        o.describe()
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    drop(l);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
