@@ -157,11 +157,11 @@ pub(crate) fn accept<'scope>(
     for _ in 0..count {
         let mut c = listening
             .accept_within(peer_timeout())
-            .map_err(|e| MigrationError::NoAnswer(format!("accepting a RAM channel: {e}")))?;
+            .map_err(|e| MigrationError::NoSource(format!("accepting a RAM channel: {e}")))?;
         let r = c
             .reader
             .take()
-            .ok_or_else(|| MigrationError::NoAnswer("a RAM channel cannot be read".into()))?;
+            .ok_or_else(|| MigrationError::NoSource("a RAM channel cannot be read".into()))?;
         let mut r = StreamReader::new(r);
         r.header()?;
         let hello: ChannelHello = r.read_section()?.expect(Section::Channel)?.decode()?;
@@ -202,7 +202,10 @@ pub(crate) fn accept<'scope>(
                 sh.lock().ended[i] = Some(why);
                 sh.changed.notify_all();
             })
-            .map_err(|e| MigrationError::NoAnswer(format!("starting a channel reader: {e}")))?;
+            .map_err(|source| MigrationError::Spawn {
+                what: "RAM channel reader",
+                source,
+            })?;
     }
     Ok(Receivers { shared })
 }
@@ -399,7 +402,7 @@ impl Receivers {
                 ))));
             }
             if std::time::Instant::now() >= deadline {
-                return Err(MigrationError::NoAnswer(
+                return Err(MigrationError::NoSource(
                     "a RAM channel never reached the postcopy switch".into(),
                 ));
             }

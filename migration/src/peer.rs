@@ -91,6 +91,25 @@ pub enum PeerError {
     Broken(String),
 }
 
+/// The destination's reads: a read timeout means the source fell silent; say so, with the
+/// timeout, rather than as the socket's EAGAIN.
+pub(crate) fn from_source(e: StreamError) -> StreamError {
+    match e {
+        StreamError::Read { section, source }
+            if matches!(
+                source.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            StreamError::SourceSilent {
+                section,
+                secs: peer_timeout().as_secs_f64(),
+            }
+        }
+        e => e,
+    }
+}
+
 /// The source's reader of the return path: a thread that reads sections as they come (so the
 /// destination's heartbeats never pile up in the socket) and hands the others over.
 pub(crate) struct PeerReader {

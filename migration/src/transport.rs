@@ -285,7 +285,16 @@ fn first_unix_channel(s: UnixStream) -> io::Result<Channel> {
     s.set_read_timeout(Some(peer_timeout()))?;
     s.set_write_timeout(Some(STALL_TIMEOUT))?;
     let mut head = vec![0u8; HEADER_LEN];
-    let (n, fds) = crate::fdpass::recv_with_fds(&s, &mut head)?;
+    let (n, fds) = crate::fdpass::recv_with_fds(&s, &mut head).map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "timed out waiting for the source: no stream header within {} s",
+                peer_timeout().as_secs_f64()
+            ),
+        ),
+        _ => e,
+    })?;
     head.truncate(n);
     let r = s.try_clone()?;
     Ok(Channel {
