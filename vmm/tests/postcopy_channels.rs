@@ -115,7 +115,7 @@ fn channel_cut_during_the_push_pauses_both_sides_and_recovers() {
     // The destination names what it lacks (the source's "with all its memory" is not true here).
     let why = st["error"].as_str().unwrap_or("");
     assert!(
-        why.contains("pages still missing here never arrived"),
+        why.contains("pages are still missing here (they never arrived"),
         "{st}"
     );
     assert!(!why.contains("with all its memory"), "{st}");

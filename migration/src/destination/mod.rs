@@ -262,8 +262,8 @@ pub fn spawn_postcopy_tail(
                     let left = tail.listener.pages_left();
                     let paused = vm.pause().is_ok();
                     let msg = format!(
-                        "postcopy broke after the switch: {e}; {left} pages still missing here \
-                         never arrived (only the source holds them); guest {} (state \
+                        "postcopy broke after the switch: {e}; {left} pages are still missing \
+                         here (they never arrived; only the source holds them); guest {} (state \
                          postcopy-paused)",
                         if paused {
                             "paused"
