@@ -167,7 +167,7 @@ pub(crate) fn accept<'scope>(
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let c = listening
             .accept_within(left)
-            .map_err(|e| MigrationError::NoAnswer(format!("accepting a RAM channel: {e}")))?;
+            .map_err(|e| MigrationError::NoSource(format!("accepting a RAM channel: {e}")))?;
         let Some(r) = open_channel(c, id)? else {
             continue;
         };
@@ -210,7 +210,10 @@ pub(crate) fn accept<'scope>(
                 sh.lock().ended[i] = Some(why);
                 sh.changed.notify_all();
             })
-            .map_err(|e| MigrationError::NoAnswer(format!("starting a channel reader: {e}")))?;
+            .map_err(|source| MigrationError::Spawn {
+                what: "RAM channel reader",
+                source,
+            })?;
     }
     Ok(Receivers { shared })
 }
@@ -224,7 +227,7 @@ fn open_channel(
     let r = c
         .reader
         .take()
-        .ok_or_else(|| MigrationError::NoAnswer("a RAM channel cannot be read".into()))?;
+        .ok_or_else(|| MigrationError::NoSource("a RAM channel cannot be read".into()))?;
     let mut r = StreamReader::new(r);
     let got = r.header()?;
     if got != id {
@@ -443,7 +446,7 @@ impl Receivers {
                 ))));
             }
             if std::time::Instant::now() >= deadline {
-                return Err(MigrationError::NoAnswer(
+                return Err(MigrationError::NoSource(
                     "a RAM channel never reached the postcopy switch".into(),
                 ));
             }

@@ -20,10 +20,25 @@ pub enum MigrationError {
     Vm(#[from] VmSideError),
     #[error("the destination refused the migration: {0}")]
     Rejected(String),
+    /// Source: the destination fell silent or cannot be reached on a connection it needs.
     #[error("no answer from the destination: {0}")]
     NoAnswer(String),
+    /// Destination: the source fell silent, or a connection of its never came.
+    #[error("no answer from the source: {0}")]
+    NoSource(String),
+    /// A thread this side needs could not start.
+    #[error("cannot start the {what}: {source}")]
+    Spawn {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// Source: postcopy broke after the switch; this side keeps every page.
     #[error("postcopy failed after the switch: {0}; the guest stays paused here with all its memory (state postcopy-paused)")]
     PostcopyBroken(String),
+    /// Destination: postcopy broke after the switch. Pages are still missing here; the caller
+    /// says how many.
+    #[error("{0}")]
+    PostcopyCut(String),
     #[error("the destination did not confirm it resumed the guest: {0}; it may be running there, so this copy stays paused (state postmigrate)")]
     Unconfirmed(String),
     #[error("the migration was cancelled (migrate-cancel on the source)")]

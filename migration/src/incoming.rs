@@ -145,7 +145,7 @@ impl PostcopyTail {
             self.listener
                 .fault_error()
                 .or_else(|| self.channels.as_ref().and_then(|c| c.broken()))
-                .map(MigrationError::PostcopyBroken)
+                .map(MigrationError::PostcopyCut)
         };
         let placer = self.listener.placer();
         loop {
@@ -190,7 +190,7 @@ impl PostcopyTail {
                 Section::Heartbeat => {}
                 Section::PageRefused => {
                     let r: crate::postcopy::PageRefusal = frame.decode()?;
-                    return Err(MigrationError::PostcopyBroken(format!(
+                    return Err(MigrationError::PostcopyCut(format!(
                         "the source refused the page request for {:#x}: {}",
                         r.gpa, r.reason
                     )));
@@ -307,14 +307,17 @@ fn spawn_reader(
                 while let Ok(buf) = spare_rx.try_recv() {
                     r.recycle(buf);
                 }
-                let frame = r.read_section();
+                let frame = r.read_section().map_err(crate::peer::from_source);
                 let last = !matches!(&frame, Ok(f) if f.kind != Section::End);
                 if frames_tx.send(frame).is_err() || last {
                     return;
                 }
             }
         })
-        .map_err(|e| MigrationError::NoAnswer(format!("starting the reader thread: {e}")))?;
+        .map_err(|source| MigrationError::Spawn {
+            what: "stream reader",
+            source,
+        })?;
     Ok((frames_rx, spare_tx))
 }
 

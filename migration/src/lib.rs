@@ -22,6 +22,7 @@ pub mod snapshot;
 pub mod state;
 pub mod stream;
 pub mod transport;
+mod unix_probe;
 
 pub use bitmap::DirtyBitmap;
 pub use identity::MigrationId;

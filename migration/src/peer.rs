@@ -40,6 +40,7 @@ impl Heartbeat {
         let thread = std::thread::Builder::new()
             .name("heartbeat".into())
             .spawn(move || {
+                crate::thread_started("heartbeat");
                 let mut next = Instant::now();
                 while !flag.load(Ordering::SeqCst) {
                     if Instant::now() >= next {
@@ -88,6 +89,25 @@ pub enum PeerError {
     /// The read failed, as [`explain`] words it.
     #[error("{0}")]
     Broken(String),
+}
+
+/// The destination's reads: a read timeout means the source fell silent; say so, with the
+/// timeout, rather than as the socket's EAGAIN.
+pub(crate) fn from_source(e: StreamError) -> StreamError {
+    match e {
+        StreamError::Read { section, source }
+            if matches!(
+                source.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            StreamError::SourceSilent {
+                section,
+                secs: peer_timeout().as_secs_f64(),
+            }
+        }
+        e => e,
+    }
 }
 
 /// The source's reader of the return path: a thread that reads sections as they come (so the

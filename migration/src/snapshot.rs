@@ -178,7 +178,17 @@ impl Snapshot {
             .checked_sub(RAM_OFFSET)
             .filter(|b| b % PAGE_SIZE as u64 == 0 && sections_at <= len - TRAILER)
             .ok_or_else(|| broken("the snapshot: its trailer points outside the file"))?;
-        let stored = (stored_bytes / PAGE_SIZE as u64) as usize;
+        let stored = stored_bytes / PAGE_SIZE as u64;
+        // The index (12 bytes a stored page) lies between the sections' start and the trailer:
+        // a trailer claiming more pages than that space can index is refused before anything
+        // is sized from it (a sparse file can claim terabytes of pages).
+        let index_room = len - TRAILER - sections_at;
+        if stored.checked_mul(12).is_none_or(|b| b > index_room) {
+            return Err(broken(format!(
+                "the snapshot: its trailer claims {stored} stored pages, but only {index_room} \
+                 bytes follow them for sections (their index alone needs 12 bytes a page)"
+            )));
+        }
         let mut f = &file;
         f.seek(SeekFrom::Start(sections_at))
             .map_err(|e| broken(format!("the snapshot's sections ({e})")))?;
@@ -190,7 +200,20 @@ impl Snapshot {
             r.read_section()?.expect(Section::Irqchip)?.decode()?;
         let pit: PitState = r.read_section()?.expect(Section::Pit)?.decode()?;
         let devices: DeviceStates = r.read_section()?.expect(Section::Devices)?.decode()?;
-        let mut index = Vec::with_capacity(stored);
+        let ram_pages = config
+            .ram
+            .iter()
+            .try_fold(0u64, |n, &(_, size)| n.checked_add(size / PAGE_SIZE as u64));
+        if ram_pages.is_none_or(|n| stored > n) {
+            return Err(broken(format!(
+                "the snapshot: its trailer claims {stored} stored pages, more than its guest RAM \
+                 holds"
+            )));
+        }
+        // Bounded by the file and by guest RAM (above), so this fits a usize and memory.
+        let stored = usize::try_from(stored)
+            .map_err(|_| broken("the snapshot: more stored pages than this host can index"))?;
+        let mut index = Vec::with_capacity(stored.min(INDEX_CHUNK));
         loop {
             let f = r.read_section()?;
             match f.kind {

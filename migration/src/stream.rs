@@ -184,6 +184,9 @@ pub enum StreamError {
     Write(io::Error),
     #[error("read failed in {section}: {source}")]
     Read { section: String, source: io::Error },
+    /// Destination: the connection's read timeout passed with nothing from the source.
+    #[error("timed out waiting for the source: nothing came for {secs} s (reading {section})")]
+    SourceSilent { section: String, secs: f64 },
     #[error("not a tern migration stream (bad magic)")]
     BadMagic,
     #[error("unsupported stream version {0} (this tern reads version {VERSION})")]

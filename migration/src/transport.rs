@@ -10,6 +10,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::peer::peer_timeout;
+use crate::unix_probe::{probe, Liveness, PROBE_WAIT};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
@@ -146,15 +147,15 @@ pub fn unix_channel(s: UnixStream) -> io::Result<Channel> {
 /// one (another tern's, say) or any other kind of file is left alone and refused.
 pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => match UnixStream::connect(path) {
-            Ok(_) => {
+        // Bounded: a listener that never accepts must not hang tern here.
+        Ok(m) if m.file_type().is_socket() => match probe(path, PROBE_WAIT)? {
+            Liveness::Live => {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
                     "another process is listening on this socket",
                 ))
             }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)?,
-            Err(e) => return Err(e),
+            Liveness::Stale => std::fs::remove_file(path)?,
         },
         Ok(_) => {
             return Err(io::Error::new(
@@ -284,7 +285,16 @@ fn first_unix_channel(s: UnixStream) -> io::Result<Channel> {
     s.set_read_timeout(Some(peer_timeout()))?;
     s.set_write_timeout(Some(STALL_TIMEOUT))?;
     let mut head = vec![0u8; HEADER_LEN];
-    let (n, fds) = crate::fdpass::recv_with_fds(&s, &mut head)?;
+    let (n, fds) = crate::fdpass::recv_with_fds(&s, &mut head).map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "timed out waiting for the source: no stream header within {} s",
+                peer_timeout().as_secs_f64()
+            ),
+        ),
+        _ => e,
+    })?;
     head.truncate(n);
     let r = s.try_clone()?;
     Ok(Channel {

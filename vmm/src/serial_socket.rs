@@ -22,8 +22,9 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
-/// Input bytes that may wait for the guest before tern stops reading from the client.
-pub const BACKLOG_LIMIT: usize = 64 * 1024;
+/// Input bytes that may wait for the guest before tern stops reading from the client (they
+/// migrate with the device, which refuses more).
+pub const BACKLOG_LIMIT: usize = devices::legacy::INPUT_BACKLOG_LIMIT;
 /// How often a paused client is re-checked.
 const RESUME_POLL: Duration = Duration::from_millis(5);
 
@@ -124,7 +125,9 @@ impl SerialSocket {
                 }
                 return true;
             }
-            match stream.read(&mut buf) {
+            // Never past the limit: the backlog is saved with the device and must restore.
+            let room = (BACKLOG_LIMIT - dev.backlog_len()).min(buf.len());
+            match stream.read(&mut buf[..room]) {
                 Ok(0) => return false,
                 Ok(n) => dev.queue_input(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,

@@ -130,3 +130,91 @@ fn broken_multiboot_images() {
     assert_clean_error(&["--kernel", p], "outside guest RAM");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A sparse snapshot whose trailer puts the sections 15 TiB in (claiming ~4 billion stored
+/// pages) is refused with one line, before anything is sized from the claim.
+#[test]
+fn snapshot_trailer_claiming_terabytes_of_pages() {
+    use std::os::unix::fs::FileExt;
+    let dir = common::scratch("bad-snapshot-trailer");
+    let snap = dir.join("guest.snap");
+    let sock = dir.join("api.sock").to_string_lossy().into_owned();
+    let mut src = common::Running::spawn(&[
+        "--memory",
+        "size=64M",
+        "--cmdline",
+        "suite=idle fill=4",
+        "--api-socket",
+        &sock,
+    ]);
+    assert!(src
+        .wait_stdout(Duration::from_secs(60), |l| l.contains("idle: halting"))
+        .is_some());
+    let o = common::remote(&sock, &["migrate", &format!("file:{}", snap.display())]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert_eq!(src.wait_exit(Duration::from_secs(60)), Some(0));
+    let bytes = std::fs::read(&snap).unwrap();
+    let n = bytes.len();
+    let sections_at = u64::from_le_bytes(bytes[n - 8..].try_into().unwrap()) as usize;
+    // Header, a 15 TiB hole, the real sections, a trailer pointing at them.
+    let far = 4096 + (15u64 << 40);
+    let bad = dir.join("sparse.snap");
+    let f = std::fs::File::create(&bad).unwrap();
+    f.write_all_at(&bytes[..4096], 0).unwrap();
+    let mut tail = bytes[sections_at..n - 8].to_vec();
+    tail.extend_from_slice(&far.to_le_bytes());
+    f.write_all_at(&tail, far).unwrap();
+    drop(f);
+    let uri = format!("file:{}", bad.display());
+    for restore in ["eager", "lazy"] {
+        let o = run_tern(
+            &["--incoming", &uri, "--restore", restore],
+            Duration::from_secs(30),
+        );
+        assert_eq!(o.code, Some(1), "{restore}: {}", o.describe());
+        assert!(
+            o.stderr
+                .contains("its trailer claims 4026531840 stored pages"),
+            "{restore}: {}",
+            o.describe()
+        );
+        assert!(!o.stderr.contains("panicked"), "{}", o.describe());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A listener that never accepts, its backlog full, still owns its path: tern refuses it at
+/// once instead of waiting forever in the liveness check.
+#[test]
+fn socket_path_whose_listener_never_accepts() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let dir = common::scratch("bad-full-backlog");
+    let path = dir.join("full.sock");
+    let l = UnixListener::bind(&path).unwrap();
+    // SAFETY: shrinks the backlog of a listening socket this test owns.
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    // One connection, never accepted, fills a backlog of 0.
+    let _queued = UnixStream::connect(&path).unwrap();
+    let p = path.to_str().unwrap();
+    let t = std::time::Instant::now();
+    assert_clean_error(
+        &["--api-socket", p],
+        "another process is listening on this socket",
+    );
+    // The destination says where it waits first, then why it cannot.
+    let o = run_tern(
+        &["--incoming", &format!("unix:{p}")],
+        Duration::from_secs(30),
+    );
+    assert_eq!(o.code, Some(1), "{}", o.describe());
+    assert!(
+        o.stderr
+            .contains("another process is listening on this socket"),
+        "{}",
+        o.describe()
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    drop(l);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

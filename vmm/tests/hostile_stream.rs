@@ -369,3 +369,29 @@ fn handed_over_memory_that_does_not_match_the_configuration_is_refused() {
     );
     assert_refused(dst, "local memory section names regions");
 }
+
+/// A source that falls silent: the destination says it timed out waiting for the source, and
+/// after how long (not the socket's "Resource temporarily unavailable").
+#[test]
+fn a_silent_source_is_named_with_the_timeout() {
+    let dir = scratch("silent-source");
+    let path = dir.join("mig.sock");
+    let uri = format!("unix:{}", path.display());
+    let env = [("TERN_PEER_TIMEOUT_MS", "1000")];
+    // Silent after the configuration, then before the stream header.
+    for header in [true, false] {
+        let dst = Running::spawn_env(&["--incoming", &uri], &env);
+        let sock = connect(&path, &dst);
+        let mut tx = StreamWriter::new(sock.try_clone().unwrap());
+        let want = if header {
+            tx.header(Default::default()).unwrap();
+            tx.record(Section::Config, &config()).unwrap();
+            tx.flush().unwrap();
+            "timed out waiting for the source: nothing came for 1 s"
+        } else {
+            "timed out waiting for the source: no stream header within 1 s"
+        };
+        assert_refused(dst, want);
+        drop(sock);
+    }
+}

@@ -157,3 +157,101 @@ fn log_mode_lets_the_call_run_and_off_installs_nothing() {
         o.describe()
     );
 }
+
+/// (name, Seccomp mode) of every thread of process `pid`.
+fn thread_filters(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        // A thread may end between the listing and the read: skip it.
+        let (Ok(comm), Ok(status)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("status")),
+        ) else {
+            continue;
+        };
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .unwrap_or("?")
+            .trim()
+            .to_string();
+        out.push((comm.trim().to_string(), mode));
+    }
+    out
+}
+
+/// While a postcopy destination runs the guest with pages still missing, every one of its
+/// threads (heartbeat and preempt channel included) has a seccomp filter (mode 2).
+#[test]
+fn every_thread_of_a_postcopy_destination_has_a_filter() {
+    let dir = scratch("seccomp-postcopy");
+    let sock = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    let (a, b, mig) = (sock("a.sock"), sock("b.sock"), sock("mig.sock"));
+    // 64 MiB of data pushed at 2 MiB/s: the destination stays in postcopy for about 30 s.
+    let src = common::Running::spawn(&[
+        "--memory",
+        "size=128M",
+        "--cmdline",
+        "suite=idle fill=64",
+        "--api-socket",
+        &a,
+        "--postcopy",
+        "--postcopy-after-iterations",
+        "0",
+        "--postcopy-bandwidth",
+        "2M",
+    ]);
+    assert!(
+        src.wait_stdout(GUEST_TIMEOUT, |l| l.contains("idle: halting"))
+            .is_some(),
+        "{}",
+        src.describe()
+    );
+    let dst = common::Running::spawn(&[
+        "--incoming",
+        &format!("unix:{mig}"),
+        "--postcopy",
+        "--api-socket",
+        &b,
+    ]);
+    assert!(dst.wait_stderr(GUEST_TIMEOUT, "waiting for an incoming migration"));
+    let mut migrate = Command::new(tern_path())
+        .args([
+            "remote",
+            "--api-socket",
+            &a,
+            "migrate",
+            &format!("unix:{mig}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_socket(&b, GUEST_TIMEOUT);
+    let st = common::wait_migration_state(&b, "active", &dst, GUEST_TIMEOUT);
+    let deadline = std::time::Instant::now() + GUEST_TIMEOUT;
+    let mut st = st;
+    while st["phase"] != "RUNNING" {
+        assert!(std::time::Instant::now() < deadline, "{st}");
+        std::thread::sleep(Duration::from_millis(50));
+        st = common::remote_json(&b, &["migrate-status"]);
+    }
+    let threads = thread_filters(dst.child.id());
+    // Still in postcopy when the threads were read: pages were still missing meanwhile.
+    let after = common::remote_json(&b, &["migrate-status"]);
+    assert_eq!(after["state"], "active", "{after}");
+    let _ = migrate.kill();
+    let _ = migrate.wait();
+    let names: Vec<&str> = threads.iter().map(|(n, _)| n.as_str()).collect();
+    for want in [
+        "heartbeat",
+        "postcopy-preemp",
+        "postcopy-listen",
+        "postcopy-faults",
+    ] {
+        assert!(names.contains(&want), "no {want} thread: {threads:?}");
+    }
+    let unfiltered: Vec<_> = threads.iter().filter(|(_, m)| m != "2").collect();
+    assert!(unfiltered.is_empty(), "without a filter: {unfiltered:?}");
+}

@@ -10,7 +10,7 @@ mod testdev;
 pub use debug_ports::{BootTimer, IsaDebugExit, TestExit};
 pub use fw_cfg::{keys as fw_cfg_keys, FwCfg};
 pub use i8042::I8042;
-pub use serial::{SerialDevice, SerialOutput, SerialPortState};
+pub use serial::{SerialDevice, SerialOutput, SerialPortState, INPUT_BACKLOG_LIMIT};
 pub use socket::{SocketClient, SocketOutput};
 pub use testdev::{
     TestDevData, TestDevFlush, TestDevHost, TestDevIoMem, TestDevIrq,

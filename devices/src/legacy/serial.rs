@@ -61,6 +61,10 @@ pub struct SerialPortState {
     pub modem_status: u8,
     pub scratch: u8,
     pub in_buffer: Vec<u8>,
+    /// Input waiting behind the FIFO (what a host client sent that did not fit yet), in order;
+    /// at most [`INPUT_BACKLOG_LIMIT`] bytes. Absent in records of older terns.
+    #[serde(default)]
+    pub pending: Vec<u8>,
 }
 
 impl From<SerialState> for SerialPortState {
@@ -76,6 +80,7 @@ impl From<SerialState> for SerialPortState {
             modem_status: s.modem_status,
             scratch: s.scratch,
             in_buffer: s.in_buffer,
+            pending: Vec::new(),
         }
     }
 }
@@ -111,6 +116,9 @@ pub struct SerialDevice {
 const RBR_OFFSET: u16 = 0;
 /// vm-superio's receive FIFO size.
 const FIFO_SIZE: usize = 64;
+/// Input that may wait behind the FIFO: a host side stops reading its client there, and a
+/// restore refuses a record with more (it is migrated with the registers).
+pub const INPUT_BACKLOG_LIMIT: usize = 64 * 1024;
 
 impl SerialDevice {
     pub fn new(name: &'static str, irq: IrqLine, output: SerialOutput) -> std::io::Result<Self> {
@@ -150,7 +158,8 @@ impl SerialDevice {
 
     /// Queues bytes for the guest without losing any: what fits goes into the receive FIFO now,
     /// the rest waits in a backlog that refills the FIFO each time the guest empties it (on its
-    /// read of the receive buffer register). Callers bound the backlog with [`Self::backlog_len`].
+    /// read of the receive buffer register). Callers keep the backlog within
+    /// [`INPUT_BACKLOG_LIMIT`] with [`Self::backlog_len`] (a save must restore).
     pub fn queue_input(&mut self, bytes: &[u8]) {
         self.backlog.extend(bytes);
         self.refill();
@@ -179,10 +188,13 @@ impl Stateful for SerialDevice {
 
     fn save(&self) -> SerialPortState {
         // The UART is out only inside `restore`, which always puts one back.
-        self.uart
+        let mut state: SerialPortState = self
+            .uart
             .as_ref()
             .map(|u| u.state().into())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        state.pending = self.backlog.iter().copied().collect();
+        state
     }
 
     fn restore(&mut self, state: &SerialPortState) -> Result<(), RestoreError> {
@@ -194,6 +206,14 @@ impl Stateful for SerialDevice {
                 state.in_buffer.len()
             )));
         }
+        if state.pending.len() > INPUT_BACKLOG_LIMIT {
+            return Err(RestoreError::Invalid(format!(
+                "{}: {} bytes of input waiting behind the FIFO exceed the {INPUT_BACKLOG_LIMIT}-byte \
+                 limit",
+                self.name,
+                state.pending.len()
+            )));
+        }
         let irq = IrqLine::new(self.irq.eventfd().try_clone()?);
         if let Some(old) = self.uart.take() {
             let out = old.into_writer();
@@ -202,6 +222,8 @@ impl Stateful for SerialDevice {
                     .map_err(|e| std::io::Error::other(format!("{e:?}")))?,
             );
         }
+        // Behind the FIFO, as on the source: the guest's next read of an empty FIFO refills it.
+        self.backlog = state.pending.iter().copied().collect();
         Ok(())
     }
 }
@@ -272,17 +294,30 @@ mod tests {
         let mut src = device();
         src.write(3, &[0x03]); // line control: 8N1
         src.write(7, &[0x5a]); // scratch
-        src.queue_input(b"pending");
+                               // More than the FIFO holds: the rest waits behind it and moves too.
+        let input: Vec<u8> = (0..200u32).map(|i| b'a' + (i % 26) as u8).collect();
+        src.queue_input(&input);
         let saved = src.save();
+        assert_eq!(saved.pending, &input[FIFO_SIZE..]);
         assert_eq!((saved.scratch, saved.line_control), (0x5a, 0x03));
         let mut dst = device();
         dst.restore(&saved).unwrap();
         assert_eq!(dst.save(), saved);
         assert_eq!(read_reg(&mut dst, 7), 0x5a);
+        let mut got = Vec::new();
+        while read_reg(&mut dst, LSR) & LSR_DATA_READY != 0 {
+            got.push(read_reg(&mut dst, RBR_OFFSET));
+        }
+        assert_eq!(got, input, "every byte, in order");
+        dst.restore(&saved).unwrap();
 
         let mut bad = saved.clone();
         bad.in_buffer = vec![0; FIFO_SIZE + 1];
         assert!(matches!(dst.restore(&bad), Err(RestoreError::Invalid(_))));
+        // A stream claiming more waiting input than any host side lets wait.
+        let mut huge = saved.clone();
+        huge.pending = vec![0; INPUT_BACKLOG_LIMIT + 1];
+        assert!(matches!(dst.restore(&huge), Err(RestoreError::Invalid(_))));
         assert_eq!(
             dst.save(),
             saved,

@@ -96,8 +96,10 @@ where
     // The source hears from this side at least every second until the migration ends here.
     let mut heartbeat = match &return_path {
         Some(rp) => Some(
-            Heartbeat::start(rp.clone())
-                .map_err(|e| MigrationError::NoAnswer(format!("starting the heartbeat: {e}")))?,
+            Heartbeat::start(rp.clone()).map_err(|source| MigrationError::Spawn {
+                what: "heartbeat",
+                source,
+            })?,
         ),
         None => None,
     };
@@ -107,7 +109,7 @@ where
             id,
             config: record,
             local,
-        } = incoming::read_start(&mut rx)?;
+        } = incoming::read_start(&mut rx).map_err(crate::peer::from_source)?;
         let local_ram = local.is_some();
         let (kept, vm) = match local {
             Some(l) => {
@@ -266,7 +268,9 @@ pub fn spawn_postcopy_tail(
                     let left = tail.listener.pages_left();
                     let paused = vm.pause().is_ok();
                     let msg = format!(
-                        "postcopy broke: {e}; {left} pages never arrived; guest {} (state postcopy-paused: the source holds the missing pages)",
+                        "postcopy broke after the switch: {e}; {left} pages are still missing \
+                         here (they never arrived; only the source holds them); guest {} (state \
+                         postcopy-paused)",
                         if paused {
                             "paused"
                         } else {

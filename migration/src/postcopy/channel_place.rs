@@ -57,8 +57,9 @@ impl ChannelPlacers {
                     }
                     sh.ended.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(outcome);
                 })
-                .map_err(|e| {
-                    MigrationError::NoAnswer(format!("starting a postcopy channel reader: {e}"))
+                .map_err(|source| MigrationError::Spawn {
+                    what: "postcopy channel reader",
+                    source,
                 })?;
         }
         Ok(ChannelPlacers { shared })

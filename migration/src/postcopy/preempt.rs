@@ -42,6 +42,7 @@ pub fn serve(listening: Listening, placer: Placer, id: MigrationId) {
     let spawned = std::thread::Builder::new()
         .name("postcopy-preempt".into())
         .spawn(move || {
+            crate::thread_started("postcopy-preempt");
             let r = accept_own(&listening, id);
             // The endpoint is not needed any more (a Unix socket's path goes now).
             drop(listening);

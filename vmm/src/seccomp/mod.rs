@@ -57,6 +57,11 @@ pub enum ThreadKind {
     MigrationReader,
     /// The destination's postcopy page placer.
     PostcopyListen,
+    /// The destination's postcopy preempt channel: accepts the source's second connection,
+    /// then places the pages it brings.
+    PostcopyPreempt,
+    /// The destination's heartbeat: writes a section to the source every second.
+    Heartbeat,
 }
 
 impl ThreadKind {
@@ -68,6 +73,8 @@ impl ThreadKind {
             ThreadKind::Migration => "migration",
             ThreadKind::MigrationReader => "migration reader",
             ThreadKind::PostcopyListen => "postcopy listener",
+            ThreadKind::PostcopyPreempt => "postcopy preempt",
+            ThreadKind::Heartbeat => "heartbeat",
         }
     }
 
@@ -142,6 +149,19 @@ impl ThreadKind {
             ThreadKind::MigrationReader => v.extend([SYS_recvfrom, SYS_lseek]),
             // recvfrom: the RAM channels' postcopy placers read their own connection.
             ThreadKind::PostcopyListen => v.extend([SYS_ioctl, SYS_sendto, SYS_recvfrom]),
+            // accept4 and the new connection's set-up (timeouts, try_clone's dup); unlink: the
+            // Unix endpoint's path goes once the channel came.
+            ThreadKind::PostcopyPreempt => v.extend([
+                SYS_ioctl,
+                SYS_recvfrom,
+                SYS_accept4,
+                SYS_setsockopt,
+                SYS_fcntl,
+                SYS_unlink,
+                SYS_unlinkat,
+            ]),
+            // write (in the base list) or sendto: the section to the source.
+            ThreadKind::Heartbeat => v.push(SYS_sendto),
             ThreadKind::Migration => {
                 v.extend(spawn);
                 v.extend(socket_io);
@@ -312,6 +332,8 @@ fn migration_thread(name: &'static str) {
         // A RAM channel's connection after the postcopy switch: read and placed with
         // userfaultfd.
         "postcopy-channel" => ThreadKind::PostcopyListen,
+        "postcopy-preempt" => ThreadKind::PostcopyPreempt,
+        "heartbeat" => ThreadKind::Heartbeat,
         // The return-path reader runs under the outgoing migration's filter.
         _ => return label("migration return-path"),
     };
@@ -392,6 +414,8 @@ mod tests {
             ThreadKind::Migration,
             ThreadKind::MigrationReader,
             ThreadKind::PostcopyListen,
+            ThreadKind::PostcopyPreempt,
+            ThreadKind::Heartbeat,
         ] {
             assert!(kind.program(SeccompMode::On).is_ok(), "{kind:?}");
             assert!(!kind.allowed().contains(&libc::SYS_execve), "{kind:?}");
