@@ -151,9 +151,11 @@ impl ThreadKind {
             ThreadKind::PostcopyListen => v.extend([SYS_ioctl, SYS_sendto, SYS_recvfrom]),
             // accept4 and the new connection's set-up (timeouts, try_clone's dup); unlink: the
             // Unix endpoint's path goes once the channel came.
+            // sendto: the Abort to a preempt channel of another migration (over tcp:).
             ThreadKind::PostcopyPreempt => v.extend([
                 SYS_ioctl,
                 SYS_recvfrom,
+                SYS_sendto,
                 SYS_accept4,
                 SYS_setsockopt,
                 SYS_fcntl,
