@@ -34,7 +34,7 @@ pub enum Request {
     },
     Quit {
         /// Even where this side holds pages a guest running elsewhere still needs.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         force: bool,
     },
 }
