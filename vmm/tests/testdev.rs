@@ -33,7 +33,6 @@ fn a_guest_flushing_pages_during_a_migration_never_kills_tern() {
     assert!(dst.wait_stderr(WAIT, "waiting for an incoming migration"));
     let v = remote_json(&a, &["migrate", &format!("unix:{}", mig.display())]);
     assert_eq!(v["state"], "completed", "{v}\n{}", src.describe());
-    assert!(v["iteration"].as_u64() >= Some(1), "{v}");
     assert_eq!(src.wait_exit(WAIT), Some(0), "{}", src.describe());
     // The destination runs the guest on, flushes and all, and its memory verifies.
     let first = dst
