@@ -8,7 +8,7 @@
 //! lets this side run it again, and no command starts anything that reads this side's copy as if
 //! it were the guest.
 
-use crate::progress::{MigrationState, MigrationStatus, Phase, Role};
+use crate::progress::{MigrationState, MigrationStatus, Phase, Role, StatusCell};
 
 /// A control command, as the API names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,6 +232,23 @@ cancelling now could lose it",
         (C::Balloon, S::PostcopyPaused(Role::Destination)) => Ok(()),
         (C::Balloon, _) => refuse("the guest is not running on this side"),
     }
+}
+
+/// Admits `command` and, when accepted, applies `then` to the status under the same lock, so
+/// that no other command slips in between the verdict and what it starts.
+pub fn admit_then(
+    cell: &StatusCell,
+    command: Command,
+    then: impl FnOnce(&mut MigrationStatus),
+) -> Result<(), Refused> {
+    let mut verdict = Ok(());
+    cell.update(|s| {
+        verdict = admit(s, command);
+        if verdict.is_ok() {
+            then(s);
+        }
+    });
+    verdict
 }
 
 #[cfg(test)]

@@ -180,12 +180,9 @@ impl Handler {
             Request::MigrateCancel => flows::cancel_outgoing(vm)
                 .map(|_| json!({"cancelling": true}))
                 .map_err(|e| e.to_string()),
-            Request::MigrateRecover { uri } => flows::admit(vm, Command::MigrateRecover)
+            Request::MigrateRecover { uri } => uri
+                .parse::<migration::transport::Endpoint>()
                 .map_err(|e| e.to_string())
-                .and_then(|_| {
-                    uri.parse::<migration::transport::Endpoint>()
-                        .map_err(|e| e.to_string())
-                })
                 .and_then(|ep| {
                     migration::destination::recover::listen(vm.clone(), ep)
                         .map_err(|e| e.to_string())

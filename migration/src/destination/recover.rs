@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use super::{spawn_postcopy_tail, DestinationVm};
 use crate::incoming::{self, RecoverRefusal};
+use crate::lifecycle::Command;
 use crate::peer::Heartbeat;
 use crate::postcopy::Listener;
-use crate::progress::{MigrationState, Phase, Role, StatusCell};
+use crate::progress::{MigrationState, Phase, StatusCell};
 use crate::stream::StreamReader;
 use crate::transport::{self, Endpoint};
 
@@ -21,16 +22,9 @@ pub const RECOVER_WAIT: Duration = Duration::from_secs(600);
 /// Why a postcopy recovery could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RecoveryError {
-    /// This side is not a paused postcopy of the right role.
-    #[error(
-        "{refusal} (this side: {} {state})",
-        if *role == Role::None { "no migration" } else { role.as_str() }
-    )]
-    NotPaused {
-        refusal: &'static str,
-        role: Role,
-        state: MigrationState,
-    },
+    /// This side is not a paused postcopy of the right role (`lifecycle::admit`).
+    #[error(transparent)]
+    NotPaused(#[from] crate::lifecycle::Refused),
     #[error("the postcopy state is gone; nothing to recover")]
     Gone,
     #[error("cannot start the recovery thread: {0}")]
@@ -38,25 +32,13 @@ pub enum RecoveryError {
 }
 
 /// Moves this side from `postcopy-paused` to `postcopy-recover` (one lock, so two recoveries
-/// never start at once), or says why it cannot (`refusal`, and where this side stands).
-pub fn claim_paused(
-    status: &StatusCell,
-    role: Role,
-    refusal: &'static str,
-) -> Result<(), RecoveryError> {
-    let mut refused = None;
-    status.update(|s| {
-        if s.role != role || s.state != MigrationState::PostcopyPaused {
-            refused = Some(RecoveryError::NotPaused {
-                refusal,
-                role: s.role,
-                state: s.state,
-            });
-        } else {
-            s.state = MigrationState::PostcopyRecover;
-        }
-    });
-    refused.map_or(Ok(()), Err)
+/// never start at once) for `command` (`migrate-recover` here, `migrate --resume` on the
+/// source), or says why it cannot, as the lifecycle table does.
+pub fn claim_paused(status: &StatusCell, command: Command) -> Result<(), RecoveryError> {
+    crate::lifecycle::admit_then(status, command, |s| {
+        s.state = MigrationState::PostcopyRecover
+    })?;
+    Ok(())
 }
 
 /// Listens on `endpoint` for the source's reconnection, in the background (the thread runs
@@ -64,11 +46,7 @@ pub fn claim_paused(
 /// `postcopy-paused` with its listener parked.
 pub fn listen(vm: Arc<dyn DestinationVm>, endpoint: Endpoint) -> Result<(), RecoveryError> {
     let status = vm.status();
-    claim_paused(
-        &status,
-        Role::Destination,
-        "nothing to recover here: migrate-recover needs a destination in postcopy-paused",
-    )?;
+    claim_paused(&status, Command::MigrateRecover)?;
     status.update(|s| s.endpoint = endpoint.to_string());
     let Some(listener) = vm.take_parked() else {
         status.update(|s| s.state = MigrationState::PostcopyPaused);

@@ -44,15 +44,10 @@ pub fn start_outgoing(
 ) -> Result<(), ControlError> {
     // Admitted and marked active under one lock, not in the thread, so a second request right
     // after is refused too, and a parked side never has its status overwritten.
-    let mut verdict = Ok(());
-    vm.migration.update(|s| {
-        verdict = lifecycle::admit(s, Command::Migrate);
-        if verdict.is_ok() {
-            *s = Default::default();
-            s.state = MigrationState::Active;
-        }
-    });
-    verdict?;
+    lifecycle::admit_then(&vm.migration, Command::Migrate, |s| {
+        *s = Default::default();
+        s.state = MigrationState::Active;
+    })?;
     let vm = vm.clone();
     std::thread::Builder::new()
         .name("migration".into())
@@ -124,26 +119,22 @@ pub fn receive(
 
 /// `migrate-cancel`: stops a running outgoing migration before its switch.
 pub fn cancel_outgoing(vm: &VmInner) -> Result<(), ControlError> {
-    let mut verdict = Ok(());
-    vm.migration.update(|s| {
-        verdict = lifecycle::admit(s, Command::MigrateCancel);
-        if verdict.is_ok() {
-            s.cancel_requested = true;
-        }
-    });
-    Ok(verdict?)
+    let request = |s: &mut MigrationStatus| s.cancel_requested = true;
+    Ok(lifecycle::admit_then(
+        &vm.migration,
+        Command::MigrateCancel,
+        request,
+    )?)
 }
 
 /// `migrate-start-postcopy`: asks a running precopy to switch to postcopy.
 pub fn request_postcopy(vm: &VmInner) -> Result<(), ControlError> {
-    let mut verdict = Ok(());
-    vm.migration.update(|s| {
-        verdict = lifecycle::admit(s, Command::MigrateStartPostcopy);
-        if verdict.is_ok() {
-            s.postcopy_requested = true;
-        }
-    });
-    Ok(verdict?)
+    let request = |s: &mut MigrationStatus| s.postcopy_requested = true;
+    Ok(lifecycle::admit_then(
+        &vm.migration,
+        Command::MigrateStartPostcopy,
+        request,
+    )?)
 }
 
 /// Parameters for outgoing migrations, from the command line.

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use devices::VmExitReason;
 use migration::destination::recover::{claim_paused, RecoveryError};
 use migration::error::MigrationError;
-use migration::progress::{summary, Role};
+use migration::lifecycle::Command;
+use migration::progress::summary;
 use migration::transport::Endpoint;
 
 use super::flows::OnDone;
@@ -22,11 +23,7 @@ pub fn reconnect(
     bandwidth: Option<u64>,
     on_done: OnDone,
 ) -> Result<(), RecoveryError> {
-    claim_paused(
-        &vm.migration,
-        Role::Source,
-        "nothing to resume: `migrate --resume` needs a source in postcopy-paused",
-    )?;
+    claim_paused(&vm.migration, Command::MigrateResume)?;
     let vm = vm.clone();
     std::thread::Builder::new()
         .name("migration".into())
