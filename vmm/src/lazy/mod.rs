@@ -96,7 +96,6 @@ pub fn start(
         fault_at: Instant::now(),
         page: vec![0u8; PAGE as usize],
         stopped_vm: false,
-        reported_done: false,
     };
     let thread = std::thread::Builder::new()
         .name("uffd-faults".into())
@@ -142,8 +141,6 @@ struct FilePages {
     page: Vec<u8>,
     /// `on_fatal` was called: the VM stops with that reason, nothing more to report.
     stopped_vm: bool,
-    /// The background pass's end was published.
-    reported_done: bool,
 }
 
 /// Pages the background prefault places between two looks at the fault queue.
@@ -216,8 +213,9 @@ impl uffd::PageFetcher for FilePages {
         }
         let more = self.next_prefault < self.prefault.len();
         // Done once, however the last pages went (placed here or by faults first).
-        if !more && !self.prefault.is_empty() && !self.reported_done {
-            self.reported_done = true;
+        let published = self.stats.prefault_done_ns.load(Ordering::SeqCst) != 0;
+        if !more && !self.prefault.is_empty() && !published {
+            // Never 0: 0 means "not done".
             let ns = (self.started.elapsed().as_nanos() as u64).max(1);
             self.stats.prefault_done_ns.store(ns, Ordering::SeqCst);
             eprintln!(
