@@ -83,9 +83,8 @@ pub fn memfd_with_data(
             break;
         }
         let hole = seek(fd, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-        for p in (data / PAGE_SIZE)..hole.div_ceil(PAGE_SIZE) {
-            map.set(p - first);
-        }
+        let run = data / PAGE_SIZE;
+        map.set_range(run - first, hole.div_ceil(PAGE_SIZE) - run);
         at = hole;
     }
     Ok(map)
