@@ -16,13 +16,13 @@ use migration::postcopy::preempt::AdviseRecord;
 use migration::postcopy::{probe_userfaultfd, ranges, CompleteRecord, DiscardRecord};
 use migration::progress::{MigrationState, Phase, Role};
 use migration::state::{EndRecord, LocalRamRecord};
-use migration::stream::{Section, StreamReader, StreamWriter};
+use migration::stream::{Section, StreamWriter};
 use migration::transport::{self, Endpoint};
 use migration::MigratableVm;
 
 use common::scripted::{
-    build_fake, connect_when_listening, endpoint, filled_source, next_answer, scripted_source,
-    send_all_pages, spawn_entry, Writer, WAIT,
+    build_fake, endpoint, filled_source, missing_ranges, next_answer, reconnecting_source,
+    scripted_source, send_all_pages, send_marker_state, spawn_entry, WAIT,
 };
 
 #[test]
@@ -216,15 +216,7 @@ fn broken_postcopy_parks_the_listener_and_recovers() {
     };
     w.record(Section::Discard, &discard).unwrap();
     let state = marker_state();
-    w.record(Section::Vcpus, &state.vcpus).unwrap();
-    w.record(Section::Clock, &state.clock).unwrap();
-    w.record(
-        Section::Irqchip,
-        &(&state.pic_master, &state.pic_slave, &state.ioapic),
-    )
-    .unwrap();
-    w.record(Section::Pit, &state.pit).unwrap();
-    w.record(Section::Devices, &state.devices).unwrap();
+    send_marker_state(&mut w);
     w.record(Section::Run, &EndRecord::default()).unwrap();
     w.flush().unwrap();
     let vm = dest.join().unwrap().expect("the guest runs after RUN");
@@ -250,21 +242,8 @@ fn broken_postcopy_parks_the_listener_and_recovers() {
     let again = destination::recover::listen(vm.clone(), ep2.clone()).unwrap_err();
     assert!(again.to_string().contains("postcopy-recover"), "{again}");
     assert!(!vm.parked());
-    let mut ch = connect_when_listening(&ep2);
-    let mut w: Writer = StreamWriter::new(ch.writer.take().unwrap());
-    let mut r = StreamReader::new(ch.reader.take().unwrap());
-    w.header(Default::default()).unwrap();
-    w.record(Section::Recover, &src.config()).unwrap();
-    w.flush().unwrap();
-    let mut missing = Vec::new();
-    loop {
-        let f = next_answer(&mut r);
-        match f.kind {
-            Section::Missing => missing.extend(f.decode::<DiscardRecord>().unwrap().ranges),
-            Section::Recover => break,
-            other => panic!("unexpected {} section", other.name()),
-        }
-    }
+    let (mut r, mut w) = reconnecting_source(&ep2, Default::default(), &src.config());
+    let missing = missing_ranges(&mut r);
     assert_eq!(missing, discard.ranges, "nothing arrived before the break");
     send_all_pages(&mut w, &src);
     // The guest touched nothing, so no page request comes first: Complete is next.

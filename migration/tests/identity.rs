@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::scripted::{
-    build_fake, connect_when_listening, endpoint, filled_source, next_answer, scripted_source_of,
-    send_all_pages, send_marker_state, spawn_entry, Writer, WAIT,
+    build_fake, endpoint, filled_source, missing_ranges, next_answer, reconnecting_source,
+    scripted_source_of, send_all_pages, send_marker_state, spawn_entry, Writer, WAIT,
 };
 use common::{accept, listen, TempDir};
 use migration::channels::{ChannelHello, ChannelsRecord};
@@ -213,30 +213,12 @@ fn a_recovery_from_another_migration_is_refused_and_the_right_source_recovers() 
     };
     destination::recover::listen(vm.clone(), ep2.clone()).unwrap();
     // Another migration's source, with a VM of the same layout: refused, told why.
-    let mut ch = connect_when_listening(&ep2);
-    let mut fw: Writer = StreamWriter::new(ch.writer.take().unwrap());
-    let mut fr = StreamReader::new(ch.reader.take().unwrap());
-    fw.header(THEIRS).unwrap();
-    fw.record(Section::Recover, &src.config()).unwrap();
-    fw.flush().unwrap();
+    let (mut fr, _fw) = reconnecting_source(&ep2, THEIRS, &src.config());
     assert_refused(&mut fr);
     assert_eq!(vm.status().get().state, MigrationState::PostcopyRecover);
     // The right one recovers afterwards, on the same endpoint.
-    let mut ch = connect_when_listening(&ep2);
-    let mut w: Writer = StreamWriter::new(ch.writer.take().unwrap());
-    let mut r = StreamReader::new(ch.reader.take().unwrap());
-    w.header(OURS).unwrap();
-    w.record(Section::Recover, &src.config()).unwrap();
-    w.flush().unwrap();
-    let mut missing = Vec::new();
-    loop {
-        let f = next_answer(&mut r);
-        match f.kind {
-            Section::Missing => missing.extend(f.decode::<DiscardRecord>().unwrap().ranges),
-            Section::Recover => break,
-            other => panic!("unexpected {} section", other.name()),
-        }
-    }
+    let (mut r, mut w) = reconnecting_source(&ep2, OURS, &src.config());
+    let missing = missing_ranges(&mut r);
     assert_eq!(missing, discard.ranges, "the refused peer placed nothing");
     send_all_pages(&mut w, &src);
     assert_eq!(next_answer(&mut r).kind, Section::Complete);

@@ -6,6 +6,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use migration::destination::{self, DestinationError, DestinationVm, Options};
+use migration::postcopy::DiscardRecord;
 use migration::state::EndRecord;
 use migration::stream::{RamBatch, Section, StreamReader, StreamWriter};
 use migration::transport::{self, Endpoint};
@@ -102,6 +103,34 @@ pub fn scripted_source_of(
     w.record(Section::Config, record).unwrap();
     w.flush().unwrap();
     (StreamReader::new(ch.reader.take().unwrap()), w)
+}
+
+/// A source of migration `id` reconnecting to a paused postcopy's `migrate-recover` endpoint:
+/// its header and Recover section sent.
+pub fn reconnecting_source(
+    ep: &Endpoint,
+    id: MigrationId,
+    record: &migration::VmConfigRecord,
+) -> (StreamReader<Box<dyn Read + Send>>, Writer) {
+    let mut ch = connect_when_listening(ep);
+    let mut w: Writer = StreamWriter::new(ch.writer.take().unwrap());
+    w.header(id).unwrap();
+    w.record(Section::Recover, record).unwrap();
+    w.flush().unwrap();
+    (StreamReader::new(ch.reader.take().unwrap()), w)
+}
+
+/// The recovering destination's answer: the page ranges it still lacks, up to its Recover.
+pub fn missing_ranges(r: &mut StreamReader<Box<dyn Read + Send>>) -> Vec<(u64, u64)> {
+    let mut missing = Vec::new();
+    loop {
+        let f = next_answer(r);
+        match f.kind {
+            Section::Missing => missing.extend(f.decode::<DiscardRecord>().unwrap().ranges),
+            Section::Recover => return missing,
+            other => panic!("unexpected {} section", other.name()),
+        }
+    }
 }
 
 /// The next section on a return path that is not a heartbeat.
