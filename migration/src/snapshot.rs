@@ -31,7 +31,9 @@ use crate::{MigratableVm, VmConfigRecord, VmState, PAGE_SIZE};
 const RAM_OFFSET: u64 = 4096;
 const TRAILER_MAGIC: &[u8; 8] = b"TERNSNAP";
 const TRAILER: u64 = 16;
-/// Index entries per page-index section (12 bytes each: well under the section limit).
+/// One page-index entry: the page's guest address (u64) and its crc32.
+const INDEX_ENTRY: usize = 12;
+/// Index entries per page-index section (well under the section limit).
 const INDEX_CHUNK: usize = 256 * 1024;
 
 /// "stream truncated in {where}".
@@ -84,7 +86,7 @@ pub fn write(
         let sections_at = RAM_OFFSET + stored * PAGE_SIZE as u64;
         w.record(Section::Config, &vm.config())?;
         send_state(&mut w, &state)?;
-        for chunk in index.chunks(INDEX_CHUNK * 12) {
+        for chunk in index.chunks(INDEX_CHUNK * INDEX_ENTRY) {
             w.section(Section::PageIndex, chunk)?;
         }
         w.record(Section::End, &EndRecord::default())?;
@@ -179,14 +181,18 @@ impl Snapshot {
             .filter(|b| b % PAGE_SIZE as u64 == 0 && sections_at <= len - TRAILER)
             .ok_or_else(|| broken("the snapshot: its trailer points outside the file"))?;
         let stored = stored_bytes / PAGE_SIZE as u64;
-        // The index (12 bytes a stored page) lies between the sections' start and the trailer:
-        // a trailer claiming more pages than that space can index is refused before anything
-        // is sized from it (a sparse file can claim terabytes of pages).
+        // The index (INDEX_ENTRY bytes a stored page) lies between the sections' start and the
+        // trailer: a trailer claiming more pages than that space can index is refused before
+        // anything is sized from it (a sparse file can claim terabytes of pages).
         let index_room = len - TRAILER - sections_at;
-        if stored.checked_mul(12).is_none_or(|b| b > index_room) {
+        if stored
+            .checked_mul(INDEX_ENTRY as u64)
+            .is_none_or(|b| b > index_room)
+        {
             return Err(broken(format!(
                 "the snapshot: its trailer claims {stored} stored pages, but only {index_room} \
-                 bytes follow them for sections (their index alone needs 12 bytes a page)"
+                 bytes follow them for sections (their index alone needs {INDEX_ENTRY} bytes a \
+                 page)"
             )));
         }
         let mut f = &file;
@@ -217,8 +223,8 @@ impl Snapshot {
         loop {
             let f = r.read_section()?;
             match f.kind {
-                Section::PageIndex if f.payload.len() % 12 == 0 => {
-                    for e in f.payload.chunks_exact(12) {
+                Section::PageIndex if f.payload.len() % INDEX_ENTRY == 0 => {
+                    for e in f.payload.chunks_exact(INDEX_ENTRY) {
                         let gpa = u64::from_le_bytes(e[..8].try_into().unwrap_or([0; 8]));
                         let crc = u32::from_le_bytes(e[8..].try_into().unwrap_or([0; 4]));
                         index.push((gpa, crc));
