@@ -71,11 +71,21 @@ pub(crate) fn refuse_foreign(
     got: MigrationId,
 ) {
     let e = crate::stream::StreamError::ForeignMigration { expected, got };
-    log::warn!("{what} refused: {e}");
+    refuse_peer(writer, what, &e);
+}
+
+/// Refuses the peer of a connection this side will not take, `why`: logged, and told in an
+/// Abort section when the connection can be written.
+pub(crate) fn refuse_peer<W: std::io::Write>(
+    writer: Option<W>,
+    what: &str,
+    why: &dyn std::fmt::Display,
+) {
+    log::warn!("{what} refused: {why}");
     if let Some(w) = writer {
         let mut w = crate::stream::StreamWriter::new(w);
         let told = w
-            .record(crate::stream::Section::Abort, &e.to_string())
+            .record(crate::stream::Section::Abort, &why.to_string())
             .and_then(|_| w.flush());
         if let Err(te) = told {
             log::debug!("cannot tell the refused {what} why: {te}");

@@ -358,14 +358,7 @@ pub fn recover(
     })();
     if let Err(e) = hello {
         // That peer hears why; this side's postcopy is not touched.
-        log::warn!("postcopy recovery: connection refused: {e}");
-        let mut sw = StreamWriter::new(&mut w);
-        if let Err(te) = sw
-            .record(Section::Abort, &e.to_string())
-            .and_then(|_| sw.flush())
-        {
-            log::debug!("cannot tell the refused peer why: {te}");
-        }
+        crate::identity::refuse_peer(Some(&mut w), "postcopy recovery connection", &e);
         return Err(Box::new(RecoverRefusal::Foreign(e, listener)));
     }
     let resent = match listener.reconnect(w) {
