@@ -294,7 +294,8 @@ mod tests {
         let mut src = device();
         src.write(3, &[0x03]); // line control: 8N1
         src.write(7, &[0x5a]); // scratch
-                               // More than the FIFO holds: the rest waits behind it and moves too.
+
+        // More than the FIFO holds: the rest waits behind it and moves too.
         let input: Vec<u8> = (0..200u32).map(|i| b'a' + (i % 26) as u8).collect();
         src.queue_input(&input);
         let saved = src.save();
